@@ -1,0 +1,103 @@
+"""Convert the authors' PyTorch ECA-Net checkpoints to eca_flax, check them, and export back.
+
+    python convert_torch_weights.py SRC DST [--verify] [--arch NAME] [--k-size 3557]
+    python convert_torch_weights.py --to-torch DST OUT.pth
+
+SRC is a released file (eca_resnet50_k3557.pth.tar, ...) or a checkpoint of the original
+training script, in torch.save's legacy or zip format, with or without 'module.'. The
+architecture, ECA kernel sizes and number of classes are read from the tensors; --arch and
+--k-size only confirm them. DST becomes a directory (model.json + Orbax state/) for
+``eca_flax.load_pretrained(DST)``; it is written atomically and never half-written.
+--to-torch writes DST's weights as a state_dict the original PyTorch model loads strictly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+# --verify decodes photos with TensorFlow: keep its start-up chatter off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; see the module docstring."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: python convert_torch_weights.py eca_resnet50_k3557.pth.tar "
+        "weights/eca_resnet50 --verify",
+    )
+    parser.add_argument("src", metavar="SRC", help=".pth / .pth.tar file (DST with --to-torch)")
+    parser.add_argument("dst", metavar="DST", help="output directory (OUT.pth with --to-torch)")
+    parser.add_argument(
+        "--to-torch",
+        action="store_true",
+        help="export the converted directory SRC=DST back to a PyTorch state_dict file",
+    )
+    parser.add_argument("--arch", help="confirm the architecture (an error if the file differs)")
+    parser.add_argument(
+        "--k-size",
+        metavar="K",
+        help="confirm the ECA kernel sizes, e.g. 3557 or 13 (an error if the file differs)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare logits with the PyTorch reference on real and random images before "
+        "writing (needs torch, tensorflow, scikit-learn); fails above 1e-4 relative",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--allow-unsafe-pickle",
+        action="store_true",
+        help="load SRC with full pickle (can run arbitrary code): only for files you trust",
+    )
+    args = parser.parse_args(argv)
+    if args.to_torch:
+        used = [f for f in ("arch", "k_size", "verify", "allow_unsafe_pickle") if getattr(args, f)]
+        if used:
+            parser.error(f"--to-torch does not take --{used[0].replace('_', '-')}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 ok, 1 error) instead of raising."""
+    args = parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's progress chatter
+    from eca_flax.convert import ConversionError, convert_file, export_torch
+    from eca_flax.pretrained import PretrainedError
+
+    try:
+        if args.to_torch:
+            export_torch(args.src, args.dst, overwrite=args.overwrite)
+        else:
+            if args.allow_unsafe_pickle:
+                print(
+                    f"WARNING: --allow-unsafe-pickle: unpickling {args.src} without restrictions; "
+                    "a malicious file runs arbitrary code now. Use only files you trust.",
+                    file=sys.stderr,
+                )
+            convert_file(
+                args.src,
+                args.dst,
+                arch=args.arch,
+                k_size=args.k_size,
+                verify=args.verify,
+                overwrite=args.overwrite,
+                allow_unsafe_pickle=args.allow_unsafe_pickle,
+            )
+    except (ConversionError, PretrainedError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""eca_flax: ECA-Net (Efficient Channel Attention, CVPR 2020) in JAX / Flax NNX.
+
+``eca_flax.create_model("eca_resnet50")`` builds a model with the released ECA kernel sizes;
+``model.eval()`` then ``model(images)`` maps ImageNet-normalized NHWC images to logits.
+``eca_flax.load_pretrained(DIR)`` loads weights converted by ``convert_torch_weights.py``.
+"""
+
+from eca_flax.layers import ECA, adaptive_kernel_size
+from eca_flax.mobilenetv2 import ECAMobileNetV2
+from eca_flax.pretrained import load_pretrained
+from eca_flax.registry import (
+    ModelInfo,
+    count_params,
+    create_model,
+    list_models,
+    model_info,
+    resolve_k_size,
+)
+from eca_flax.resnet import ECAResNet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ECA",
+    "ECAMobileNetV2",
+    "ECAResNet",
+    "ModelInfo",
+    "adaptive_kernel_size",
+    "count_params",
+    "create_model",
+    "list_models",
+    "load_pretrained",
+    "model_info",
+    "resolve_k_size",
+]

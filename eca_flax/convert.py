@@ -1,0 +1,652 @@
+"""Mapping between PyTorch state_dicts of the original ECA-Net and eca_flax NNX models.
+
+One mechanical rule, no per-model table: a key ``layer1.0.eca.conv.weight`` is the Flax path
+``('layer1', 0, 'eca', 'conv', 'kernel')`` -- split on dots, digits become list indices, and
+the leaf is renamed (weight -> kernel for convs/linears, scale for BN; running_mean -> mean,
+running_var -> var; num_batches_tracked has no Flax counterpart). Tensors change layout by
+their rank: conv OIHW -> HWIO, 1-D conv (O, I, k) -> (k, I, O), linear (out, in) -> (in, out).
+
+On top of that rule, everything ``convert_torch_weights.py`` does: reading ``.pth`` files
+safely (``read_checkpoint``), inferring the architecture, kernel sizes and classes from the
+tensors alone (``infer_arch``), converting to a pretrained directory (``convert_file``),
+checking the result against the PyTorch reference (``verify_with_torch``) and exporting back
+(``export_torch``). torch is imported inside the functions that need it only, so
+``import eca_flax`` never needs torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eca_flax import mobilenetv2
+from eca_flax.pretrained import (
+    check_destination,
+    empty_model,
+    load_pretrained,
+    save_pretrained,
+    weight_paths,
+)
+from eca_flax.registry import _RESNET_LAYOUT, KSize, count_params, list_models, resolve_k_size
+
+PREFIX = "module."
+MAX_LISTED_KEYS = 10  # error messages list this many keys, then say how many more
+VERIFY_TOLERANCE = 1e-4  # max |delta logit| relative to max |logit|
+_LEAF = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
+_TO_FLAX_AXES = {4: (2, 3, 1, 0), 3: (2, 1, 0), 2: (1, 0)}
+_TO_TORCH_AXES = {4: (3, 2, 0, 1), 3: (2, 1, 0), 2: (1, 0)}
+
+
+class ConversionError(ValueError):
+    """A state_dict that does not fit the model: the message names keys and shapes."""
+
+
+def strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the 'module.' prefix that nn.DataParallel / DDP put on every key."""
+    return {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
+
+
+def torch_key_to_path(key: str, ndim: int) -> tuple[str | int, ...] | None:
+    """The Flax path of a PyTorch state_dict key, or None for num_batches_tracked."""
+    *parents, leaf = key.removeprefix(PREFIX).split(".")
+    if leaf == "num_batches_tracked":
+        return None
+    if leaf == "weight":
+        name = "kernel" if ndim >= 2 else "scale"
+    elif leaf in _LEAF:
+        name = _LEAF[leaf]
+    else:
+        name = leaf
+    return tuple(int(p) if p.isdigit() else p for p in parents) + (name,)
+
+
+def path_to_torch_key(path: tuple[str | int, ...]) -> str:
+    """The PyTorch key of a Flax variable path (inverse of ``torch_key_to_path``)."""
+    *parents, name = path
+    leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+    return ".".join([*(str(p) for p in parents), leaf.get(name, name)])
+
+
+def to_flax_layout(array: np.ndarray) -> np.ndarray:
+    """PyTorch layout -> Flax layout by rank (OIHW -> HWIO, (O,I,k) -> (k,I,O), (o,i) -> (i,o))."""
+    axes = _TO_FLAX_AXES.get(array.ndim)
+    return np.transpose(array, axes) if axes else array
+
+
+def to_torch_layout(array: np.ndarray) -> np.ndarray:
+    """Flax layout -> PyTorch layout (inverse of ``to_flax_layout``)."""
+    axes = _TO_TORCH_AXES.get(array.ndim)
+    return np.ascontiguousarray(np.transpose(array, axes) if axes else array)
+
+
+def _list_keys(keys: Sequence[str]) -> str:
+    """'a, b, c' -- at most MAX_LISTED_KEYS of them, then how many more."""
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    more = len(keys) - MAX_LISTED_KEYS
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Copy a PyTorch state_dict (numpy arrays, with or without 'module.') into ``model``.
+
+    Strict like PyTorch's ``load_state_dict``: missing keys, unexpected keys and shape
+    mismatches raise ConversionError naming them; the model is untouched on error.
+    """
+    variables = weight_paths(model)
+    expected = {path_to_torch_key(p): p for p in variables}
+    sd = strip_prefix(state_dict)
+    missing = sorted(k for k in expected if k not in sd)
+    unexpected = sorted(
+        k for k in sd if k not in expected and not k.endswith(".num_batches_tracked")
+    )
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_list_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_list_keys(unexpected)}")
+        raise ConversionError("; ".join(parts))
+    new_values = {}
+    for key, path in expected.items():
+        value = to_flax_layout(np.asarray(sd[key]))
+        var = variables[path]
+        if value.shape != var.shape:
+            torch_shape = tuple(np.asarray(sd[key]).shape)
+            want = tuple(to_torch_layout(np.zeros(var.shape, np.int8)).shape)
+            raise ConversionError(
+                f"shape mismatch for {key}: checkpoint {torch_shape}, model {want}"
+            )
+        # copy: on CPU jax may alias a numpy buffer that the caller (e.g. torch) still mutates
+        new_values[path] = jnp.array(np.array(value, copy=True), dtype=var.dtype)
+    for path, value in new_values.items():
+        variables[path].set_value(value)
+
+
+def state_dict(model: nnx.Module, *, prefix: str = "") -> dict[str, np.ndarray]:
+    """The model's weights as a PyTorch state_dict of numpy arrays, original keys and layouts.
+
+    BatchNorm layers get a 0-dim int64 ``num_batches_tracked`` (0) as PyTorch writes them, so
+    the original model loads the result with ``strict=True``.
+    """
+    out: dict[str, np.ndarray] = {}
+    for path, var in sorted(weight_paths(model).items(), key=lambda kv: str(kv[0])):
+        key = path_to_torch_key(path)
+        out[prefix + key] = to_torch_layout(np.asarray(var[...], dtype=np.float32))
+        if path[-1] == "var":
+            bn = key.rsplit(".", 1)[0]
+            out[f"{prefix}{bn}.num_batches_tracked"] = np.array(0, dtype=np.int64)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading .pth files.
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What a .pth file holds: the state_dict (numpy, 'module.' stripped) and its metadata."""
+
+    path: Path
+    serialization: str  # "zip" or "legacy" (torch.save before PyTorch 1.6)
+    state_dict: dict[str, np.ndarray]
+    epoch: int | None = None
+    best_prec1: float | None = None
+    arch_field: str | None = None  # the file's own 'arch' entry: informative only, never trusted
+
+    def sha256(self) -> str:
+        """The hex SHA-256 of the file (recorded in model.json)."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+def _serialization(path: Path) -> str | None:
+    """'zip' or 'legacy' when the file starts like a torch.save file, else None."""
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    magic = torch.serialization.MAGIC_NUMBER
+    if any(head.startswith(pickle.dumps(magic, protocol=p)) for p in range(2, 6)):
+        return "legacy"
+    return None
+
+
+def _first_sentence(error: BaseException) -> str:
+    """A short reason from a (possibly very long) PyTorch error message."""
+    text = " ".join(str(error).split())
+    text = text.split(". ")[0].rstrip(".")[:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _as_number(value: Any, kind: type) -> Any:
+    """A Python int/float from a tensor, numpy or Python scalar; None when it is not one."""
+    if hasattr(value, "numel") and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return kind(value)
+    return None
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], *, allow_unsafe_pickle: bool = False
+) -> Checkpoint:
+    """Read a .pth / .pth.tar file the way the original saved it, refusing code-running pickles.
+
+    Accepts torch.save's zip and legacy formats, storages tagged for any device (loaded on the
+    CPU), a dict with 'state_dict' (plus 'epoch', 'arch', 'best_prec1', 'optimizer') or a bare
+    state_dict, keys with or without 'module.'. Loads with ``weights_only=True`` unless
+    ``allow_unsafe_pickle`` (trusted files only: their pickle can run arbitrary code).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file")
+    if path.is_dir():
+        raise ConversionError(f"{path}: is a directory, not a .pth file")
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            "reading .pth files needs PyTorch: pip install torch (CPU wheels suffice)"
+        ) from None
+    kind = _serialization(path)
+    if kind is None:
+        raise ConversionError(
+            f"{path}: not a PyTorch checkpoint (neither torch.save's zip nor its legacy format)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
+    except MemoryError:
+        raise
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            name = found.group(1).rstrip(".")
+            raise ConversionError(
+                f"{path}: refused: its pickle would import {name}, which can run code "
+                "(a weights file holds only tensors and plain containers); if you trust the "
+                "file, rerun with --allow-unsafe-pickle"
+            ) from None
+        raise ConversionError(
+            f"{path}: truncated or corrupt {kind} PyTorch file ({_first_sentence(e)})"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
+        raise ConversionError(
+            f"{path}: truncated or corrupt {kind} PyTorch file ({_first_sentence(e)})"
+        ) from None
+    if isinstance(obj, torch.nn.Module):  # a whole pickled model (--allow-unsafe-pickle only)
+        obj = obj.state_dict()
+    meta: Mapping[str, Any] = {}
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        meta, obj = obj, obj["state_dict"]
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping) or not obj:
+        what = type(obj).__name__ if not isinstance(obj, Mapping) else "an empty dict"
+        raise ConversionError(f"{path}: holds {what}, not a state_dict")
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if not meta and all(isinstance(k, str) for k in obj):  # a dict of something else
+            raise ConversionError(
+                f"{path}: holds a dict with keys {_list_keys(sorted(obj))} and no 'state_dict'"
+            )
+        bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        raise ConversionError(f"{path}: state_dict entries are not tensors: {_list_keys(bad)}")
+    arrays = {}
+    for key, tensor in obj.items():
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            tensor = tensor.float()
+        try:
+            arrays[str(key)] = tensor.numpy()
+        except (TypeError, RuntimeError):  # quantized, sparse, ...
+            raise ConversionError(
+                f"{path}: {key} is a {tensor.dtype} {tensor.layout} tensor, not a plain one"
+            ) from None
+    arch = meta.get("arch")
+    return Checkpoint(
+        path=path,
+        serialization=kind,
+        state_dict=strip_prefix(arrays),
+        epoch=_as_number(meta.get("epoch"), int),
+        best_prec1=_as_number(meta.get("best_prec1"), float),
+        arch_field=arch if isinstance(arch, str) else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture inference.
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """Everything needed to rebuild the network a state_dict came from."""
+
+    arch: str
+    k_size: tuple[int, ...]  # per stage (ResNet) or per inverted residual block (MobileNetV2)
+    num_classes: int
+    attention: str | None  # "eca", "eca_ns" or None (no ECA layers: the plain baseline)
+
+    def describe(self) -> str:
+        """E.g. 'eca_resnet50, k=3,5,5,7, 1000 classes'."""
+        classes = f"{self.num_classes} classes"
+        if self.attention is None:
+            return f"{self.arch} without ECA layers (attention=None, the plain baseline), {classes}"
+        ns = " with non-shared ECA (eca_ns)" if self.attention == "eca_ns" else ""
+        return f"{self.arch}{ns}, k={format_k_size(self.k_size)}, {classes}"
+
+
+def format_k_size(k_size: Sequence[int]) -> str:
+    """'3,5,5,7' for ResNets; MobileNetV2's 17 per-block sizes as runs, '1x10,3x7'."""
+    if len(k_size) <= 4:
+        return ",".join(map(str, k_size))
+    runs: list[list[int]] = []
+    for k in k_size:
+        if runs and runs[-1][0] == k:
+            runs[-1][1] += 1
+        else:
+            runs.append([k, 1])
+    return ",".join(f"{k}x{n}" for k, n in runs)
+
+
+_ECA_KEY = {
+    "resnet": re.compile(r"layer([1-4])\.(\d+)\.eca\.conv\.weight"),
+    "mobilenet_v2": re.compile(r"features\.(\d+)\.conv\.\d+\.conv\.weight"),
+}
+
+
+def _eca_kernel(key: str, shape: tuple[int, ...]) -> tuple[str, int]:
+    """('eca' | 'eca_ns', k) from an ECA conv weight's shape: (1, 1, k) or (C, 1, k)."""
+    if len(shape) != 3 or shape[1] != 1 or shape[2] % 2 == 0:
+        raise ConversionError(
+            f"{key} has shape {shape}; an ECA kernel is (1, 1, k) (or (C, 1, k) for ECA-NS) "
+            "with k odd"
+        )
+    return ("eca" if shape[0] == 1 else "eca_ns"), shape[2]
+
+
+def _head_classes(sd: Mapping[str, np.ndarray], prefix: str) -> int:
+    for leaf, axis in (("weight", 0), ("bias", 0)):
+        value = sd.get(f"{prefix}.{leaf}")
+        if value is not None and np.ndim(value) >= 1:
+            return int(np.shape(value)[axis])
+    return 1000  # no head: load_state_dict reports the missing keys
+
+
+def _resnet_arch(sd: Mapping[str, np.ndarray]) -> str:
+    """The registry name of the ResNet whose block keys these are."""
+    blocks = [0, 0, 0, 0]
+    for key in sd:
+        m = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if m:
+            s = int(m.group(1)) - 1
+            blocks[s] = max(blocks[s], int(m.group(2)) + 1)
+    bottleneck = any(re.fullmatch(r"layer[1-4]\.\d+\.conv3\.weight", k) for k in sd)
+    for name in list_models():
+        depth = int(name.removeprefix("eca_resnet")) if name.startswith("eca_resnet") else 0
+        if depth in _RESNET_LAYOUT:
+            block, layers = _RESNET_LAYOUT[depth]
+            if tuple(layers) == tuple(blocks) and (block.expansion == 4) == bottleneck:
+                return name
+    kind = "bottleneck" if bottleneck else "basic"
+    raise ConversionError(
+        f"a ResNet with {kind} blocks {','.join(map(str, blocks))} per stage is none of "
+        "ECA-ResNet-18/34 (basic 2,2,2,2 / 3,4,6,3) or 50/101/152 (bottleneck 3,4,6,3 / "
+        "3,4,23,3 / 3,8,36,3)"
+    )
+
+
+def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
+    """Architecture, ECA kernel sizes, attention kind and classes, from the tensors alone.
+
+    ResNet depth and block type come from the ``layerS.B.*`` keys, MobileNetV2 from
+    ``features.*``; each ECA kernel size from its ``eca.conv.weight`` shape; num_classes from
+    the classifier. Nothing else (in particular not the file's 'arch' entry) is consulted.
+    """
+    sd = strip_prefix(state_dict)
+    if any(re.search(r"(^|\.)se\.conv\.weight$", k) for k in sd):
+        raise ConversionError(
+            "this looks like a timm ecaresnet checkpoint (ECA modules named 'se'): timm's "
+            "ECA-ResNets are ResNet-D variants, a different architecture from the original"
+        )
+    if any(k.startswith("features.") for k in sd):
+        family, head = "mobilenet_v2", "classifier.1"
+        arch = "eca_mobilenet_v2"
+        n_features = 1 + max(
+            (int(m.group(1)) for k in sd if (m := re.match(r"features\.(\d+)\.", k))),
+            default=-1,
+        )
+        want = mobilenetv2.NUM_BLOCKS + 2  # stem, 17 inverted residuals, last 1x1 conv
+        if n_features != want:
+            raise ConversionError(
+                f"a MobileNetV2 with {n_features} feature blocks; ECA-MobileNetV2 has {want} "
+                f"(features.0 to features.{want - 1})"
+            )
+    elif any(k.startswith("layer1.") for k in sd):
+        family, head = "resnet", "fc"
+        arch = _resnet_arch(sd)
+    else:
+        raise ConversionError(
+            "not an ECA-Net state_dict: no ResNet keys (layer1.0.conv1.weight, ...) and no "
+            f"MobileNetV2 keys (features.0.0.weight, ...); its keys: {_list_keys(sorted(sd))}"
+        )
+    release = resolve_k_size(arch, None)
+    kinds: set[str] = set()
+    per_group: dict[int, set[int]] = {}
+    for key, value in sd.items():
+        m = _ECA_KEY[family].fullmatch(key)
+        if m:
+            kind, k = _eca_kernel(key, tuple(np.shape(value)))
+            kinds.add(kind)
+            group = int(m.group(1)) - 1  # stage (ResNet) or block (features.1 is block 0)
+            per_group.setdefault(group, set()).add(k)
+    if len(kinds) > 1:
+        raise ConversionError("the state_dict mixes shared ECA (1, 1, k) and ECA-NS (C, 1, k)")
+    for group, ks in per_group.items():
+        if len(ks) > 1:
+            raise ConversionError(
+                f"layer{group + 1} mixes ECA kernel sizes {sorted(ks)}; ECA-ResNet uses one "
+                "kernel size per stage"
+            )
+        if not 0 <= group < len(release):
+            raise ConversionError(f"ECA layer in unexpected block {group + 1}")
+    k_size = tuple(min(per_group.get(g, {k})) for g, k in enumerate(release))
+    attention = kinds.pop() if kinds else None
+    return ArchSpec(arch, k_size, _head_classes(sd, head), attention)
+
+
+def confirm_arch(spec: ArchSpec, *, arch: str | None = None, k_size: KSize = None) -> None:
+    """Check the user's --arch / --k-size against what the file holds; they never override it."""
+    if arch is not None and arch != spec.arch:
+        raise ConversionError(
+            f"--arch {arch} does not match the file, which holds {spec.describe()}"
+        )
+    if k_size is None:
+        return
+    if spec.attention is None:
+        raise ConversionError(f"--k-size given, but the file has no ECA layers: {spec.describe()}")
+    try:
+        want = resolve_k_size(spec.arch, k_size)
+    except ValueError as e:
+        raise ConversionError(f"--k-size: {e}") from None
+    if tuple(want) != spec.k_size:
+        raise ConversionError(
+            f"--k-size {format_k_size(want)} does not match the file, whose ECA kernel sizes are "
+            f"{format_k_size(spec.k_size)} ({spec.describe()})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Verification against the PyTorch reference.
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitComparison:
+    """How closely two sets of logits (reference, converted) agree."""
+
+    images: int
+    max_abs: float
+    relative: float  # max |delta| / max |reference logit|
+    top1_agree: int
+    top5_agree: int  # images whose top-5 classes are the same set
+
+    @property
+    def ok(self) -> bool:
+        """Within VERIFY_TOLERANCE relative and the same top-1 class on every image."""
+        return self.relative <= VERIFY_TOLERANCE and self.top1_agree == self.images
+
+    def describe(self) -> str:
+        """One line with the figures and the verdict."""
+        verdict = "OK" if self.ok else f"FAILED (tolerance {VERIFY_TOLERANCE:g} relative)"
+        return (
+            f"max |Δlogit| {self.max_abs:.2e} ({self.relative:.2e} relative), top-1 "
+            f"{self.top1_agree}/{self.images} and top-5 {self.top5_agree}/{self.images} agree: "
+            f"{verdict}"
+        )
+
+
+def compare_logits(reference: np.ndarray, converted: np.ndarray) -> LogitComparison:
+    """Compare (N, classes) logits: max absolute / relative difference, top-1/top-5 agreement."""
+    ref = np.asarray(reference, np.float64)
+    got = np.asarray(converted, np.float64)
+    if ref.shape != got.shape or ref.ndim != 2:
+        raise ValueError(f"logits must both be (N, classes), got {ref.shape} and {got.shape}")
+    max_abs = float(np.abs(ref - got).max())
+    scale = float(np.abs(ref).max())
+    k = min(5, ref.shape[1])
+    top_ref = np.argsort(-ref, axis=1)[:, :k]
+    top_got = np.argsort(-got, axis=1)[:, :k]
+    return LogitComparison(
+        images=ref.shape[0],
+        max_abs=max_abs,
+        relative=max_abs / scale if scale > 0 else max_abs,
+        top1_agree=int((top_ref[:, 0] == top_got[:, 0]).sum()),
+        top5_agree=sum(set(a) == set(b) for a, b in zip(top_ref, top_got)),
+    )
+
+
+def verification_images(image_size: int = 224, random_images: int = 2) -> tuple[np.ndarray, str]:
+    """scikit-learn's two sample photos (original eval preprocessing) and random images."""
+    try:
+        from sklearn.datasets import load_sample_images
+
+        from eca_flax.data import preprocess_for_eval
+    except ImportError as e:
+        raise ConversionError(f"--verify needs scikit-learn and tensorflow ({e})") from None
+    photos = [preprocess_for_eval(Path(f).read_bytes(), image_size)
+              for f in load_sample_images().filenames]  # fmt: skip
+    noise = np.random.default_rng(0).standard_normal((random_images, image_size, image_size, 3))
+    images = np.concatenate([np.stack(photos), noise.astype(np.float32)])
+    what = f"{len(photos)} photos + {random_images} random images, {image_size}x{image_size}"
+    return images, what
+
+
+def verify_with_torch(
+    model: nnx.Module, spec: ArchSpec, state_dict: Mapping[str, np.ndarray], images: np.ndarray
+) -> LogitComparison:
+    """Run the PyTorch reference holding ``state_dict`` and ``model`` on NHWC ``images``."""
+    import torch
+
+    from eca_flax import torch_reference
+
+    reference = torch_reference.build(
+        spec.arch, k_size=spec.k_size, num_classes=spec.num_classes, attention=spec.attention
+    )
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in strip_prefix(state_dict).items()}
+    result = reference.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys or any(
+        not k.endswith("num_batches_tracked") for k in result.missing_keys
+    ):
+        raise ConversionError(
+            f"the PyTorch reference does not take this state_dict: {result}"
+        )  # unreachable after load_state_dict into the Flax model succeeded
+    reference.eval()
+    with torch.no_grad():
+        want = reference(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+    model.eval()
+    got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images)))
+    return compare_logits(want.numpy(), got)
+
+
+# --------------------------------------------------------------------------------------------
+# The two directions of convert_torch_weights.py.
+
+
+def summary(spec: ArchSpec, params: int, checkpoint: Checkpoint | None = None) -> str:
+    """'eca_resnet50, k=3,5,5,7, 1000 classes, 25,557,112 params, epoch 100, best_prec1 77.42'."""
+    parts = [spec.describe(), f"{params:,} params"]
+    if checkpoint is not None and checkpoint.epoch is not None:
+        parts.append(f"epoch {checkpoint.epoch}")
+    if checkpoint is not None and checkpoint.best_prec1 is not None:
+        parts.append(f"best_prec1 {checkpoint.best_prec1:.2f}")
+    return ", ".join(parts)
+
+
+def convert_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    k_size: KSize = None,
+    verify: bool = False,
+    overwrite: bool = False,
+    allow_unsafe_pickle: bool = False,
+    log: Callable[[str], None] = print,
+) -> nnx.Module:
+    """Convert a PyTorch ECA-Net checkpoint to a pretrained directory; returns the model.
+
+    Everything is inferred from the tensors; ``arch`` / ``k_size`` only confirm. With
+    ``verify``, the PyTorch reference and the converted model must agree (``LogitComparison``)
+    before anything is written. On any error nothing is written (ConversionError or
+    PretrainedError with a one-line message).
+    """
+    check_destination(dst, overwrite)  # fail before reading a large file
+    checkpoint = read_checkpoint(src, allow_unsafe_pickle=allow_unsafe_pickle)
+    spec = infer_arch(checkpoint.state_dict)
+    confirm_arch(spec, arch=arch, k_size=k_size)
+    model = empty_model(
+        spec.arch, k_size=spec.k_size, num_classes=spec.num_classes, attention=spec.attention
+    )
+    try:
+        load_state_dict(model, checkpoint.state_dict)
+    except ConversionError as e:
+        raise ConversionError(f"{checkpoint.path}: {e} (read as {spec.describe()})") from None
+    model.eval()
+    log(summary(spec, count_params(model), checkpoint))
+    if checkpoint.arch_field and checkpoint.arch_field != spec.arch:
+        log(f"note: the file's 'arch' entry says {checkpoint.arch_field!r}; ignored")
+    if spec.attention is None:
+        log("note: no ECA layers in this state_dict: converted as the plain model (attention=None)")
+    if verify:
+        images, what = verification_images()
+        result = verify_with_torch(model, spec, checkpoint.state_dict, images)
+        log(f"verify ({what}): {result.describe()}")
+        if not result.ok:
+            raise ConversionError(f"verification failed: {result.describe()}; nothing written")
+    source = {"file": checkpoint.path.name, "sha256": checkpoint.sha256()}
+    extra = {"epoch": checkpoint.epoch, "best_prec1": checkpoint.best_prec1}
+    save_pretrained(
+        model,
+        dst,
+        arch=spec.arch,
+        attention=spec.attention,
+        source=source,
+        extra=extra,
+        overwrite=overwrite,
+    )
+    log(f"wrote {dst}")
+    return model
+
+
+def export_torch(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Write a pretrained directory's weights as a PyTorch state_dict file (zip format).
+
+    The keys are exactly the original model's (num_batches_tracked included, as 0), without
+    'module.', so ``model.load_state_dict(torch.load(out), strict=True)`` works on the
+    original architecture. Written to a temporary file and renamed: no partial ``out``.
+    """
+    import torch
+
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise ConversionError(f"{out}: is a directory; give a file name such as model.pth")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
+    model = load_pretrained(src)
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict(model).items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        torch.save(tensors, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log(f"wrote {out}: {len(tensors)} tensors")
+    return tensors

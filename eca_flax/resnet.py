@@ -1,0 +1,188 @@
+"""ECA-ResNet: ResNet v1.5 (stride on the 3x3) with an ECA layer after each block's last BN.
+
+Attribute names follow the PyTorch state_dict of the original (``conv1``, ``bn1``,
+``layer1[0].conv2``, ``layer1[0].eca.conv``, ``layer2[0].downsample[0]``, ``fc``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eca_flax.layers import (
+    ECA,
+    Sequential,
+    batch_norm,
+    conv2d,
+    max_pool_3x3_s2,
+    torch_default_init,
+)
+
+Array = jax.Array
+Dtype = Any
+
+ATTENTIONS = (None, "eca", "eca_ns")
+
+
+def make_attention(
+    attention: str | None, channels: int, k_size: int, *, dtype: Dtype, param_dtype: Dtype, rngs
+) -> ECA | None:
+    """The block's attention layer: ECA, ECA-NS, or nothing (the paper's baselines)."""
+    if attention is None:
+        return None
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; choices: {ATTENTIONS}")
+    return ECA(
+        channels,
+        k_size,
+        shared=attention == "eca",
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+class BasicBlock(nnx.Module):
+    """conv3x3(stride)-BN-ReLU-conv3x3-BN-ECA, + shortcut, ReLU (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int,
+        k_size: int,
+        attention: str | None,
+        *,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = conv2d(inplanes, planes, 3, stride=stride, **kw)
+        self.bn1 = batch_norm(planes, **kw)
+        self.conv2 = conv2d(planes, planes, 3, **kw)
+        self.bn2 = batch_norm(planes, **kw)
+        self.eca = make_attention(attention, planes, k_size, **kw)
+        self.downsample = _downsample(inplanes, planes * self.expansion, stride, **kw)
+
+    def __call__(self, x: Array) -> Array:
+        out = nnx.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.eca is not None:
+            out = self.eca(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return nnx.relu(out + shortcut)
+
+
+class Bottleneck(nnx.Module):
+    """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(x4)-BN-ECA, + shortcut, ReLU."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int,
+        k_size: int,
+        attention: str | None,
+        *,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        out_ch = planes * self.expansion
+        self.conv1 = conv2d(inplanes, planes, 1, **kw)
+        self.bn1 = batch_norm(planes, **kw)
+        self.conv2 = conv2d(planes, planes, 3, stride=stride, **kw)
+        self.bn2 = batch_norm(planes, **kw)
+        self.conv3 = conv2d(planes, out_ch, 1, **kw)
+        self.bn3 = batch_norm(out_ch, **kw)
+        self.eca = make_attention(attention, out_ch, k_size, **kw)
+        self.downsample = _downsample(inplanes, out_ch, stride, **kw)
+
+    def __call__(self, x: Array) -> Array:
+        out = nnx.relu(self.bn1(self.conv1(x)))
+        out = nnx.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.eca is not None:
+            out = self.eca(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return nnx.relu(out + shortcut)
+
+
+def _downsample(inplanes: int, out_ch: int, stride: int, **kw) -> Sequential | None:
+    """Projection shortcut conv1x1(stride)-BN where the shape changes, else identity."""
+    if stride == 1 and inplanes == out_ch:
+        return None
+    return Sequential([conv2d(inplanes, out_ch, 1, stride=stride, **kw), batch_norm(out_ch, **kw)])
+
+
+class ECAResNet(nnx.Module):
+    """ECA-ResNet for NHWC images normalized with the ImageNet mean/std; returns float32 logits.
+
+    ``k_size`` gives one ECA kernel size per stage; ``attention`` is "eca", "eca_ns" or None.
+    Use ``model.eval()`` for inference (running BN statistics) and ``model.train()`` to train.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: Sequence[int],
+        k_size: Sequence[int],
+        *,
+        num_classes: int = 1000,
+        attention: str | None = "eca",
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if len(layers) != 4 or len(k_size) != 4:
+            raise ValueError(f"need 4 stages and 4 kernel sizes, got {layers} and {k_size}")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+        self.k_size = tuple(int(k) for k in k_size)
+        self.conv1 = conv2d(3, 64, 7, stride=2, padding=3, **kw)
+        self.bn1 = batch_norm(64, **kw)
+        inplanes = 64
+        for i, (planes, n, k) in enumerate(zip((64, 128, 256, 512), layers, self.k_size)):
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for b in range(n):
+                blocks.append(block(inplanes, planes, stride if b == 0 else 1, k, attention, **kw))
+                inplanes = planes * block.expansion
+            setattr(self, f"layer{i + 1}", Sequential(blocks))
+        self.num_features = inplanes
+        self.fc = nnx.Linear(
+            inplanes,
+            num_classes,
+            kernel_init=torch_default_init(inplanes),
+            bias_init=torch_default_init(inplanes),
+            **kw,
+        )
+
+    def stem(self, x: Array) -> Array:
+        """conv 7x7/2 - BN - ReLU - max-pool 3x3/2: stride 4 output."""
+        x = x.astype(self.dtype)
+        return max_pool_3x3_s2(nnx.relu(self.bn1(self.conv1(x))))
+
+    def stage_features(self, x: Array) -> tuple[Array, Array, Array, Array]:
+        """Outputs of layer1..layer4, at strides 4, 8, 16, 32 (a detection backbone's inputs)."""
+        x = self.stem(x)
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return c2, c3, c4, c5
+
+    def __call__(self, x: Array) -> Array:
+        c5 = self.stage_features(x)[-1]
+        pooled = jnp.mean(c5.astype(jnp.float32), axis=(1, 2))  # any input size works
+        return self.fc(pooled.astype(self.dtype)).astype(jnp.float32)

@@ -1,0 +1,270 @@
+"""PyTorch reference of the original ECA-Net architectures, written from the facts file.
+
+Used by ``convert_torch_weights.py --verify`` and by the tests; nothing else in eca_flax
+imports it, so eca_flax itself needs no torch. Module names reproduce the original state_dict
+keys: ResNet ``conv1``/``bn1``/``layerS.B.{conv,bn}N``/``layerS.B.eca.conv``/``downsample``/
+``fc``, MobileNetV2 ``features.i.conv.j``/``classifier.1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from eca_flax.registry import KSize, model_info, resolve_k_size
+
+RELEASE_K = {
+    name: model_info(name).release_k_size
+    for name in ("eca_resnet18", "eca_resnet34", "eca_resnet50", "eca_resnet101", "eca_resnet152")
+}
+
+
+class ECALayer(nn.Module):
+    """Original eca_layer: GAP -> Conv1d(1, 1, k, no bias) over channels, sigmoid."""
+
+    def __init__(self, channel: int, k_size: int = 3):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv1d(1, 1, kernel_size=k_size, padding=(k_size - 1) // 2, bias=False)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        y = self.avg_pool(x)
+        y = self.conv(y.squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+        return x * self.sigmoid(y).expand_as(x)
+
+
+class ECANSLayer(nn.Module):
+    """Original eca_ns layer: per-channel k taps over neighbouring channels."""
+
+    def __init__(self, channel: int, k_size: int = 3):
+        super().__init__()
+        self.k_size = k_size
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv1d(channel, channel, kernel_size=k_size, bias=False, groups=channel)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        y = self.avg_pool(x)
+        y = nn.functional.unfold(
+            y.transpose(-1, -3), kernel_size=(1, self.k_size), padding=(0, (self.k_size - 1) // 2)
+        )
+        y = self.conv(y.transpose(-1, -2)).unsqueeze(-1)
+        return x * self.sigmoid(y).expand_as(x)
+
+
+def _attention(attention, channels, k):
+    if attention is None:
+        return None
+    return (ECALayer if attention == "eca" else ECANSLayer)(channels, k)
+
+
+def conv3x3(inp, out, stride=1):
+    return nn.Conv2d(inp, out, 3, stride=stride, padding=1, bias=False)
+
+
+class ECABasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, k_size=3, attention="eca"):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes, 1)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.eca = _attention(attention, planes, k_size)
+        self.downsample = downsample
+
+    def forward(self, x):
+        residual = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.eca is not None:
+            out = self.eca(out)
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        return self.relu(out + residual)
+
+
+class ECABottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, k_size=3, attention="eca"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.eca = _attention(attention, planes * 4, k_size)
+        self.downsample = downsample
+
+    def forward(self, x):
+        residual = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.eca is not None:
+            out = self.eca(out)
+        if self.downsample is not None:
+            residual = self.downsample(x)
+        return self.relu(out + residual)
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, layers, num_classes=1000, k_size=(3, 3, 3, 3), attention="eca"):
+        super().__init__()
+        self.inplanes = 64
+        self.attention = attention
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0], int(k_size[0]))
+        self.layer2 = self._make_layer(block, 128, layers[1], int(k_size[1]), stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], int(k_size[2]), stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], int(k_size[3]), stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.data.normal_(0, math.sqrt(2.0 / n))
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.data.fill_(1)
+                m.bias.data.zero_()
+
+    def _make_layer(self, block, planes, blocks, k_size, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample, k_size, self.attention)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, k_size=k_size, attention=self.attention))
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, in_planes, out_planes, kernel_size=3, stride=1, groups=1):
+        padding = (kernel_size - 1) // 2
+        super().__init__(
+            nn.Conv2d(
+                in_planes, out_planes, kernel_size, stride, padding, groups=groups, bias=False
+            ),
+            nn.BatchNorm2d(out_planes),
+            nn.ReLU6(inplace=True),
+        )
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, inp, oup, stride, expand_ratio, k_size, attention="eca"):
+        super().__init__()
+        hidden_dim = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers = []
+        if expand_ratio != 1:
+            layers.append(ConvBNReLU(inp, hidden_dim, kernel_size=1))
+        layers.extend(
+            [
+                ConvBNReLU(hidden_dim, hidden_dim, stride=stride, groups=hidden_dim),
+                nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
+                nn.BatchNorm2d(oup),
+            ]
+        )
+        att = _attention(attention, oup, k_size)
+        if att is not None:
+            layers.append(att)
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class ECAMobileNetV2(nn.Module):
+    def __init__(
+        self,
+        num_classes=1000,
+        width_mult=1.0,
+        attention="eca",
+        k_small=1,
+        k_large=3,
+        block_k_sizes: Sequence[int] | None = None,
+    ):
+        """``block_k_sizes`` (17, one per block) overrides the k_small / k_large rule."""
+        super().__init__()
+        input_channel = int(32 * width_mult)
+        self.last_channel = int(1280 * max(1.0, width_mult))
+        setting = [
+            [1, 16, 1, 1],
+            [6, 24, 2, 2],
+            [6, 32, 3, 2],
+            [6, 64, 4, 2],
+            [6, 96, 3, 1],
+            [6, 160, 3, 2],
+            [6, 320, 1, 1],
+        ]
+        features = [ConvBNReLU(3, input_channel, stride=2)]
+        block_ks = iter(block_k_sizes) if block_k_sizes is not None else None
+        for t, c, n, s in setting:
+            output_channel = int(c * width_mult)
+            for i in range(n):
+                stride = s if i == 0 else 1
+                ksize = next(block_ks) if block_ks else (k_small if c < 96 else k_large)
+                features.append(
+                    InvertedResidual(input_channel, output_channel, stride, t, ksize, attention)
+                )
+                input_channel = output_channel
+        features.append(ConvBNReLU(input_channel, self.last_channel, kernel_size=1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.25), nn.Linear(self.last_channel, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(x.mean([2, 3]))
+
+
+_RESNET = {
+    "eca_resnet18": (ECABasicBlock, (2, 2, 2, 2)),
+    "eca_resnet34": (ECABasicBlock, (3, 4, 6, 3)),
+    "eca_resnet50": (ECABottleneck, (3, 4, 6, 3)),
+    "eca_resnet101": (ECABottleneck, (3, 4, 23, 3)),
+    "eca_resnet152": (ECABottleneck, (3, 8, 36, 3)),
+}
+
+
+def build(
+    name: str, *, k_size: KSize = None, num_classes: int = 1000, attention: str | None = "eca"
+) -> nn.Module:
+    """The reference model for one of eca_flax's model names.
+
+    ``k_size`` is read exactly as ``eca_flax.create_model`` reads it (None: the released sizes).
+    """
+    ks = resolve_k_size(name, k_size)
+    if name == "eca_mobilenet_v2":
+        return ECAMobileNetV2(num_classes, attention=attention, block_k_sizes=ks)
+    block, layers = _RESNET[name]
+    return ResNet(block, layers, num_classes, ks, attention)

@@ -1,0 +1,527 @@
+"""convert_torch_weights.py end to end, on checkpoints written the way the original did.
+
+Fixtures are the PyTorch reference models with random weights and BatchNorm statistics, saved
+as the released files were: torch.save's legacy format, storages tagged 'cuda:0', the full
+training dict ('epoch', 'arch' = 'se_resnet50' as in the release, 'state_dict' with
+'module.', 'best_prec1' as a 0-dim tensor, a real SGD 'optimizer' state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import pickle
+import pickletools
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch_reference as tr
+from flax import nnx
+
+import eca_flax
+from eca_flax import convert, pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = eca_flax.list_models()
+DEEP = ("eca_resnet101", "eca_resnet152")  # need damped residual branches in float32
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location(
+        "convert_torch_weights", ROOT / "convert_torch_weights.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLI = _load_cli()
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in-process: exit status, stdout, stderr."""
+    rc = CLI.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_error(rc: int, err: str, *fragments: str) -> str:
+    """A failed run: status 1 and one 'error: ...' line on stderr holding every fragment."""
+    assert rc == 1
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def retag_storages_cuda(path: Path) -> None:
+    """Rewrite a legacy torch.save file's storage locations 'cpu' -> 'cuda:0', byte for byte
+    what PyTorch 1.x on a GPU writes (the released files were saved from GPU models)."""
+    data = path.read_bytes()
+    stream = io.BytesIO(data)
+    for _ in range(3):  # magic number, protocol version, system info
+        pickle.load(stream)
+    start = stream.tell()
+    out = bytearray(data[:start])
+    ops = list(pickletools.genops(data[start:]))  # the main pickle, up to its STOP
+    end = start + ops[-1][2] + 1
+    for (op, arg, pos), nxt in zip(ops, [*ops[1:], (None, None, end - start)]):
+        if op.name == "BINUNICODE" and arg == "cpu":
+            encoded = b"cuda:0"
+            out += b"X" + len(encoded).to_bytes(4, "little") + encoded
+        else:
+            out += data[start + pos : start + nxt[2]]
+    path.write_bytes(bytes(out) + data[end:])
+
+
+def storage_locations(path: Path) -> set[str]:
+    """The device tags of a torch file's storages."""
+    seen: set[str] = set()
+
+    def record(storage, location):
+        seen.add(location)
+        return storage
+
+    torch.load(path, map_location=record, weights_only=True)
+    return seen
+
+
+def save_released(model: torch.nn.Module, path: Path, *, momentum: bool = False) -> None:
+    """torch.save the training dict as the original main.py did (legacy format, cuda tags)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    if momentum:  # a real step, so the optimizer state holds momentum buffers
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    checkpoint = {
+        "epoch": 100,
+        "arch": "se_resnet50",  # what the released ResNet-50 file says
+        "state_dict": {"module." + k: v for k, v in model.state_dict().items()},
+        "best_prec1": torch.tensor(77.42),
+        "optimizer": optimizer.state_dict(),
+    }
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
+    retag_storages_cuda(path)
+
+
+def reference(name: str, seed: int = 0, **kw) -> torch.nn.Module:
+    scale = 0.25 if name in DEEP else 1.0
+    return tr.randomize(tr.build(name, **kw), seed=seed, residual_scale=scale).eval()
+
+
+def torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+
+
+def images(n: int = 2, size: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
+    """All six architectures as released-format files, with their PyTorch models."""
+    root = tmp_path_factory.mktemp("released")
+    files = {}
+    for i, name in enumerate(NAMES):
+        model = reference(name, seed=i)
+        info = eca_flax.model_info(name)
+        path = root / info.checkpoint
+        save_released(model, path, momentum=name in ("eca_resnet18", "eca_mobilenet_v2"))
+        files[name] = (path, model)
+    return files
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[torch.nn.Module, dict[str, torch.Tensor], Path]:
+    """ECA-ResNet-18 with unusual kernel sizes and 10 classes, as a bare zip state_dict."""
+    model = reference("eca_resnet18", seed=7, k_size=(1, 3, 5, 9), num_classes=10)
+    path = tmp_path_factory.mktemp("small") / "bare.pth"
+    torch.save(model.state_dict(), path)
+    return model, model.state_dict(), path
+
+
+def write(path: Path, state: dict, *, legacy: bool = False) -> Path:
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+def k_text(name: str) -> str:
+    return convert.format_k_size(eca_flax.resolve_k_size(name))
+
+
+# ------------------------------------------------------------------------------------------
+# The six released formats: convert, compare logits, export back.
+
+
+def test_fixture_is_released_format(released):
+    path, _ = released["eca_resnet50"]
+    assert path.read_bytes()[:2] == b"\x80\x02"  # a legacy (pickle) file, not a zip
+    assert storage_locations(path) == {"cuda:0"}
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["arch"] == "se_resnet50" and raw["best_prec1"].ndim == 0
+    assert all(k.startswith("module.") for k in raw["state_dict"])
+    momentum = torch.load(released["eca_resnet18"][0], map_location="cpu", weights_only=True)
+    assert len(momentum["optimizer"]["state"]) == len(
+        list(released["eca_resnet18"][1].parameters())
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_released_file_round_trip(name, released, tmp_path, capsys):
+    src, ref = released[name]
+    dst = tmp_path / "converted"
+    rc, out, err = run(capsys, src, dst)
+    assert rc == 0, err
+    info = eca_flax.model_info(name)
+    lines = out.splitlines()
+    assert lines[0] == (
+        f"{name}, k={k_text(name)}, 1000 classes, {info.params:,} params, epoch 100, "
+        "best_prec1 77.42"
+    )
+    assert "'se_resnet50'; ignored" in out
+    meta = json.loads((dst / "model.json").read_text())
+    assert meta == {
+        "format": "eca_flax.pretrained/1",
+        "arch": name,
+        "k_size": list(eca_flax.resolve_k_size(name)),
+        "num_classes": 1000,
+        "attention": "eca",
+        "params": info.params,
+        "source": {"file": info.checkpoint, "sha256": hashlib.sha256(src.read_bytes()).hexdigest()},
+        "epoch": 100,
+        "best_prec1": pytest.approx(77.42, abs=1e-5),
+        "converter_version": eca_flax.__version__,
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["converted"]  # no temporary leftovers
+
+    # Logits of the loaded model against the PyTorch original.
+    model = eca_flax.load_pretrained(dst)
+    x = images(2, 64, seed=len(name))
+    want = torch_logits(ref, x)
+    # Eager ResNets share compiled ops across depths; MobileNetV2's many distinct layer shapes
+    # compile faster as one program.
+    forward = nnx.jit(lambda m, x: m(x)) if name == "eca_mobilenet_v2" else lambda m, x: m(x)
+    result = convert.compare_logits(want, np.asarray(forward(model, jnp.asarray(x))))
+    assert result.ok and result.top1_agree == 2, result.describe()
+
+    # Export back: exactly the original keys, bit-exact tensors, strict load, same logits.
+    back = tmp_path / "back.pth"
+    rc, out, err = run(capsys, "--to-torch", dst, back)
+    assert rc == 0, err
+    exported = torch.load(back, map_location="cpu", weights_only=True)
+    original = ref.state_dict()
+    assert set(exported) == set(original)
+    for key, value in original.items():
+        if key.endswith("num_batches_tracked"):
+            assert exported[key].dtype == torch.int64 and exported[key].ndim == 0
+        else:
+            assert exported[key].dtype == value.dtype and torch.equal(exported[key], value), key
+    with torch.device("meta"):  # no time spent on initialisation
+        fresh = tr.build(name).eval()
+    fresh.load_state_dict(exported, strict=True, assign=True)
+    np.testing.assert_array_equal(torch_logits(fresh, x), want)
+
+
+def test_verify_with_real_photos(released, tmp_path, capsys):
+    for name in ("eca_resnet18", "eca_mobilenet_v2"):
+        dst = tmp_path / name
+        rc, out, err = run(capsys, released[name][0], dst, "--verify", "--arch", name)
+        assert rc == 0, err
+        line = next(x for x in out.splitlines() if x.startswith("verify"))
+        assert "2 photos + 2 random images, 224x224" in line
+        assert "top-1 4/4" in line and line.endswith(": OK")
+        assert (dst / "model.json").is_file()
+
+
+def test_compare_logits_catches_disagreement():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((3, 1000)) * 10
+    assert convert.compare_logits(ref, ref + 1e-5).ok
+    drift = convert.compare_logits(ref, ref + 2e-4 * np.abs(ref).max())
+    assert not drift.ok and drift.relative == pytest.approx(2e-4)
+    assert "FAILED" in drift.describe()
+    swapped = ref.copy()
+    top = ref.argmax(1)
+    swapped[np.arange(3), top] = ref.min() - 1  # the top class drops to the bottom
+    flipped = convert.compare_logits(ref, swapped)
+    assert flipped.top1_agree == 0 and flipped.top5_agree == 0 and not flipped.ok
+
+
+# ------------------------------------------------------------------------------------------
+# Other formats and architectures: inferred from the tensors.
+
+
+def test_bare_zip_state_dict_infers_everything(small, tmp_path, capsys):
+    ref, _, src = small
+    dst = tmp_path / "out"
+    rc, out, err = run(capsys, src, dst, "--k-size", "1359", "--arch", "eca_resnet18")
+    assert rc == 0, err
+    assert out.splitlines()[0].startswith("eca_resnet18, k=1,3,5,9, 10 classes, ")
+    meta = pretrained.read_model_json(dst)
+    assert (meta["k_size"], meta["num_classes"], meta["epoch"]) == ([1, 3, 5, 9], 10, None)
+    model = eca_flax.load_pretrained(dst)
+    x = images(2, 48)
+    assert convert.compare_logits(torch_logits(ref, x), np.asarray(model(x))).ok
+
+
+@pytest.mark.parametrize("attention", [None, "eca_ns"])
+def test_attention_variants(attention, tmp_path, capsys):
+    ref = reference("eca_resnet18", seed=3, attention=attention)
+    src = write(tmp_path / "plain.pth", ref.state_dict(), legacy=True)
+    rc, out, err = run(capsys, src, tmp_path / "out")
+    assert rc == 0, err
+    if attention is None:
+        assert "without ECA layers (attention=None" in out and "note: no ECA layers" in out
+    else:
+        assert out.startswith("eca_resnet18 with non-shared ECA (eca_ns), k=3,5,7,7")
+    model = eca_flax.load_pretrained(tmp_path / "out")
+    assert pretrained.read_model_json(tmp_path / "out")["attention"] == attention
+    x = images(1, 32)
+    assert convert.compare_logits(torch_logits(ref, x), np.asarray(model(x))).ok
+
+
+def test_infer_arch_from_shapes_alone(released):
+    sd = {k: v.numpy() for k, v in released["eca_mobilenet_v2"][1].state_dict().items()}
+    spec = convert.infer_arch(sd)
+    assert spec == convert.ArchSpec("eca_mobilenet_v2", (1,) * 10 + (3,) * 7, 1000, "eca")
+    assert convert.format_k_size(spec.k_size) == "1x10,3x7"
+    sd["features.5.conv.4.conv.weight"] = np.zeros((1, 1, 5), np.float32)  # one block differs
+    assert convert.infer_arch(sd).k_size[4] == 5
+    r34 = {k: v.numpy() for k, v in tr.build("eca_resnet34").state_dict().items()}
+    assert convert.infer_arch(r34) == convert.ArchSpec("eca_resnet34", (3, 3, 5, 7), 1000, "eca")
+    r34["layer3.2.eca.conv.weight"] = np.zeros((1, 1, 3), np.float32)
+    with pytest.raises(convert.ConversionError, match=r"layer3 mixes ECA kernel sizes \[3, 5\]"):
+        convert.infer_arch(r34)
+    timm_like = {k.replace(".eca.", ".se."): v for k, v in r34.items()}
+    with pytest.raises(convert.ConversionError, match="timm"):
+        convert.infer_arch(timm_like)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one line, status 1, nothing written.
+
+
+def test_missing_and_non_torch_files(tmp_path, capsys):
+    dst = tmp_path / "out"
+    assert_error(*run(capsys, tmp_path / "nope.pth", dst)[::2], "nope.pth: no such file")
+    assert_error(*run(capsys, tmp_path, dst)[::2], "is a directory")
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint\n")
+    assert_error(*run(capsys, text, dst)[::2], "not a PyTorch checkpoint")
+    from sklearn.datasets import load_sample_images
+
+    photo = load_sample_images().filenames[0]
+    assert_error(*run(capsys, photo, dst)[::2], "china.jpg: not a PyTorch checkpoint")
+    other = write(tmp_path / "other.pth", {"model": {"w": torch.zeros(1)}, "epoch": 3})
+    assert_error(*run(capsys, other, dst)[::2], "keys epoch, model and no 'state_dict'")
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_truncated_and_corrupt_files(legacy, small, tmp_path, capsys):
+    _, state, _ = small
+    kind = "legacy" if legacy else "zip"
+    good = write(tmp_path / "good.pth", state, legacy=legacy).read_bytes()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good[: len(good) // 2])
+    assert_error(*run(capsys, truncated, tmp_path / "a")[::2], f"truncated or corrupt {kind}")
+    corrupt = bytearray(good)
+    corrupt[30:400] = bytes(370)  # the pickle (legacy) or the zip headers
+    (tmp_path / "corrupt.pth").write_bytes(bytes(corrupt))
+    assert_error(*run(capsys, tmp_path / "corrupt.pth", tmp_path / "b")[::2], "corrupt")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+class _MakesDirectory:
+    """Unpickling this runs os.mkdir(path): the payload of a malicious checkpoint."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_code_running_pickle_is_refused(legacy, small, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = {"state_dict": small[1], "epoch": _MakesDirectory(str(marker))}
+    src = write(tmp_path / "evil.pth", evil, legacy=legacy)
+    dst = tmp_path / "out"
+    assert_error(*run(capsys, src, dst)[::2], "refused", "posix.mkdir", "--allow-unsafe-pickle")
+    assert not marker.exists() and not dst.exists()
+    # The payload is real: the unsafe loader runs it (and says so loudly first).
+    rc, out, err = run(capsys, src, dst, "--allow-unsafe-pickle")
+    assert marker.is_dir() and "WARNING: --allow-unsafe-pickle" in err
+    assert rc == 0 and dst.is_dir()  # the state_dict itself is fine
+
+
+def test_code_running_pickle_subprocess(tmp_path):
+    """End to end as a user runs it: exit status, a single line, no traceback."""
+    marker = tmp_path / "pwned"
+    src = write(tmp_path / "evil.pth.tar", {"x": _MakesDirectory(str(marker))}, legacy=True)
+    proc = subprocess.run(
+        [sys.executable, "convert_torch_weights.py", str(src), str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "refused" in errors[0] and proc.stdout == ""
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_missing_unexpected_and_misshaped_keys(small, tmp_path, capsys):
+    _, state, _ = small
+    dst = tmp_path / "out"
+    missing = {k: v for k, v in state.items() if k not in ("layer1.0.bn1.running_var", "fc.bias")}
+    line = assert_error(*run(capsys, write(tmp_path / "m.pth", missing), dst)[::2], "missing keys")
+    assert "fc.bias" in line and "layer1.0.bn1.running_var" in line
+    extra = {**state, "layer1.0.extra.weight": torch.zeros(3)}
+    line = assert_error(*run(capsys, write(tmp_path / "u.pth", extra), dst)[::2], "unexpected keys")
+    assert "layer1.0.extra.weight" in line and "missing keys" not in line
+    bad = {**state, "fc.bias": torch.zeros(9)}
+    assert_error(
+        *run(capsys, write(tmp_path / "s.pth", bad), dst)[::2],
+        "shape mismatch for fc.bias: checkpoint (9,), model (10,)",
+    )
+    many = {k: v for k, v in state.items() if not k.endswith(".running_mean")}
+    line = assert_error(*run(capsys, write(tmp_path / "many.pth", many), dst)[::2], "and 10 more")
+    assert line.count(".running_mean") == convert.MAX_LISTED_KEYS
+    assert not dst.exists()
+
+
+def test_arch_and_k_size_only_confirm(small, tmp_path, capsys):
+    _, _, src = small
+    dst = tmp_path / "out"
+    assert_error(
+        *run(capsys, src, dst, "--arch", "eca_resnet34")[::2],
+        "--arch eca_resnet34 does not match the file, which holds eca_resnet18, k=1,3,5,9",
+    )
+    assert_error(
+        *run(capsys, src, dst, "--k-size", "3577")[::2],
+        "--k-size 3,5,7,7 does not match the file, whose ECA kernel sizes are 1,3,5,9",
+    )
+    assert_error(*run(capsys, src, dst, "--k-size", "35x7")[::2], "--k-size")
+    assert not dst.exists()
+
+
+def test_existing_destination(small, tmp_path, capsys):
+    _, _, src = small
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert_error(*run(capsys, src, dst)[::2], "already exists", "--overwrite")
+    assert_error(*run(capsys, src, dst, "--overwrite")[::2], "without model.json")
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert (dst / "keep.txt").read_text() == "mine"
+    converted = tmp_path / "converted"
+    assert run(capsys, src, converted)[0] == 0
+    before = (converted / "model.json").read_text()
+    assert_error(*run(capsys, src, converted, "--arch", "eca_resnet50", "--overwrite")[::2])
+    assert (converted / "model.json").read_text() == before  # untouched on failure
+    assert run(capsys, src, converted, "--overwrite")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "out"]
+
+
+def test_export_errors(small, tmp_path, capsys):
+    _, _, src = small
+    assert_error(*run(capsys, "--to-torch", tmp_path / "none", tmp_path / "x.pth")[::2], "none")
+    converted = tmp_path / "converted"
+    assert run(capsys, src, converted)[0] == 0
+    out = tmp_path / "x.pth"
+    out.write_bytes(b"old")
+    assert_error(*run(capsys, "--to-torch", converted, out)[::2], "already exists")
+    assert out.read_bytes() == b"old"
+    assert_error(*run(capsys, "--to-torch", converted, tmp_path)[::2], "is a directory")
+    assert run(capsys, "--to-torch", converted, out, "--overwrite")[0] == 0
+    assert len(torch.load(out, weights_only=True)) == len(small[1])
+
+
+# ------------------------------------------------------------------------------------------
+# load_pretrained.
+
+
+def test_load_pretrained_new_head_and_dtype(small, tmp_path, capsys):
+    ref, _, src = small
+    dst = tmp_path / "out"
+    assert run(capsys, src, dst)[0] == 0
+    tuned = eca_flax.load_pretrained(dst, num_classes=4)
+
+    def create_head():  # what create_model initialises the head to (jit: only the head is run)
+        fresh = eca_flax.create_model("eca_resnet18", k_size=(1, 3, 5, 9), num_classes=4)
+        return fresh.fc.kernel[...], fresh.fc.bias[...]
+
+    kernel, bias = jax.jit(create_head)()
+    np.testing.assert_array_equal(tuned.fc.kernel[...], kernel)
+    np.testing.assert_array_equal(tuned.fc.bias[...], bias)
+    np.testing.assert_array_equal(  # and the body from the file
+        tuned.layer2[0].eca.conv.kernel[...],
+        convert.to_flax_layout(ref.layer2[0].eca.conv.weight.detach().numpy()),
+    )
+    assert tuned.fc.kernel.shape == (512, 4) and tuned.bn1.use_running_average  # eval mode
+    half = eca_flax.load_pretrained(dst, dtype=jnp.bfloat16)
+    assert half.conv1.dtype == jnp.bfloat16 and half.fc.kernel[...].dtype == jnp.float32
+
+
+def test_load_pretrained_errors(small, tmp_path, capsys):
+    with pytest.raises(pretrained.PretrainedError, match="no such directory"):
+        eca_flax.load_pretrained(tmp_path / "missing")
+    with pytest.raises(pretrained.PretrainedError, match="no model.json"):
+        eca_flax.load_pretrained(tmp_path)
+    dst = tmp_path / "out"
+    assert run(capsys, small[2], dst)[0] == 0
+    meta = json.loads((dst / "model.json").read_text())
+    (dst / "model.json").write_text(json.dumps({**meta, "format": "other/2"}))
+    with pytest.raises(pretrained.PretrainedError, match="format 'other/2'"):
+        eca_flax.load_pretrained(dst)
+    (dst / "model.json").write_text(json.dumps({**meta, "k_size": [3, 3, 3, 3]}))
+    with pytest.raises(
+        pretrained.PretrainedError,
+        match=r"layer1/0/eca/conv/kernel is stored with shape \(1, 1, 1\) but model.json implies "
+        r"\(3, 1, 1\)",
+    ):
+        eca_flax.load_pretrained(dst)
+    (dst / "model.json").write_text(json.dumps(meta))
+    (dst / "state").rename(tmp_path / "state")
+    with pytest.raises(pretrained.PretrainedError, match="no state/ checkpoint"):
+        eca_flax.load_pretrained(dst)
+    assert_error(*run(capsys, "--to-torch", dst, tmp_path / "x.pth")[::2], "no state/ checkpoint")
+    (dst / "model.json").rename(tmp_path / "saved.json")
+    with pytest.raises(pretrained.PretrainedError, match="no model.json"):
+        eca_flax.load_pretrained(dst)
+
+
+def test_save_pretrained_checks_the_model(small, tmp_path):
+    model = pretrained.empty_model("eca_resnet18")
+    with pytest.raises(pretrained.PretrainedError, match="unloaded weights"):
+        pretrained.save_pretrained(model, tmp_path / "a", arch="eca_resnet18", attention="eca")
+    model = convert.convert_file(small[2], tmp_path / "first", log=lambda _: None)
+    with pytest.raises(pretrained.PretrainedError, match="not eca_resnet34"):
+        pretrained.save_pretrained(model, tmp_path / "b", arch="eca_resnet34", attention="eca")
+    with pytest.raises(pretrained.PretrainedError, match="not eca_resnet18"):
+        pretrained.save_pretrained(model, tmp_path / "c", arch="eca_resnet18", attention=None)
+    with pytest.raises(pretrained.PretrainedError, match="extra may not set k_size"):
+        pretrained.save_pretrained(
+            model, tmp_path / "c", arch="eca_resnet18", attention="eca", extra={"k_size": 3}
+        )
+    pretrained.save_pretrained(
+        model, tmp_path / "d", arch="eca_resnet18", attention="eca", extra={"epoch": 3}
+    )
+    meta = pretrained.read_model_json(tmp_path / "d")
+    assert (meta["source"], meta["epoch"], meta["best_prec1"]) == (None, 3, None)
+    assert (meta["k_size"], meta["num_classes"]) == ([1, 3, 5, 9], 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "first"]

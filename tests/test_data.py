@@ -1,0 +1,509 @@
+"""Tests of eca_flax.data on real files: TFDS imagenet2012 built from ILSVRC-layout tars,
+folder datasets, the torchvision-equivalent transforms, and the digits quick-start data."""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pathlib
+import tarfile
+
+import imagenet_fixture
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from eca_flax import data
+
+MEAN = np.asarray(data.MEAN_RGB, np.float32)
+STD = np.asarray(data.STD_RGB, np.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def pil_eval_reference(image_bytes: bytes, image_size: int = 224, resize: int = 256) -> np.ndarray:
+    """torchvision Resize(resize) + CenterCrop(image_size) + ToTensor + Normalize, in PIL."""
+    with Image.open(io.BytesIO(image_bytes)) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        if w <= h:
+            ow, oh = resize, int(resize * h / w)
+        else:
+            ow, oh = int(resize * w / h), resize
+        im = im.resize((ow, oh), Image.BILINEAR)  # PIL's bilinear antialiases when shrinking.
+        top = int(round((oh - image_size) / 2.0))
+        left = int(round((ow - image_size) / 2.0))
+        im = im.crop((left, top, left + image_size, top + image_size))
+        x = np.asarray(im, np.float32) / 255.0
+    return (x - MEAN) / STD
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    (image.convert(mode) if mode else image).save(buf, fmt, quality=90)
+    return buf.getvalue()
+
+
+def photo_bytes(index: int, box: tuple[int, int, int, int] | None = None) -> bytes:
+    """A sample photo (or a crop of it) as JPEG bytes; the full photo is the original file."""
+    if box is None:
+        return imagenet_fixture.PHOTO_FILES[index].read_bytes()
+    return encode(imagenet_fixture.photo(index).crop(box))
+
+
+def collect(iterator) -> list[dict[str, np.ndarray]]:
+    return list(iterator)
+
+
+def masked_labels(batches: list[dict[str, np.ndarray]]) -> list[int]:
+    return [int(y) for b in batches for y, m in zip(b["label"], b["mask"]) if m == 1.0]
+
+
+def write_folder(root: pathlib.Path, spec: dict[str, dict[str, int]]) -> pathlib.Path:
+    """Folder dataset root/{split}/{class}/ with n small images per class, mixed extensions."""
+    exts = ["JPEG", "jpg", "PNG", "jpeg", "png"]
+    rng = np.random.default_rng(0)
+    for split, classes in spec.items():
+        for name, count in classes.items():
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                ext = exts[k % len(exts)]
+                pixels = rng.integers(0, 256, (20 + k, 24, 3), dtype=np.uint8)
+                fmt = "PNG" if ext.lower() == "png" else "JPEG"
+                (d / f"img{k}.{ext}").write_bytes(encode(Image.fromarray(pixels), fmt))
+            (d / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mini_imagenet() -> str:
+    return imagenet_fixture.shared_mini_imagenet()
+
+
+@pytest.fixture(scope="session")
+def digits_path() -> str:
+    return imagenet_fixture.shared_digits_folder(32)
+
+
+# ------------------------------------------------------------------------------------------
+# Eval transform: parity with the original PIL pipeline.
+
+PHOTOS = {
+    "china_landscape": (0, None),
+    "flower_landscape": (1, None),
+    "china_portrait": (0, (150, 0, 450, 427)),
+    "flower_portrait": (1, (200, 10, 461, 420)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+@pytest.mark.parametrize("image_size", [224, 160])
+def test_preprocess_for_eval_matches_pil(name: str, image_size: int) -> None:
+    image_bytes = photo_bytes(*PHOTOS[name])
+    out = data.preprocess_for_eval(image_bytes, image_size)
+    assert out.shape == (image_size, image_size, 3) and out.dtype == np.float32
+    resize = data.default_resize_size(image_size)
+    err = float(np.abs(out - pil_eval_reference(image_bytes, image_size, resize)).mean())
+    print(f"preprocess_for_eval {name} @{image_size}: mean |delta| vs PIL = {err:.5f}")
+    assert err <= 0.01
+
+
+def test_default_resize_size() -> None:
+    assert data.default_resize_size(224) == 256
+    assert data.default_resize_size(160) == 183
+    assert data.default_resize_size(32) == 37
+
+
+@pytest.mark.parametrize(
+    ("hw", "expected"),
+    [((427, 640), (256, 383)), ((640, 427), (383, 256)), ((300, 300), (256, 256))],
+)
+def test_resize_long_side_truncates_like_torchvision(hw, expected) -> None:
+    # int(256 * 640 / 427) = int(383.7) = 383, where rounding would give 384.
+    image = tf.zeros([*hw, 3], tf.uint8)
+    assert tuple(data._resize_shorter(image, 256, True).shape[:2]) == expected
+
+
+@pytest.mark.parametrize("extra", [0, 1, 2, 3, 4, 5, 7])
+def test_center_crop_rounds_like_torchvision(extra: int) -> None:
+    size = 6
+    h, w = size + extra, size + extra + 3
+    image = np.arange(h * w, dtype=np.float32).reshape(h, w, 1)
+    top, left = int(round(extra / 2.0)), int(round((extra + 3) / 2.0))  # Python: half to even.
+    want = image[top : top + size, left : left + size]
+    np.testing.assert_array_equal(data._center_crop(tf.constant(image), size).numpy(), want)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grayscale_and_cmyk_jpeg_decode_to_rgb(mode: str) -> None:
+    image_bytes = encode(imagenet_fixture.photo(1).crop((0, 0, 400, 300)), "JPEG", mode)
+    with Image.open(io.BytesIO(image_bytes)) as im:
+        assert im.mode == mode
+    out = data.preprocess_for_eval(image_bytes, 128)
+    assert out.shape == (128, 128, 3)
+    err = float(np.abs(out - pil_eval_reference(image_bytes, 128, 146)).mean())
+    assert err <= 0.01, err
+    if mode == "L":  # Three equal channels before normalization.
+        x = out * STD + MEAN
+        np.testing.assert_allclose(x[..., 0], x[..., 2], atol=1e-5)
+
+
+def test_png_decodes() -> None:
+    image_bytes = encode(imagenet_fixture.photo(0).crop((0, 0, 300, 200)), "PNG")
+    out = data.preprocess_for_eval(image_bytes, 96)
+    err = float(np.abs(out - pil_eval_reference(image_bytes, 96, 110)).mean())
+    assert err <= 0.01, err
+
+
+# ------------------------------------------------------------------------------------------
+# Train transform.
+
+
+def test_random_resized_crop_window_respects_ranges() -> None:
+    h, w = 427, 640
+    for s in range(200):
+        top, left, ch, cw = data._random_resized_crop_window(
+            h, w, tf.constant([7, s], tf.int64), (0.08, 1.0)
+        ).numpy()
+        assert 0 <= top <= h - ch and 0 <= left <= w - cw
+        area = ch * cw / (h * w)
+        assert 0.08 * 0.97 <= area <= 1.0
+        assert 3 / 4 * 0.9 <= cw / ch <= 4 / 3 * 1.1
+
+
+def test_random_resized_crop_falls_back_to_center_crop() -> None:
+    # 10 x 1000: no sampled crop fits, so torchvision takes h=10, w=round(10 * 4/3), centered.
+    window = data._random_resized_crop_window(10, 1000, tf.constant([0, 1], tf.int64), (0.08, 1))
+    assert window.numpy().tolist() == [0, (1000 - 13) // 2, 10, 13]
+
+
+def test_train_transform_flips_and_is_deterministic() -> None:
+    square = imagenet_fixture.photo(0).crop((100, 0, 527, 427)).resize((64, 64))
+    image_bytes = tf.constant(encode(square, "PNG"))
+    base = (np.asarray(square, np.float32) / 255.0 - MEAN) / STD
+    flipped = 0
+    for s in range(24):
+        seed = tf.constant([3, s], tf.int64)
+        out = data._train_transform(image_bytes, seed, 64, area_range=(1.0, 1.0)).numpy()
+        again = data._train_transform(image_bytes, seed, 64, area_range=(1.0, 1.0)).numpy()
+        np.testing.assert_array_equal(out, again)
+        if np.abs(out - base).max() < 1e-4:
+            continue
+        np.testing.assert_allclose(out, base[:, ::-1], atol=1e-4)
+        flipped += 1
+    assert 3 <= flipped <= 21  # Both orientations occur (p = 0.5 each).
+
+
+def test_pad_crop_zero_equals_eval_at_native_size(digits_path: str) -> None:
+    path = sorted(pathlib.Path(digits_path, "val", "3").glob("*.png"))[0]
+    image_bytes = path.read_bytes()
+    out = data._train_transform(
+        tf.constant(image_bytes),
+        tf.constant([0, 0], tf.int64),
+        32,
+        augment="pad_crop:0",
+        hflip=False,
+    )
+    want = data.preprocess_for_eval(image_bytes, 32, resize_size=32)
+    np.testing.assert_allclose(out.numpy(), want, atol=1e-5)
+    shifted = [
+        data._train_transform(
+            tf.constant(image_bytes), tf.constant([0, s], tf.int64), 32, augment="pad_crop:4"
+        ).numpy()
+        for s in range(4)
+    ]
+    assert all(x.shape == (32, 32, 3) for x in shifted)
+    assert any(np.abs(x - want).max() > 0.1 for x in shifted)
+
+
+def test_bad_augment_rejected() -> None:
+    with pytest.raises(ValueError, match="pad_crop:N"):
+        data._parse_augment("random_erase")
+
+
+# ------------------------------------------------------------------------------------------
+# TFDS imagenet2012 built from ILSVRC-layout tars.
+
+
+def test_imagenet_dataset_info(mini_imagenet: str) -> None:
+    info = data.dataset_info("imagenet2012", mini_imagenet)
+    assert (info.num_classes, info.num_train, info.num_eval) == (
+        1000,
+        imagenet_fixture.TRAIN_PER_CLASS * imagenet_fixture.NUM_VAL,
+        imagenet_fixture.NUM_VAL,
+    )
+    assert info.class_names == imagenet_fixture.tfds_synsets()
+    assert data.steps_per_epoch("imagenet2012", mini_imagenet, 8) == 28 // 8
+
+
+def val_bytes_by_label(data_dir: str) -> dict[int, bytes]:
+    """Raw bytes of each val image from the manual tar, keyed by its (unique) label."""
+    tar_path = pathlib.Path(data_dir, "downloads", "manual", "ILSVRC2012_img_val.tar")
+    with tarfile.open(tar_path) as tar:
+        raw = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    names = imagenet_fixture.val_file_names()
+    return dict(zip(imagenet_fixture.expected_val_labels(), (raw[n] for n in names)))
+
+
+def test_imagenet_eval_counts_every_image_once(mini_imagenet: str) -> None:
+    batches = collect(
+        data.eval_iterator(
+            "imagenet2012",
+            mini_imagenet,
+            global_batch_size=4,
+            image_size=64,
+            process_index=0,
+            process_count=1,
+        )
+    )
+    assert len(batches) == 2
+    for b in batches:
+        assert b["image"].shape == (4, 64, 64, 3) and b["image"].dtype == np.float32
+        assert b["label"].dtype == np.int32 and b["mask"].dtype == np.float32
+    assert sum(float(b["mask"].sum()) for b in batches) == imagenet_fixture.NUM_VAL
+    assert sorted(masked_labels(batches)) == sorted(imagenet_fixture.expected_val_labels())
+    # The pipeline runs exactly preprocess_for_eval; padding is zeros.
+    raw = val_bytes_by_label(mini_imagenet)
+    for b in batches:
+        for image, label, mask in zip(b["image"], b["label"], b["mask"]):
+            if mask:
+                want = data.preprocess_for_eval(raw[int(label)], 64)
+                np.testing.assert_allclose(image, want, atol=1e-6)
+            else:
+                assert not image.any()
+
+
+@pytest.mark.parametrize("global_batch_size", [2, 4, 6])
+def test_imagenet_eval_two_processes(mini_imagenet: str, global_batch_size: int) -> None:
+    per_process = [
+        collect(
+            data.eval_iterator(
+                "imagenet2012",
+                mini_imagenet,
+                global_batch_size=global_batch_size,
+                image_size=32,
+                process_index=i,
+                process_count=2,
+            )
+        )
+        for i in range(2)
+    ]
+    assert len(per_process[0]) == len(per_process[1]) > 0
+    assert all(b["label"].shape == (global_batch_size // 2,) for p in per_process for b in p)
+    labels = masked_labels(per_process[0]) + masked_labels(per_process[1])
+    assert sorted(labels) == sorted(imagenet_fixture.expected_val_labels())
+
+
+def test_imagenet_train_batches(mini_imagenet: str) -> None:
+    it = data.train_iterator(
+        "imagenet2012",
+        mini_imagenet,
+        global_batch_size=4,
+        image_size=48,
+        seed=0,
+        process_index=0,
+        process_count=1,
+    )
+    epoch = [next(it) for _ in range(7)]  # 28 images / 4 = 7 steps.
+    for b in epoch:
+        assert b["image"].shape == (4, 48, 48, 3) and b["image"].dtype == np.float32
+        assert b["label"].shape == (4,) and b["label"].dtype == np.int32
+        lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
+        assert (b["image"] >= lo - 1e-4).all() and (b["image"] <= hi + 1e-4).all()
+    labels = sorted(int(y) for b in epoch for y in b["label"])
+    assert labels == sorted(imagenet_fixture.expected_train_labels())
+    stds = [float(b["image"].std()) for b in epoch]
+    assert min(stds) > 0.1  # Real photo content, not blank crops.
+
+
+def test_imagenet_train_two_processes_cover_epoch(mini_imagenet: str) -> None:
+    labels = []
+    for i in range(2):
+        it = data.train_iterator(
+            "imagenet2012",
+            mini_imagenet,
+            global_batch_size=4,
+            image_size=16,
+            seed=1,
+            process_index=i,
+            process_count=2,
+        )
+        batches = [next(it) for _ in range(7)]
+        assert all(b["label"].shape == (2,) for b in batches)
+        labels += [int(y) for b in batches for y in b["label"]]
+    assert sorted(labels) == sorted(imagenet_fixture.expected_train_labels())
+
+
+@pytest.mark.parametrize("dataset_kind", ["imagenet", "folder"])
+def test_train_resume_reproduces_batches(mini_imagenet: str, digits_path: str, dataset_kind):
+    if dataset_kind == "imagenet":
+        dataset, data_dir, batch, k = "imagenet2012", mini_imagenet, 8, 4  # 3 steps/epoch.
+    else:
+        dataset, data_dir, batch, k = f"folder:{digits_path}", None, 256, 7  # 5 steps/epoch.
+    kwargs = dict(global_batch_size=batch, image_size=32, process_index=0, process_count=1)
+    it = data.train_iterator(dataset, data_dir, seed=5, **kwargs)
+    run = [next(it) for _ in range(k + 2)]
+    resumed = data.train_iterator(dataset, data_dir, seed=5, start_step=k, **kwargs)
+    for step in (k, k + 1):
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], run[step]["image"])
+        np.testing.assert_array_equal(got["label"], run[step]["label"])
+    other = next(data.train_iterator(dataset, data_dir, seed=6, **kwargs))
+    assert not np.array_equal(other["image"], run[0]["image"])
+    steps = data.steps_per_epoch(dataset, data_dir, batch)
+    assert not np.array_equal(run[0]["image"], run[steps]["image"])  # Epochs differ.
+
+
+def test_cli_prepares_from_manual_dir(tmp_path: pathlib.Path, capsys) -> None:
+    imagenet_fixture.write_ilsvrc_tars(tmp_path / "downloads" / "manual")
+    assert data.main(["prepare", "--data_dir", os.fspath(tmp_path)]) == 0
+    assert "28 train, 7 validation images, 1000 classes" in capsys.readouterr().out
+    assert data.dataset_info("imagenet2012", os.fspath(tmp_path)).num_eval == 7
+
+
+# ------------------------------------------------------------------------------------------
+# Missing data and bad arguments.
+
+
+def test_missing_imagenet_explains_steps(tmp_path: pathlib.Path) -> None:
+    calls = [
+        lambda: data.dataset_info("imagenet2012", os.fspath(tmp_path)),
+        lambda: data.train_iterator(
+            "imagenet2012", os.fspath(tmp_path), global_batch_size=2, image_size=32, seed=0,
+            process_index=0, process_count=1,
+        ),
+        lambda: data.eval_iterator(
+            "imagenet2012", os.fspath(tmp_path), global_batch_size=2, image_size=32,
+            process_index=0, process_count=1,
+        ),
+    ]  # fmt: skip
+    for call in calls:
+        with pytest.raises(data.DataError) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg
+        assert os.path.join(os.fspath(tmp_path), "downloads", "manual") in msg
+        assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg
+        assert "python -m eca_flax.data prepare --data_dir" in msg
+    assert data.main(["prepare", "--data_dir", os.fspath(tmp_path)]) == 1
+
+
+def test_unknown_dataset_lists_choices() -> None:
+    for name in ("cifar10", "folder:", "imagenet"):
+        with pytest.raises(data.DataError, match=r"imagenet2012.*folder:PATH"):
+            data.dataset_info(name, None)
+
+
+def test_batch_not_divisible_by_processes(digits_path: str) -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        data.eval_iterator(
+            f"folder:{digits_path}", None, global_batch_size=5, image_size=32,
+            process_index=0, process_count=2,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# Folder datasets.
+
+
+def test_folder_dataset_classes_counts_and_eval(tmp_path: pathlib.Path) -> None:
+    spec = {
+        "train": {"zebra": 3, "Apple": 2, "mango": 4},
+        "val": {"zebra": 2, "Apple": 1, "mango": 2},
+    }
+    root = write_folder(tmp_path / "ds", spec)
+    info = data.dataset_info(f"folder:{root}", None)
+    assert info.class_names == ("Apple", "mango", "zebra")  # sorted(), as ImageFolder.
+    assert (info.num_classes, info.num_train, info.num_eval) == (3, 9, 5)
+    batches = collect(
+        data.eval_iterator(
+            f"folder:{root}", None, global_batch_size=4, image_size=16,
+            process_index=0, process_count=1,
+        )
+    )  # fmt: skip
+    assert len(batches) == 2
+    assert sorted(masked_labels(batches)) == [0, 1, 1, 2, 2]
+    it = data.train_iterator(
+        f"folder:{root}", None, global_batch_size=4, image_size=16, seed=0,
+        process_index=0, process_count=1,
+    )  # fmt: skip
+    b = next(it)
+    assert b["image"].shape == (4, 16, 16, 3) and set(b["label"]) <= {0, 1, 2}
+
+
+def test_folder_two_processes_split_epoch(tmp_path: pathlib.Path) -> None:
+    # One image per class, so labels identify images.
+    spec = {"train": {f"c{i}": 1 for i in range(9)}, "val": {f"c{i}": 1 for i in range(9)}}
+    root = write_folder(tmp_path / "ds", spec)
+    seen = []
+    for i in range(2):
+        it = data.train_iterator(
+            f"folder:{root}", None, global_batch_size=4, image_size=8, seed=3,
+            process_index=i, process_count=2,
+        )  # fmt: skip
+        seen += [int(y) for _ in range(2) for y in next(it)["label"]]  # 9 // 4 = 2 steps.
+    assert len(seen) == 8 and len(set(seen)) == 8
+
+
+@pytest.mark.parametrize("problem", ["missing", "no_val", "empty_split", "empty_class", "differ"])
+def test_folder_errors_name_the_path(tmp_path: pathlib.Path, problem: str) -> None:
+    root = tmp_path / "ds"
+    if problem == "no_val":
+        write_folder(root, {"train": {"a": 1}})
+        bad = root / "val"
+    elif problem == "empty_split":
+        write_folder(root, {"train": {"a": 1}, "val": {"a": 0}})
+        bad = root / "val" / "a"
+    elif problem == "empty_class":
+        write_folder(root, {"train": {"a": 1, "b": 0}, "val": {"a": 1, "b": 1}})
+        bad = root / "train" / "b"
+    elif problem == "differ":
+        write_folder(root, {"train": {"a": 1, "b": 1}, "val": {"a": 1, "c": 1}})
+        bad = root
+    else:
+        bad = root
+    with pytest.raises(data.DataError) as e:
+        data.dataset_info(f"folder:{root}", None)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------
+# Quick-start digits.
+
+
+def test_write_digits_folder(digits_path: str, tmp_path: pathlib.Path) -> None:
+    info = data.dataset_info(f"folder:{digits_path}", None)
+    assert info.class_names == tuple(str(d) for d in range(10))
+    assert (info.num_train, info.num_eval) == (1437, 360)
+    per_class = collections.Counter(
+        p.parent.name for p in pathlib.Path(digits_path, "val").glob("*/*")
+    )
+    total = collections.Counter(p.parent.name for p in pathlib.Path(digits_path).glob("*/*/*"))
+    assert sum(total.values()) == 1797
+    for digit, n in total.items():  # Stratified 80/20.
+        assert abs(per_class[digit] - 0.2 * n) <= 1
+    with Image.open(next(pathlib.Path(digits_path, "train", "0").glob("*.png"))) as im:
+        assert im.size == (32, 32)
+    # Complete: a second call is a no-op; a different size at the same path is refused.
+    assert data.write_digits_folder(digits_path, 32) == digits_path
+    with pytest.raises(data.DataError, match="digits"):
+        data.write_digits_folder(digits_path, 16)
+    b = next(
+        data.eval_iterator(
+            f"folder:{digits_path}", None, global_batch_size=64, image_size=32, resize_size=32,
+            process_index=0, process_count=1,
+        )
+    )  # fmt: skip
+    assert b["image"].shape == (64, 32, 32, 3) and b["mask"].all()
+    assert b["label"][0] == 0 and (np.diff(b["label"]) >= 0).all()  # Class order '0'..'9'.
+    # White digits on black: the background corner is the normalized black.
+    np.testing.assert_allclose(
+        b["image"][:, 0, 0], np.broadcast_to(-MEAN / STD, (64, 3)), atol=0.05
+    )
+    small = data.write_digits_folder(tmp_path / "d8", 8)
+    assert data.dataset_info(f"folder:{small}", None).num_train == 1437

@@ -1,0 +1,166 @@
+"""Evaluation through the trainer (train.py's eval_only path) and train.py's error handling.
+
+Real components throughout: the miniature TFDS ImageNet prepared by TFDS's own builder,
+checkpoints converted from the PyTorch reference, the PIL pipeline of the original.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import imagenet_fixture
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import torch
+import torch_reference
+from test_data import pil_eval_reference
+
+import eca_flax
+from eca_flax import convert, pretrained, training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[str, torch.nn.Module]:
+    """eca_resnet18 with random weights in PyTorch, converted to a pretrained directory."""
+    reference = torch_reference.randomize(torch_reference.build("eca_resnet18"), seed=3).eval()
+    model = eca_flax.create_model("eca_resnet18")
+    convert.load_state_dict(model, torch_reference.numpy_state_dict(reference))
+    path = tmp_path_factory.mktemp("converted") / "eca_resnet18"
+    pretrained.save_pretrained(model, path, arch="eca_resnet18", attention="eca")
+    return str(path), reference
+
+
+def eval_config(init_from: str, **overrides):
+    c = training.default_config()
+    c.update(
+        model="eca_resnet18",
+        k_size="",
+        dataset="imagenet2012",
+        eval_only=True,
+        data_dir=imagenet_fixture.shared_mini_imagenet(),
+        init_from=init_from,
+    )
+    c.update(overrides)
+    return c
+
+
+def test_eval_counts_each_image_once_on_1_and_8_devices(converted, tmp_path) -> None:
+    """7 validation images (odd): batch 2 on 1 device, batch 8 / 16 on 8 devices; each image
+    is counted exactly once and the metrics are the same, equal to those of the logits."""
+    # A head whose bias ranks the val labels first (gaps far above the image-dependent part):
+    # every image predicts labels[0], so top-1 = 1/7 and top-5 = 5/7 exactly if each image
+    # counts once (a double-counted or unmasked padding image changes both).
+    _, reference = converted
+    labels = imagenet_fixture.expected_val_labels()
+    model = eca_flax.create_model("eca_resnet18")
+    state = torch_reference.numpy_state_dict(reference)
+    state["fc.weight"] = state["fc.weight"] * 0.01
+    state["fc.bias"] = np.zeros(1000, np.float32)
+    state["fc.bias"][labels] = 10.0 - np.arange(len(labels))
+    convert.load_state_dict(model, state)
+    path = tmp_path / "biased"
+    pretrained.save_pretrained(model, path, arch="eca_resnet18", attention="eca")
+
+    results = []
+    for n, batch in ((1, 2), (8, 8), (8, 16)):
+        mesh = training.make_mesh(jax.devices()[:n])
+        config = eval_config(str(path), image_size=64, eval_batch_size=batch)
+        run = training.train_and_evaluate(config, str(tmp_path / "w"), mesh=mesh, keep_logits=True)
+        r = run.eval
+        assert r.images == imagenet_fixture.NUM_VAL == len(r.logits)
+        assert sorted(r.labels.tolist()) == sorted(labels)  # Every image once, none twice.
+        assert (r.top1, r.top5) == (1 / 7, 5 / 7)
+        top5 = np.argsort(-r.logits, axis=1)[:, :5]
+        assert r.top1 == np.mean(r.logits.argmax(1) == r.labels)
+        assert r.top5 == np.mean((top5 == r.labels[:, None]).any(1))
+        results.append(r)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r.labels, results[0].labels)
+        np.testing.assert_allclose(r.logits, results[0].logits, rtol=1e-5, atol=1e-5)
+    assert not (tmp_path / "w").exists(), "eval_only writes nothing to the workdir"
+
+
+def test_eval_only_matches_pytorch_with_pil_pipeline(converted, tmp_path) -> None:
+    """The converted checkpoint evaluated by the trainer at 224 px predicts what the PyTorch
+    original predicts on the same images through PIL Resize(256) + CenterCrop(224)."""
+    path, reference = converted
+    run = training.train_and_evaluate(
+        eval_config(path, image_size=224, eval_batch_size=8), str(tmp_path), keep_logits=True
+    )
+    got = run.eval
+    # The same images: the bytes TFDS stored, each labelled uniquely in the fixture.
+    builder = tfds.builder("imagenet2012", data_dir=imagenet_fixture.shared_mini_imagenet())
+    ds = builder.as_dataset(split="validation", decoders={"image": tfds.decode.SkipDecoding()})
+    by_label = {int(ex["label"]): ex["image"] for ex in tfds.as_numpy(ds)}
+    images = np.stack([pil_eval_reference(by_label[int(y)]) for y in got.labels])
+    with torch.no_grad():
+        want = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_array_equal(got.logits.argmax(1), want.argmax(1))
+    # Measured: max |diff| ~7e-4 with max |logit| ~2 (TF vs PIL resize and JPEG decode); the
+    # smallest top-1/top-2 margin of these images is 0.016.
+    np.testing.assert_allclose(got.logits, want, atol=0.005 * np.abs(want).max())
+    top1 = np.mean(want.argmax(1) == got.labels)
+    assert got.top1 == top1 and got.images == 7
+
+
+def run_cli(*args: str, cwd=REPO, **env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=cwd,
+        text=True,
+        env={
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+            **env,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_cli_errors_are_one_line(converted, tmp_path) -> None:
+    """Bad configs: one 'error:' line naming the problem, exit 1, no traceback, no workdir."""
+    path, _ = converted
+    digits = "folder:" + imagenet_fixture.shared_digits_folder(32)
+    base = [
+        "--config",
+        "configs/eca_resnet18.py",
+        "--workdir",
+        str(tmp_path / "w"),
+        f"--config.dataset={digits}",
+        "--config.image_size=32",
+    ]
+    cases = {
+        "unknown model 'resnet50'; choices: eca_resnet18, ": ["--config.model=resnet50"],
+        "unknown dataset 'cifar10'; choose one of: imagenet2012, folder:PATH": [
+            "--config.dataset=cifar10"
+        ],
+        "batch_size=12 is not divisible by the 8 devices": ["--config.batch_size=12"],
+        "holds 'eca_resnet18' but the config's model is 'eca_resnet34'": [
+            "--config.model=eca_resnet34",
+            "--config.k_size=",
+            f"--config.init_from={path}",
+            "--config.eval_only=True",
+        ],
+        "eval_only: the checkpoint has 1000 classes but folder:": [
+            f"--config.init_from={path}",
+            "--config.eval_only=True",
+        ],
+        "no such directory": [f"--config.init_from={tmp_path / 'missing'}"],
+    }
+    procs = {want: run_cli(*base, *args) for want, args in cases.items()}
+    for want, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, f"{want}: {out}\n{err}"
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and want in last, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "w").exists()

@@ -1,0 +1,362 @@
+"""The model library against the PyTorch reference of the original: logits, parameters, layers."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch_reference as tr
+from flax import nnx
+
+import eca_flax
+from eca_flax import convert, layers
+from eca_flax.linen import ECANet
+
+torch.set_num_threads(2)
+REPO = Path(__file__).resolve().parent.parent
+
+# torchvision's plain ResNet / MobileNetV2 counts: the attention=None baselines.
+PLAIN_PARAMS = {
+    "eca_resnet18": 11_689_512,
+    "eca_resnet34": 21_797_672,
+    "eca_resnet50": 25_557_032,
+    "eca_resnet101": 44_549_160,
+    "eca_resnet152": 60_192_808,
+    "eca_mobilenet_v2": 3_504_872,
+}
+TABLE = {  # facts file: params, ECA params, released kernel sizes
+    "eca_resnet18": (11_689_556, 44, (3, 5, 7, 7)),
+    "eca_resnet34": (21_797_744, 72, (3, 3, 5, 7)),
+    "eca_resnet50": (25_557_112, 80, (3, 5, 5, 7)),
+    "eca_resnet101": (44_549_317, 157, (3, 3, 5, 7)),
+    "eca_resnet152": (60_193_042, 234, (3, 3, 5, 7)),
+    "eca_mobilenet_v2": (3_504_903, 31, (1,) * 10 + (3,) * 7),
+}
+
+
+def to_nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def ported(name: str, *, seed: int = 0, scale: float = 1.0, **kw):
+    """A randomized PyTorch reference and the eca_flax model holding the same weights."""
+    torch.manual_seed(seed)
+    ref = tr.randomize(tr.build(name, **kw), seed=seed, residual_scale=scale).eval()
+    model = eca_flax.create_model(name, **kw)
+    convert.load_state_dict(model, tr.numpy_state_dict(ref))
+    model.eval()
+    return ref, model
+
+
+def images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randn(n, size, size, 3).astype(np.float32)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.mark.parametrize(
+    "name,size,scale",
+    [
+        ("eca_resnet18", 64, 1.0),
+        ("eca_resnet34", 64, 1.0),
+        ("eca_resnet50", 224, 1.0),
+        ("eca_resnet101", 64, 0.25),
+        ("eca_resnet152", 64, 0.25),
+        ("eca_mobilenet_v2", 96, 1.0),
+    ],
+)
+def test_eval_logits_match_reference(name, size, scale):
+    ref, model = ported(name, scale=scale)
+    x = images(2, size)
+    with torch.no_grad():
+        want = ref(to_nchw(x)).numpy()
+    got = np.asarray(model(jnp.asarray(x)))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    err = rel_err(got, want)
+    print(f"{name} @{size}: max|dlogit|/max|logit| = {err:.2e}")
+    assert err <= 1e-4
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("attention", [None, "eca_ns"])
+def test_attention_variants_match_reference(attention):
+    ref, model = ported("eca_resnet18", attention=attention)
+    x = images(2, 48)
+    with torch.no_grad():
+        want = ref(to_nchw(x)).numpy()
+    assert rel_err(model(jnp.asarray(x)), want) <= 1e-4
+
+
+@pytest.mark.parametrize("size", [33, 75])
+def test_odd_input_sizes_match_reference(size):
+    """Explicit symmetric padding: 'SAME' would shift every stride-2 layer on these sizes."""
+    ref, model = ported("eca_resnet18", seed=1)
+    x = images(1, size, seed=size)
+    with torch.no_grad():
+        want = ref(to_nchw(x)).numpy()
+    assert rel_err(model(jnp.asarray(x)), want) <= 1e-4
+
+
+def test_mobilenet_variants_match_reference():
+    ref, model = ported("eca_mobilenet_v2", attention="eca_ns", k_size=(3, 5), seed=2)
+    x = images(2, 64, seed=3)
+    with torch.no_grad():
+        want = ref(to_nchw(x)).numpy()
+    assert rel_err(model(jnp.asarray(x)), want) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["eca_resnet18", "eca_mobilenet_v2"])
+def test_train_mode_forward_and_batch_statistics_match_reference(name):
+    """Batch statistics in train mode; running stats updated with PyTorch's momentum 0.1."""
+    ref, model = ported(name, seed=4)
+    ref.train()
+    model.train()
+    if name == "eca_mobilenet_v2":  # compare without dropout's randomness
+        ref.classifier[0].p = 0.0
+        model.classifier[0].deterministic = True
+    x = images(8, 64, seed=5)
+    with torch.no_grad():
+        want = ref(to_nchw(x)).numpy()
+    got = np.asarray(model(jnp.asarray(x)))
+    assert rel_err(got, want) <= 1e-4
+    after_torch = tr.numpy_state_dict(ref)
+    after_flax = convert.state_dict(model)
+    means = [k for k in after_torch if k.endswith("running_mean")]
+    assert len(means) > 10
+    for key in means:  # running_var differs by n/(n-1): see the next test
+        np.testing.assert_allclose(after_flax[key], after_torch[key], rtol=1e-4, atol=1e-5)
+
+
+def test_running_var_uses_biased_variance():
+    """The one documented BN difference: Flax's running_var uses the biased batch variance."""
+    bn = layers.batch_norm(3, rngs=nnx.Rngs(0))
+    tbn = torch.nn.BatchNorm2d(3)
+    x = images(4, 5, seed=6)[..., :3]
+    bn(jnp.asarray(x))
+    tbn(to_nchw(x))
+    n = 4 * 5 * 5
+    biased = x.reshape(-1, 3).var(0)
+    np.testing.assert_allclose(np.asarray(bn.mean[...]), tbn.running_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.var[...]), 0.9 + 0.1 * biased, rtol=1e-5)
+    unbiased_var = tbn.running_var.detach().numpy()
+    np.testing.assert_allclose(unbiased_var, 0.9 + 0.1 * biased * n / (n - 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+@pytest.mark.parametrize("shared", [True, False])
+def test_eca_layer_forward_and_gradients_match_reference(k, shared):
+    c = 24
+    ref = (tr.ECALayer if shared else tr.ECANSLayer)(c, k)
+    with torch.no_grad():
+        ref.conv.weight.copy_(
+            torch.randn(ref.conv.weight.shape, generator=torch.Generator().manual_seed(k))
+        )
+    eca = layers.ECA(c, k, shared=shared, rngs=nnx.Rngs(0))
+    convert.load_state_dict(eca, {"conv.weight": ref.conv.weight.detach().numpy()})
+    x = np.random.RandomState(k).randn(3, 5, 5, c).astype(np.float32)
+
+    tx = to_nchw(x).requires_grad_(True)
+    ref(tx).pow(2).sum().backward()
+    want_dx = tx.grad.numpy().transpose(0, 2, 3, 1)
+    want_dw = convert.to_flax_layout(ref.conv.weight.grad.numpy())
+
+    def loss(eca, x):
+        return jnp.sum(eca(x) ** 2)
+
+    (dw, dx) = nnx.grad(loss, argnums=(0, 1))(eca, jnp.asarray(x))
+    with torch.no_grad():
+        want = ref(to_nchw(x)).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(eca(jnp.asarray(x))), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw.conv.kernel[...]), want_dw, rtol=1e-4, atol=1e-5)
+
+
+def test_eca_is_cross_correlation_not_convolution():
+    """An asymmetric kernel must not be flipped: the PyTorch Conv1d is a cross-correlation."""
+    eca = layers.ECA(4, 3, rngs=nnx.Rngs(0))
+    eca.conv.kernel.set_value(jnp.array([1.0, 0.0, 0.0]).reshape(3, 1, 1))
+    y = jnp.array([1.0, 2.0, 3.0, 4.0])
+    x = jnp.broadcast_to(y, (1, 2, 2, 4))
+    gate = eca(x)[0, 0, 0] / y
+    # tap 0 reads the previous channel: z_c = y_{c-1} (zero-padded)
+    np.testing.assert_allclose(gate, jax.nn.sigmoid(jnp.array([0.0, 1.0, 2.0, 3.0])), rtol=1e-6)
+
+
+def test_max_pool_pads_with_minus_infinity():
+    x = -np.abs(images(2, 8, seed=7)) - 1.0
+    want = torch.nn.MaxPool2d(3, 2, 1)(to_nchw(x)).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x))), want)
+
+
+@pytest.mark.parametrize("name", list(TABLE))
+def test_parameter_counts_equal_the_original(name):
+    params, eca_params, ks = TABLE[name]
+    model = eca_flax.create_model(name)
+    plain = eca_flax.create_model(name, attention=None)
+    assert model.k_size == ks
+    assert eca_flax.count_params(model) == params
+    assert eca_flax.count_params(plain) == PLAIN_PARAMS[name]
+    assert params - PLAIN_PARAMS[name] == eca_params
+    info = eca_flax.model_info(name)
+    assert (info.params, info.eca_params) == (params, eca_params)
+    # every state_dict key of the reference exists in the model and vice versa
+    ref_keys = set(tr.build(name).state_dict())
+    assert set(convert.state_dict(model)) == ref_keys
+
+
+def test_reference_parameter_counts_match_the_table():
+    for name, (params, _, _) in TABLE.items():
+        assert sum(p.numel() for p in tr.build(name).parameters()) == params, name
+
+
+def test_kernel_size_parsing():
+    r = eca_flax.resolve_k_size
+    assert r("eca_resnet50") == (3, 5, 5, 7)
+    assert r("eca_resnet50", "3557") == (3, 5, 5, 7)
+    assert r("eca_resnet50", "3,3,5,7") == (3, 3, 5, 7)
+    assert r("eca_resnet50", [3, 3, 3, 3]) == (3, 3, 3, 3)
+    assert r("eca_resnet34", 5) == (5, 5, 5, 5)
+    assert r("eca_resnet50", "adaptive") == (5, 5, 5, 7)
+    assert r("eca_resnet18", "adaptive") == (3, 5, 5, 5)
+    assert r("eca_mobilenet_v2", "13") == TABLE["eca_mobilenet_v2"][2]
+    # widths 16, 24x2, 32x3, 64x4, 96x3 -> 3; 160x3, 320 -> 5
+    assert r("eca_mobilenet_v2", "adaptive") == (3,) * 13 + (5,) * 4
+    assert eca_flax.create_model("eca_resnet18", k_size="adaptive").k_size == (3, 5, 5, 5)
+    for bad in ("3456", "35", "abc", [3, 5, 7], 0):
+        with pytest.raises(ValueError):
+            r("eca_resnet50", bad)
+    with pytest.raises(ValueError, match="choices"):
+        eca_flax.create_model("resnet50")
+    with pytest.raises(ValueError, match="attention"):
+        eca_flax.create_model("eca_resnet18", attention="se")
+
+
+def test_adaptive_kernel_formula():
+    # k = |log2(C)/2 + 1/2|_odd as in the authors' code
+    got = {c: eca_flax.adaptive_kernel_size(c) for c in (16, 64, 128, 256, 512, 1024, 2048)}
+    assert got == {16: 3, 64: 3, 128: 5, 256: 5, 512: 5, 1024: 5, 2048: 7}
+    for c in range(1, 5000, 37):
+        t = int(abs((math.log2(c) + 1) / 2))
+        assert eca_flax.adaptive_kernel_size(c) == (t if t % 2 else t + 1)
+    assert eca_flax.adaptive_kernel_size(256, gamma=1, b=0) == 9
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    ref, model32 = ported("eca_resnet18", seed=8)
+    model16 = eca_flax.create_model("eca_resnet18", dtype=jnp.bfloat16)
+    nnx.update(model16, nnx.state(model32))
+    model16.eval()
+    x = jnp.asarray(images(2, 64, seed=9))
+    y32, y16 = model32(x), model16(x)
+    assert y16.dtype == jnp.float32
+    params = nnx.to_flat_state(nnx.state(model16, nnx.Param))
+    assert all(v[...].dtype == jnp.float32 for _, v in params)
+    err = rel_err(y16, y32)
+    print(f"bf16 vs fp32 relative max error {err:.3f}")
+    assert err < 0.1
+    assert (np.asarray(y16).argmax(-1) == np.asarray(y32).argmax(-1)).all()
+
+
+def test_stage_features():
+    x = jnp.asarray(images(2, 64))
+    r50 = eca_flax.create_model("eca_resnet50", num_classes=10)
+    r50.eval()
+    shapes = [f.shape for f in r50.stage_features(x)]
+    assert shapes == [(2, 16, 16, 256), (2, 8, 8, 512), (2, 4, 4, 1024), (2, 2, 2, 2048)]
+    mb = eca_flax.create_model("eca_mobilenet_v2", num_classes=10)
+    mb.eval()
+    shapes = [f.shape for f in mb.stage_features(x)]
+    assert shapes == [(2, 16, 16, 24), (2, 8, 8, 32), (2, 4, 4, 96), (2, 2, 2, 1280)]
+    # the last stage feeds the head: logits are the fc of its global mean
+    c5 = r50.stage_features(x)[-1]
+    np.testing.assert_allclose(r50.fc(c5.mean((1, 2))), r50(x), rtol=1e-5, atol=1e-5)
+
+
+def test_train_eval_modes():
+    model = eca_flax.create_model("eca_mobilenet_v2", num_classes=10, rngs=nnx.Rngs(0))
+    x = jnp.asarray(images(4, 32))
+    model.eval()
+
+    def stats():
+        return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+    before = stats()
+    np.testing.assert_array_equal(model(x), model(x))  # deterministic, no dropout
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, before, stats()))
+    model.train()
+    a, b = model(x), model(x)  # dropout differs between calls
+    assert not np.allclose(a, b)
+    assert not jax.tree.all(jax.tree.map(jnp.array_equal, before, stats()))
+
+
+def test_initialisation_follows_the_original():
+    model = eca_flax.create_model("eca_resnet50", rngs=nnx.Rngs(3))
+    k = np.asarray(model.layer3[0].conv2.kernel[...])  # 3x3, 256 out
+    assert abs(k.std() - math.sqrt(2 / (9 * 256))) < 0.02 * math.sqrt(2 / (9 * 256))
+    assert abs(k.mean()) < 1e-3 and np.abs(k).max() > 3 * k.std()  # untruncated normal
+    np.testing.assert_array_equal(model.bn1.scale[...], 1.0)
+    np.testing.assert_array_equal(model.bn1.bias[...], 0.0)
+    bound = 1 / math.sqrt(2048)
+    for w in (model.fc.kernel[...], model.fc.bias[...]):
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+    eca = np.asarray(model.layer4[0].eca.conv.kernel[...])
+    assert np.abs(eca).max() <= 1 / math.sqrt(7)
+    mb = eca_flax.create_model("eca_mobilenet_v2", rngs=nnx.Rngs(3))
+    w = np.asarray(mb.classifier[1].kernel[...])
+    assert abs(w.std() - 0.01) < 5e-4
+    np.testing.assert_array_equal(mb.classifier[1].bias[...], 0.0)
+    dw = np.asarray(mb.features[5].conv[1][0].kernel[...])  # depthwise (3, 3, 1, 192)
+    assert dw.shape == (3, 3, 1, 192)
+    assert abs(dw.std() - math.sqrt(2 / (9 * 192))) < 0.1 * math.sqrt(2 / (9 * 192))
+
+
+def test_linen_wrapper_matches_nnx_and_reference():
+    ref, model = ported("eca_resnet18", seed=10, num_classes=10)
+    net = ECANet("eca_resnet18", num_classes=10)
+    x = jnp.asarray(images(2, 40, seed=11))
+    variables = net.init(jax.random.key(0), x)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    assert jax.tree.structure(params) == jax.tree.structure(variables["params"]["model"])
+    variables = {"params": {"model": params}, "batch_stats": {"model": stats}}
+    got = net.apply(variables, x)
+    np.testing.assert_allclose(got, model(x), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        want = ref(to_nchw(np.asarray(x))).numpy()
+    assert rel_err(got, want) <= 1e-4
+    _, updates = net.apply(variables, x, train=True, mutable=["batch_stats"])
+    changed = jax.tree.map(
+        lambda a, b: not np.allclose(a, b), updates["batch_stats"], variables["batch_stats"]
+    )
+    assert any(jax.tree.leaves(changed))
+
+
+def test_readme_example_runs():
+    """The README's "use as Flax modules" block runs as written."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    example = next(b for b in blocks if "create_model" in b)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (2, 1000)
+
+
+def test_loaded_weights_do_not_alias_the_source_arrays():
+    """jax on CPU can share a numpy buffer; PyTorch mutating its tensors must not leak in."""
+    ref = tr.build("eca_resnet18", num_classes=10)
+    sd = tr.numpy_state_dict(ref)  # numpy views of the torch tensors
+    model = eca_flax.create_model("eca_resnet18", num_classes=10)
+    convert.load_state_dict(model, sd)
+    with torch.no_grad():
+        ref.bn1.running_mean.add_(1.0)
+        ref.fc.bias.add_(1.0)
+    np.testing.assert_array_equal(model.bn1.mean[...], 0.0)
+    assert not np.allclose(model.fc.bias[...], sd["fc.bias"])

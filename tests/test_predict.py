@@ -1,0 +1,111 @@
+"""python -m eca_flax.predict on real JPEGs (scikit-learn's two sample photos), checked against
+the PyTorch reference holding the same weights."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch_reference as tr
+from sklearn.datasets import load_sample_images
+
+import eca_flax
+from eca_flax import convert, data, predict, pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = load_sample_images().filenames  # china.jpg, flower.jpg
+LINE = re.compile(r"  (\d)\. +(\d+\.\d\d)%  (.+)")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A converted ECA-ResNet-18 (random weights, released file format) and its original."""
+    root = tmp_path_factory.mktemp("predict")
+    ref = tr.randomize(tr.build("eca_resnet18"), seed=5).eval()
+    src = root / "eca_resnet18_k3577.pth.tar"
+    state = {"module." + k: v for k, v in ref.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 1}, src, _use_new_zipfile_serialization=False)
+    convert.convert_file(src, root / "weights", log=lambda _: None)
+    return root / "weights", ref
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    rc = predict.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_imagenet_class_names_ship_with_the_package():
+    classes = predict.imagenet_classes()
+    synsets = [s for s, _ in classes]
+    assert len(classes) == 1000 and synsets == sorted(set(synsets))  # class-index order
+    assert all(re.fullmatch(r"n\d{8}", s) and name for s, name in classes)
+    assert classes[0] == ("n01440764", "tench, Tinca tinca")
+    assert classes[281] == ("n02123045", "tabby, tabby cat")
+    assert classes[999][0] == "n15075141"
+
+
+def test_top5_on_real_photos_matches_pytorch(converted, capsys):
+    weights, ref = converted
+    rc, out, err = run(capsys, "--weights", weights, *PHOTOS)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 * 6
+    classes = predict.imagenet_classes()
+    index = {f"{s}  {n}": i for i, (s, n) in enumerate(classes)}
+    for k, photo in enumerate(PHOTOS):
+        assert lines[6 * k] == f"{photo}:"
+        rows = [LINE.fullmatch(x).groups() for x in lines[6 * k + 1 : 6 * k + 6]]
+        assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
+        x = data.preprocess_for_eval(Path(photo).read_bytes())[None]
+        with torch.no_grad():
+            logits = ref(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+        probs = torch.softmax(logits, -1)[0].numpy()
+        want = np.argsort(-probs)[:5]
+        assert [index[r[2]] for r in rows] == list(want)
+        np.testing.assert_allclose([float(r[1]) for r in rows], 100 * probs[want], atol=0.006)
+
+
+def test_predict_subprocess(converted):
+    """As a user runs it: exit status 0, the top-3 of one photo, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "eca_flax.predict", "--weights", str(converted[0]),
+         "--top", "3", PHOTOS[1]],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"{PHOTOS[1]}:" and len(lines) == 4
+    assert all(LINE.fullmatch(x) for x in lines[1:])
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_input(converted, tmp_path, capsys):
+    weights = converted[0]
+    cases = {
+        "no such file": ("--weights", weights, tmp_path / "missing.jpg"),
+        "not an image": ("--weights", weights, ROOT / "pyproject.toml"),
+        "no such directory": ("--weights", tmp_path / "nowhere", PHOTOS[0]),
+    }
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(PHOTOS[0]).read_bytes()[:5000])
+    cases["not a decodable image"] = ("--weights", weights, truncated)
+    for message, args in cases.items():
+        rc, out, err = run(capsys, *args)
+        assert rc == 1 and out == "" and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_other_heads_print_class_indices(converted, tmp_path, capsys):
+    model = eca_flax.load_pretrained(converted[0], num_classes=3)  # a fine-tuning start
+    pretrained.save_pretrained(model, tmp_path / "w", arch="eca_resnet18", attention="eca")
+    rc, out, err = run(capsys, "--weights", tmp_path / "w", "--top", "9", PHOTOS[0])
+    assert rc == 0, err
+    rows = [LINE.fullmatch(x).groups() for x in out.splitlines()[1:]]
+    assert sorted(r[2] for r in rows) == ["class 0", "class 1", "class 2"]
+    assert sum(float(r[1]) for r in rows) == pytest.approx(100, abs=0.02)

@@ -1,0 +1,480 @@
+"""Training tests: schedules and optimizer vs the original formulas / PyTorch SGD, data-parallel
+equivalence (8 simulated devices, two processes), kill / SIGTERM / resume, NaN handling, and
+the quick start.
+
+Everything runs the real trainer on real data: the miniature TFDS ImageNet of
+tests/imagenet_fixture.py and scikit-learn's digits written as an image folder.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import imagenet_fixture
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import torch
+
+from eca_flax import pretrained, training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SUMMARY = re.compile(r"top1=([0-9.]+) top5=([0-9.]+) images=(\d+)")
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def small_config(**overrides):
+    """eca_resnet18 at 32 px, global batch 8: a few steps take seconds on CPU."""
+    c = training.default_config()
+    c.model = "eca_resnet18"
+    c.image_size = 32
+    c.batch_size = 8
+    c.eval_batch_size = 24
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 1000
+    c.update(overrides)
+    return c
+
+
+def final_weights(workdir: pathlib.Path | str) -> dict[str, np.ndarray]:
+    """Params and BN statistics of a workdir's latest checkpoint, by path."""
+    step_dir = training.find_checkpoint(str(workdir))
+    meta = training.read_checkpoint_meta(step_dir)
+    config = training.resolve_config(small_config(model=meta["arch"], init_from=step_dir))
+    model, _ = training.build_model(config, meta["num_classes"])  # What init_from loads.
+    params, batch_stats = training.split_weights(model)
+    return flat({"params": params, "batch_stats": batch_stats})
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """{'params/layer1/0/conv1/kernel': array, ...} of a nested dict."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): np.asarray(v) for path, v in leaves}
+
+
+def assert_weights_close(a: dict, b: dict, rtol: float, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def initial_weights(config, num_classes: int) -> dict[str, np.ndarray]:
+    """The weights every run of ``config`` starts from (fresh init with its seed)."""
+    model, _ = training.build_model(training.resolve_config(config), num_classes)
+    params, batch_stats = training.split_weights(model)
+    return flat({"params": params, "batch_stats": batch_stats})
+
+
+def assert_same_updates(got: dict, want: dict, init: dict) -> None:
+    """Training on a different device layout changes the weights by the same amounts.
+
+    Compared relative to each tensor's change from ``init``: float32 rounding in differently
+    sharded reductions, amplified through BatchNorm over few values, moves the changes by up to
+    ~2% per tensor here. (In float64 the same comparison agrees to 3e-6: one computation.)
+    A per-device BatchNorm or a wrong gradient reduction changes them by O(1).
+    """
+    assert got.keys() == want.keys()
+    total_diff = total = 0.0
+    for k in want:
+        d_want, d_got = want[k] - init[k], got[k] - init[k]
+        err = np.linalg.norm(d_got - d_want)
+        assert err <= 0.05 * np.linalg.norm(d_want) + 1e-7, k
+        total_diff += err**2
+        total += np.linalg.norm(d_want) ** 2
+    assert np.sqrt(total_diff) <= 0.01 * np.sqrt(total)
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+    root = workdir / training.CHECKPOINT_DIR
+    return sorted(ocp.utils.checkpoint_steps(str(root))) if root.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory) -> pathlib.Path:
+    """Caches shared by this module's train.py runs: the digits folder (XDG cache) and JAX's
+    persistent compilation cache, so that runs of the same program compile it once."""
+    return tmp_path_factory.mktemp("cli_cache")
+
+
+def cli_env(cache: pathlib.Path, devices: int = 8, **extra: str) -> dict:
+    """Environment for train.py: the module's caches and ``devices`` CPU devices."""
+    env = dict(
+        os.environ,
+        XDG_CACHE_HOME=str(cache / "xdg"),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache / "jax"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(extra)
+    return env
+
+
+def train_cli(workdir, env: dict, **fields) -> subprocess.Popen:
+    """``python train.py --config configs/quickstart.py --config.F=V ...``, as a user runs it."""
+    overrides = [f"--config.{k}={v}" for k, v in fields.items()]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/quickstart.py",
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def quickstart_config(cache: pathlib.Path, **fields):
+    """configs/quickstart.py as train.py loads it with ``cli_env(cache)``, plus ``fields``."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache / "xdg")
+    try:
+        config = load_config("quickstart")
+    finally:
+        if old is None:
+            del os.environ["XDG_CACHE_HOME"]
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+    config.update(fields)
+    return config
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    """Poll until ``predicate()``; fail with the process output if it exits or times out."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"train.py exited ({proc.returncode}) early:\n{out}\n{err}")
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail("timed out waiting for train.py")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------
+# Recipes: schedules and the optimizer.
+
+
+def load_config(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["eca_resnet18", "eca_resnet50", "eca_resnet152"])
+def test_resnet_schedule_is_original_step_decay(name: str) -> None:
+    config = training.resolve_config(load_config(name))
+    spe = 5005  # ImageNet at batch 256 has 5004 steps per epoch; any count works.
+    for batch in (256, 1024):
+        with config.unlocked():
+            config.batch_size = batch
+        plan = training.Plan(
+            1000, spe, 100 * spe, 50000, batch, batch, config.learning_rate * batch / 256
+        )
+        schedule = training.make_schedule(config, plan)
+        for epoch in range(100):
+            want = 0.1 * batch / 256 * 0.1 ** (epoch // 30)  # The original adjust_learning_rate.
+            for step in (epoch * spe, epoch * spe + spe - 1):  # First and last step of the epoch.
+                np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5, err_msg=epoch)
+
+
+def test_mobilenet_schedule_is_original_exponential_decay() -> None:
+    config = training.resolve_config(load_config("eca_mobilenet_v2"))
+    assert config.batch_size == 96 and config.base_batch_size == 96
+    spe = 13346  # ImageNet at batch 96.
+    plan = training.Plan(1000, spe, 400 * spe, 50000, 96, 96, config.learning_rate)
+    schedule = training.make_schedule(config, plan)
+    for epoch in range(400):
+        want = 0.045 * 0.98**epoch
+        for step in (epoch * spe, epoch * spe + spe - 1):
+            np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5, err_msg=epoch)
+
+
+def test_modern_recipe_warmup_cosine() -> None:
+    config = small_config(recipe="modern", num_epochs=20)
+    config = training.resolve_config(config)
+    assert (config.schedule, config.nesterov, config.decay_bn_bias) == ("cosine", True, False)
+    assert config.label_smoothing == 0.1 and config.warmup_epochs == 5
+    spe = 10
+    plan = training.Plan(10, spe, 20 * spe, 100, 8, 8, 0.4)
+    schedule = training.make_schedule(config, plan)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(25)), 0.2, rtol=1e-6)  # Halfway through warmup.
+    np.testing.assert_allclose(float(schedule(50)), 0.4, rtol=1e-6)  # Peak after 5 epochs.
+    np.testing.assert_allclose(float(schedule(125)), 0.2, rtol=1e-5)  # Cosine midpoint.
+    assert float(schedule(200)) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("recipe", ["original", "modern"])
+def test_optimizer_equals_pytorch_sgd(recipe: str) -> None:
+    """optax.chain(add_decayed_weights, sgd) == torch.optim.SGD(momentum, weight_decay)."""
+    config = training.resolve_config(small_config(recipe=recipe, weight_decay=1e-2))
+    lrs = [0.1, 0.1, 0.05, 0.05, 0.01]
+    schedule = lambda step: np.asarray(lrs)[step]  # noqa: E731
+    tx = training.make_optimizer(config, schedule)
+    rng = np.random.default_rng(0)
+    params = {
+        "kernel": rng.normal(size=(3, 4)).astype(np.float32),
+        "bias": rng.normal(size=(4,)).astype(np.float32),
+    }
+    grads = [
+        jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in lrs
+    ]
+
+    torch_params = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    groups = [
+        {"params": [torch_params["kernel"]]},
+        {"params": [torch_params["bias"]], "weight_decay": 0.0 if recipe == "modern" else 1e-2},
+    ]
+    sgd = torch.optim.SGD(
+        groups, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=recipe == "modern"
+    )
+    state = tx.init(params)
+    for lr, g in zip(lrs, grads):
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        for group in sgd.param_groups:
+            group["lr"] = lr
+        for k, p in torch_params.items():
+            p.grad = torch.tensor(g[k])
+        sgd.step()
+    for k, p in torch_params.items():
+        np.testing.assert_allclose(params[k], p.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_config_errors_name_the_problem() -> None:
+    with pytest.raises(training.ConfigError, match="unknown model 'eca_resnet17'.*eca_resnet18"):
+        training.resolve_config(small_config(model="eca_resnet17"))
+    with pytest.raises(training.ConfigError, match="unknown schedule 'linear'.*step, cosine"):
+        training.resolve_config(small_config(schedule="linear"))
+    with pytest.raises(training.ConfigError, match="k_size"):
+        training.resolve_config(small_config(k_size="35"))
+    config = training.resolve_config(small_config(batch_size=12))
+    with pytest.raises(training.ConfigError, match="batch_size=12 is not divisible by the 8"):
+        training.make_plan(config, training.make_mesh())
+
+
+# ------------------------------------------------------------------------------------------
+# Data parallelism: 8 devices == 1 device; 2 processes == 1 process.
+
+
+def test_eight_devices_train_like_one(tmp_path: pathlib.Path) -> None:
+    """A few steps on the mini TFDS ImageNet: same losses and weights on 1 and 8 devices."""
+    config = small_config(
+        dataset="imagenet2012",
+        data_dir=imagenet_fixture.shared_mini_imagenet(),
+        num_train_steps=3,
+        learning_rate=0.4,  # Large steps, so that a wrong BN reduction would show.
+    )
+    runs = {}
+    for n in (1, 8):
+        mesh = training.make_mesh(jax.devices()[:n])
+        runs[n] = training.train_and_evaluate(config, str(tmp_path / f"d{n}"), mesh=mesh)
+    one, eight = runs[1], runs[8]
+    assert [h["step"] for h in one.history] == [1, 2, 3]
+    np.testing.assert_allclose(
+        [h["loss"] for h in eight.history], [h["loss"] for h in one.history], rtol=1e-5
+    )
+    init = initial_weights(config, 1000)
+    assert_same_updates(final_weights(tmp_path / "d8"), final_weights(tmp_path / "d1"), init)
+    assert (eight.eval.top1, eight.eval.top5, eight.eval.images) == (
+        one.eval.top1,
+        one.eval.top5,
+        one.eval.images,
+    )
+    assert one.eval.images == imagenet_fixture.NUM_VAL
+    # The run left its record: resolved config, TensorBoard events, an exported model.
+    assert (tmp_path / "d1" / "config.json").is_file()
+    assert list((tmp_path / "d1" / "tensorboard").glob("events.out.tfevents.*"))
+    exported = pretrained.load_pretrained(tmp_path / "d1" / "pretrained")
+    assert exported.fc.out_features == 1000
+
+    # Fine-tuning from the training workdir with another number of classes: a new head.
+    init = small_config(init_from=str(tmp_path / "d1"), k_size="")
+    model, source = training.build_model(training.resolve_config(init), 10)
+    assert "new 10-class head" in source
+    saved = final_weights(tmp_path / "d1")
+    conv = np.asarray(model.layer1[0].conv1.kernel[...])
+    np.testing.assert_array_equal(conv, saved["params/layer1/0/conv1/kernel"])
+    assert model.fc.kernel.shape == (512, 10)
+    wrong = small_config(init_from=str(tmp_path / "d1"), model="eca_resnet34")
+    with pytest.raises(training.ConfigError, match="holds 'eca_resnet18'.*'eca_resnet34'"):
+        training.build_model(training.resolve_config(wrong), 10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path: pathlib.Path, cli_cache) -> None:
+    """Two train.py processes (2 CPU devices each, gloo) == one process with 4 devices."""
+    fields = dict(num_train_steps=3, batch_size=8, eval_batch_size=72, log_every_steps=1)
+    port = free_port()
+    procs = [
+        train_cli(
+            tmp_path / "multi",
+            distributed=True,
+            **fields,
+            env=cli_env(
+                cli_cache,
+                devices=2,
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            ),
+        )
+        for i in range(2)
+    ]
+    config = quickstart_config(cli_cache, **fields)  # Meanwhile, in this process:
+    single = training.train_and_evaluate(
+        config, str(tmp_path / "single"), mesh=training.make_mesh(jax.devices()[:4])
+    )
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, f"{out}\n{err}"
+    out = outputs[0][0]
+    assert "with 4 devices (2 processes)" in out
+    losses = [float(x) for x in re.findall(r"step \d+/3 .* loss ([0-9.]+)", out)]
+    assert len(losses) == 3
+    top1, _, images = SUMMARY.findall(out)[-1]
+    np.testing.assert_allclose(losses, [h["loss"] for h in single.history], rtol=1e-4)
+    assert_same_updates(
+        final_weights(tmp_path / "multi"),
+        final_weights(tmp_path / "single"),
+        initial_weights(config, 10),
+    )
+    assert int(images) == single.eval.images == 360
+    assert float(top1) == pytest.approx(single.eval.top1, abs=1.5 / 360)
+
+
+# ------------------------------------------------------------------------------------------
+# Faults: SIGTERM, SIGKILL, resume; NaN.
+
+
+def test_sigterm_sigkill_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli_cache) -> None:
+    """SIGTERM saves and exits 0; SIGKILL loses only unsaved steps; resuming twice ends
+    with exactly the weights of an uninterrupted run."""
+    steps = 60
+    fields = dict(
+        num_train_steps=steps,
+        batch_size=8,
+        eval_batch_size=72,
+        log_every_steps=1,
+        checkpoint_every_steps=4,
+    )
+    env = cli_env(cli_cache, devices=1)
+    workdir = tmp_path / "run"
+
+    # 1. SIGTERM after the third step: it finishes its step, saves, waits and exits 0.
+    proc = train_cli(workdir, env, **fields)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(r"step 1/", line):  # Compiled (and cached): start the reference run.
+            reference = train_cli(tmp_path / "reference", env, **fields)
+        if re.search(r"step 3/", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert proc.returncode == 0, f"{out}\n{err}"
+    stopped = int(re.search(r"SIGTERM: saved checkpoint .*/(\d+);", out).group(1))
+    assert 3 <= stopped < steps and checkpoint_steps(workdir)[-1] == stopped
+
+    # 2. Resume from it; SIGKILL as soon as a newer checkpoint is complete.
+    proc = train_cli(workdir, env, **fields)
+    wait_for(lambda: checkpoint_steps(workdir)[-1] > stopped, proc)
+    proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert f"resuming from {workdir}/checkpoints/{stopped} (step {stopped})" in out
+    killed = checkpoint_steps(workdir)[-1]
+    assert killed < steps, "the run finished before it could be killed"
+
+    # 3. Resume to the end: the same weights and metrics as the uninterrupted run.
+    proc = train_cli(workdir, env, **fields)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{out}\n{err}"
+    assert f"(step {killed})" in out and f"final step={steps}" in out
+    ref_out, ref_err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, f"{ref_out}\n{ref_err}"
+    assert SUMMARY.findall(out)[-1] == SUMMARY.findall(ref_out)[-1]
+    assert_weights_close(
+        final_weights(workdir), final_weights(tmp_path / "reference"), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: pathlib.Path, cli_cache) -> None:
+    """A NaN loss at step 7 (seen at the next log/save point, step 8) stops the run with one
+    error line and exit code 1; checkpoints 2, 4, 6 stay, finite; nothing later is written."""
+    proc = train_cli(
+        tmp_path,
+        cli_env(cli_cache, devices=1),
+        num_train_steps=20,
+        batch_size=8,
+        checkpoint_every_steps=2,
+        log_every_steps=10,
+        debug_nan_step=7,
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, f"{out}\n{err}"
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: non-finite loss (nan) at step 7; stopped, the last good checkpoint is "
+        f"{tmp_path}/checkpoints/6"
+    )
+    assert checkpoint_steps(tmp_path) == [2, 4, 6]
+    assert all(np.isfinite(v).all() for v in final_weights(tmp_path).values())
+
+
+# ------------------------------------------------------------------------------------------
+# The quick start (the slowest test: a full training run).
+
+
+def test_quickstart_reaches_97_percent(tmp_path: pathlib.Path, cli_cache) -> None:
+    """The README's command on a 1-device CPU machine: top-1 >= 0.97, checkpoint, TB logs."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/quickstart.py",
+            "--workdir",
+            str(tmp_path / "qs"),
+        ],
+        cwd=REPO,
+        env=cli_env(cli_cache, devices=1),
+        text=True,
+        capture_output=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    last = proc.stdout.strip().splitlines()[-1]
+    assert " final step=176 " in last
+    top1, _, images = SUMMARY.search(last).groups()
+    assert int(images) == 360
+    assert float(top1) >= 0.97, proc.stdout
+    assert checkpoint_steps(tmp_path / "qs")[-1] == 176
+    assert list((tmp_path / "qs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "qs" / "pretrained" / "model.json").is_file()

@@ -1,0 +1,86 @@
+"""Train or evaluate an ECA-Net: ``python train.py --config configs/X.py [--config.F=V ...]``.
+
+    python train.py --config configs/quickstart.py                   # digits on CPU, minutes
+    python train.py --config configs/eca_resnet50.py --config.data_dir=TFDS_DIR
+    python train.py --config configs/eca_resnet50.py --config.eval_only=True \\
+        --config.init_from=weights/eca_resnet50 --config.data_dir=TFDS_DIR
+
+The workdir (default workdirs/<config name>) receives checkpoints, TensorBoard logs, the
+resolved config and the final model; running the same command again resumes from its latest
+checkpoint. The trainer is eca_flax/training.py; every config field is listed in
+``eca_flax.training.default_config()``, and each file in configs/ gives its recipe and the
+published top-1 it targets. Problems are reported as one ``error:`` line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# TensorFlow runs the input pipeline only: keep its start-up chatter off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints and logs (default: workdirs/<config name>).")
+flags.mark_flags_as_required(["config"])
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit code 1."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing; a bad flag, config file or config field is a one-line error."""
+    from eca_flax import training
+
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(e)
+    except AttributeError as e:  # --config.FIELD=... for a field the config does not have
+        fail(f"unknown config field {str(e).strip(chr(34))}; the fields are those of "
+             "eca_flax.training.default_config()")  # fmt: skip
+    except training.USER_ERRORS as e:  # Raised by a config file's get_config().
+        fail(e)
+    except (OSError, ImportError, SyntaxError) as e:  # A missing or broken config file.
+        fail(e)
+    return []
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:  # Orbax and JAX log much at INFO; -v 0 shows it.
+        logging.set_verbosity(logging.WARNING)
+    from eca_flax import training
+
+    path = config_flags.get_config_filename(FLAGS["config"])
+    if not os.path.isfile(path):
+        fail(f"config file {path} not found")
+    try:
+        config = FLAGS.config
+        config.get("model")
+    except OSError as e:  # ml_collections reports a config file that failed to load here.
+        fail(e)
+    name = os.path.splitext(os.path.basename(path))[0]
+    workdir = FLAGS.workdir or os.path.join("workdirs", name)
+    try:
+        training.initialize_distributed(config)
+        training.train_and_evaluate(config, workdir)
+    except training.USER_ERRORS as e:
+        fail(e)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
