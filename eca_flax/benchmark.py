@@ -16,7 +16,9 @@ mode, and a train step of forward, cross-entropy, backward and SGD(momentum 0.9,
 load from other processes hits both alike; the ratio is eca_flax / PyTorch throughput (> 1:
 eca_flax is faster). Every model is also run with ``attention=None`` (the plain network) for
 the time ECA adds. ``--dispatch`` shows the per-call cost outside the compiled program at
-batch 1. XLA flags go in ``--xla-flags`` (or the XLA_FLAGS environment variable).
+batch 1. XLA flags go in ``--xla-flags`` (or the XLA_FLAGS environment variable); by default
+the benchmark turns off XLA:CPU's concurrency-optimized scheduler, which costs the CPU train
+step 5-10% (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ README_FIGURES = {
 }
 # Dense bfloat16 peak FLOP/s of accelerators, for MFU ("device_kind" prefix -> FLOP/s).
 PEAK_BF16_FLOPS = {"NVIDIA H100": 989.4e12, "NVIDIA H200": 989.4e12, "NVIDIA A100": 312e12}
+# XLA flags the benchmark sets unless told otherwise (--xla-flags): measured to help on CPU
+# (docs/benchmarks.md), ignored by other backends.
+DEFAULT_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 LEARNING_RATE = 0.01  # Small enough that random labels never diverge during a benchmark.
 
 
@@ -124,7 +129,9 @@ def interleave(timers: Sequence[Timer], repeats: int, warmup: int, min_sample_s:
 # The eca_flax side: one jitted function over pure arrays for inference, train.py's train step.
 
 
-def synthetic_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0):
+def synthetic_batch(
+    batch_size: int, image_size: int, num_classes: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Random ImageNet-normalized NHWC images and labels (numpy), shared by both frameworks."""
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((batch_size, image_size, image_size, 3), np.float32)
@@ -190,7 +197,11 @@ class Result:
 
 
 def build_jax(
-    name: str, args: argparse.Namespace, attention: str | None, images, labels
+    name: str,
+    args: argparse.Namespace,
+    attention: str | None,
+    images: np.ndarray,
+    labels: np.ndarray,
 ) -> tuple[Result, list[Timer]]:
     """Compile the eca_flax inference function and train step; return their timers."""
     import jax
@@ -215,7 +226,7 @@ def build_jax(
         result.flops = cost_flops(compiled) / args.batch_size
         result.memory_bytes = buffer_bytes(compiled)
         if infer:
-            # The jitted function itself (train.py's path); it reuses the executable above.
+            # Timed through the jitted function users call; it reuses the executable above.
             result.infer = Timer(
                 f"{variant} infer", lambda: forward(*weights, x).block_until_ready()
             )
@@ -257,7 +268,7 @@ def import_torch() -> Any:
 
 
 def build_torch(
-    name: str, args: argparse.Namespace, images, labels, device: str
+    name: str, args: argparse.Namespace, images: np.ndarray, labels: np.ndarray, device: str
 ) -> tuple[Result, list[Timer]]:
     """The PyTorch reference with the same batch: eval inference and an SGD train step."""
     torch = import_torch()
@@ -508,7 +519,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--dispatch", action="store_true", help="per-call overhead at batch 1 (first model)"
     )
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak for MFU")
-    parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts")
+    parser.add_argument(
+        "--xla-flags",
+        default=DEFAULT_XLA_FLAGS,
+        help="appended to XLA_FLAGS before jax starts, unless XLA_FLAGS already sets them "
+        f"(default: {DEFAULT_XLA_FLAGS}; '' for none)",
+    )
     args = parser.parse_args(argv)
     from eca_flax.registry import list_models
 
@@ -523,10 +539,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_xla_flags(flags: str) -> None:
+    """Append ``flags`` to XLA_FLAGS, except those XLA_FLAGS already sets. Effective only
+    before jax starts its backend (the command line calls this first)."""
+    current = os.environ.get("XLA_FLAGS", "")
+    names = {f.split("=", 1)[0] for f in current.split()}
+    extra = [f for f in flags.split() if f.split("=", 1)[0] not in names]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Result]:
     """Everything the command line asked for; prints the table and returns the rows."""
-    if args.xla_flags:
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+    add_xla_flags(args.xla_flags)
     import jax
 
     if args.torch:

@@ -55,8 +55,9 @@ class Sequential(nnx.List):
 # 2-D convolution with a CPU fast path. XLA:CPU (jax 0.10) computes a weight gradient as a
 # convolution whose window is the whole feature map, after transposing both operands to its
 # canonical layout: in an ECA-ResNet-50 train step these took ~60% of the time (docs/benchmarks.md).
-# On CPU we express 1x1 convolutions as matrix products and every weight gradient as products
-# over (batch, height, width); other platforms keep lax.conv_general_dilated and its gradients.
+# On CPU we express 1x1 convolutions as matrix products, every weight gradient as products
+# over (batch, height, width), and depthwise convolutions (grouped ones are 10-100x slower in
+# XLA:CPU) as sums of shifted copies. Other platforms keep lax.conv_general_dilated.
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _SUM_BATCH_SPACE = (((0, 1, 2), (0, 1, 2)), ((), ()))  # dot_general: contract N, H, W
@@ -75,15 +76,26 @@ def _strided(x: Array, strides: tuple[int, int]) -> Array:
 
 
 def _sum_batch_space(a: Array, b: Array) -> Array:
-    """sum over n, h, w of a[n,h,w,i] * b[n,h,w,j] -> (I, J), accumulated in float32.
+    """sum over n, h, w of a[n,h,w,i] * b[n,h,w,j] -> (I, J), in float32.
 
-    XLA:CPU transposes its left operand for this product, so the smaller one goes there. (Its
-    dot kernels have no bfloat16 x bfloat16 -> float32 form, so other dtypes are upcast.)
+    XLA:CPU transposes the left operand of this product (its dot kernels want the contracted
+    axis innermost). On large feature maps with few channels (ResNet's 56x56 stage) one
+    product per image is 1.5-2.3x faster: the transposes stay in cache and both cores get work.
+    XLA's dots have no bfloat16 x bfloat16 -> float32 form, so other dtypes are upcast.
     """
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    if a.shape[-1] <= b.shape[-1]:
-        return jax.lax.dot_general(a, b, _SUM_BATCH_SPACE)
-    return jax.lax.dot_general(b, a, _SUM_BATCH_SPACE).T
+    n, h, w, _ = a.shape
+    if n > 1 and h * w >= 8 * max(a.shape[-1], b.shape[-1]):
+        per_image = jax.lax.dot_general(a, b, (((1, 2), (1, 2)), ((0,), (0,))))
+        return per_image.sum(0)
+    return jax.lax.dot_general(a, b, _SUM_BATCH_SPACE)
+
+
+def _weight_product(x: Array, dy: Array) -> Array:
+    """A 1x1 convolution's weight gradient (Cin, Cout): the smaller operand goes on the left."""
+    if x.shape[-1] <= dy.shape[-1]:
+        return _sum_batch_space(x, dy)
+    return _sum_batch_space(dy, x).T
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -103,7 +115,7 @@ def _cpu_conv_bwd(strides, padding, residuals, dy):
     kh, kw, cin, _ = w.shape
     if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
         xs = _strided(x, strides)
-        dw = _sum_batch_space(xs, dy)[None, None]
+        dw = _weight_product(xs, dy)[None, None]
         dxs = jax.lax.dot_general(dy, w[0, 0], (((3,), (1,)), ((), ())))
         _, to_x = jax.vjp(lambda x_: _strided(x_, strides), x)  # scatter back to stride s
         return to_x(dxs.astype(x.dtype))[0], dw.astype(w.dtype)
@@ -112,16 +124,10 @@ def _cpu_conv_bwd(strides, padding, residuals, dy):
         return conv_vjp(dy)
     dx = conv_vjp(dy)[0]  # XLA drops the unused weight gradient
     # One product per kernel tap (i, j): the input window it saw against the output gradient.
-    n, ho, wo, _ = dy.shape
-    sh, sw = strides
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    window = lambda i, j: jax.lax.slice(
-        xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1)
-    )
     # dy on the left: XLA transposes it once for all taps. Each tap gives dW[i, j].T.
-    dy32 = dy.astype(jnp.float32)
     taps = [
-        jax.lax.dot_general(dy32, window(i, j).astype(jnp.float32), _SUM_BATCH_SPACE)
+        _sum_batch_space(dy, _window(xp, i, j, dy.shape[1:3], strides))
         for i in range(kh)
         for j in range(kw)
     ]
@@ -130,6 +136,27 @@ def _cpu_conv_bwd(strides, padding, residuals, dy):
 
 
 _cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
+def _window(x: Array, i: int, j: int, out_hw: tuple[int, int], strides: tuple[int, int]) -> Array:
+    """x[:, i + s*h, j + s*w, :] for every output pixel (h, w): what kernel tap (i, j) reads."""
+    (ho, wo), (sh, sw) = out_hw, strides
+    end = (x.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, x.shape[3])
+    return jax.lax.slice(x, (0, i, j, 0), end, (1, sh, sw, 1))
+
+
+def _cpu_depthwise(x: Array, w: Array, strides: tuple[int, int], padding: Padding2D) -> Array:
+    """Depthwise convolution (kernel (kh, kw, 1, C)) as a sum of kh*kw shifted, scaled copies.
+
+    XLA:CPU's grouped convolution runs MobileNetV2's depthwise layers 10-100x slower than this
+    single fused loop, forward and backward (autodiff of slices and products).
+    """
+    kh, kw = w.shape[:2]
+    xp = jnp.pad(x.astype(jnp.float32), ((0, 0), *padding, (0, 0)))
+    out_hw = tuple((xp.shape[d + 1] - k) // strides[d] + 1 for d, k in enumerate((kh, kw)))
+    w32 = w.astype(jnp.float32)
+    taps = [_window(xp, i, j, out_hw, strides) * w32[i, j, 0] for i in range(kh) for j in range(kw)]
+    return functools.reduce(jnp.add, taps).astype(x.dtype)
 
 
 def conv_general_dilated(
@@ -148,8 +175,9 @@ def conv_general_dilated(
     """``lax.conv_general_dilated`` with the CPU fast path above; same signature and results.
 
     Given to ``nnx.Conv(conv_general_dilated=...)``. Only 2-D NHWC convolutions with explicit
-    padding, no dilation, one group and default precision take the fast path, and only when
-    compiled for CPU (``lax.platform_dependent``); the forward result is bit-identical there.
+    padding, no dilation, default precision and one group (or depthwise) take the fast path,
+    and only when compiled for CPU (``lax.platform_dependent``). Results agree with lax to
+    float32 rounding (the forward of a kxk convolution, k > 1, is lax's own).
     """
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
     lax_conv = functools.partial(
@@ -168,8 +196,9 @@ def conv_general_dilated(
         return lax_conv(lhs, rhs)
     strides = (int(window_strides[0]), int(window_strides[1]))
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    cpu_conv = _cpu_conv if feature_group_count == 1 else _cpu_depthwise
     return jax.lax.platform_dependent(
-        lhs, rhs, cpu=lambda x, w: _cpu_conv(x, w, strides, pads), default=lax_conv
+        lhs, rhs, cpu=lambda x, w: cpu_conv(x, w, strides, pads), default=lax_conv
     )
 
 
@@ -177,7 +206,10 @@ def _takes_cpu_path(
     lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups, precision,
     preferred_element_type, kwargs,
 ) -> bool:  # fmt: skip
-    if lhs.ndim != 4 or groups != 1 or precision is not None or isinstance(padding, str):
+    if lhs.ndim != 4 or precision is not None or isinstance(padding, str):
+        return False
+    depthwise = groups == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[-2] == 1
+    if groups != 1 and not depthwise:
         return False
     if preferred_element_type is not None or any(v is not None for v in kwargs.values()):
         return False
@@ -232,7 +264,15 @@ def batch_norm(
 
 
 def max_pool_3x3_s2(x: Array) -> Array:
-    """3x3 stride-2 max-pool with one pixel of -inf padding on each side (PyTorch's MaxPool2d)."""
+    """3x3 stride-2 max-pool with one pixel of -inf padding on each side (PyTorch's MaxPool2d).
+
+    On CPU its gradient goes, as in PyTorch, to the first maximum of each window in row-major
+    order, computed with nine comparisons: XLA:CPU's own select-and-scatter took 2.5x longer.
+    """
+    return jax.lax.platform_dependent(x, cpu=_max_pool_first_max, default=_reduce_window_max)
+
+
+def _reduce_window_max(x: Array) -> Array:
     return jax.lax.reduce_window(
         x,
         np.array(-np.inf, x.dtype),  # A concrete init value: differentiable max-pool.
@@ -241,6 +281,36 @@ def max_pool_3x3_s2(x: Array) -> Array:
         (1, 2, 2, 1),
         ((0, 0), (1, 1), (1, 1), (0, 0)),
     )
+
+
+@jax.custom_vjp
+def _max_pool_first_max(x: Array) -> Array:
+    return _reduce_window_max(x)
+
+
+def _max_pool_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
+    y = _reduce_window_max(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array]:
+    x, y = residuals
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    taken = jnp.zeros(y.shape, bool)
+    dxp = jnp.zeros(xp.shape, dy.dtype)
+    span = [2 * (n - 1) + 1 for n in y.shape[1:3]]  # rows / columns one tap reads
+    for i in range(3):
+        for j in range(3):
+            first = (_window(xp, i, j, y.shape[1:3], (2, 2)) == y) & ~taken
+            taken = taken | first
+            grad = jnp.where(first, dy, jnp.zeros((), dy.dtype))
+            pads = ((0, 0, 0), (i, xp.shape[1] - i - span[0], 1),
+                    (j, xp.shape[2] - j - span[1], 1), (0, 0, 0))  # fmt: skip
+            dxp = dxp + jax.lax.pad(grad, jnp.zeros((), dy.dtype), pads)
+    return (dxp[:, 1:-1, 1:-1],)
+
+
+_max_pool_first_max.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def adaptive_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:

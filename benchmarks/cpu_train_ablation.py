@@ -1,0 +1,76 @@
+"""The CPU train-step fixes one at a time, interleaved in one process with the PyTorch step.
+
+Runs train.py's jitted step (``eca_flax.training.make_train_step``) for the same model with
+every convolution on plain ``lax.conv_general_dilated`` (what XLA does by itself) and on
+``eca_flax.layers.conv_general_dilated`` (the CPU formulation, the default), next to the
+PyTorch reference's step, and prints images/s and process CPU seconds per step. XLA flags
+apply to the whole process, so compare them by running this twice:
+
+    python benchmarks/cpu_train_ablation.py                       # eca_flax.benchmark's flags
+    python benchmarks/cpu_train_ablation.py --xla-flags ''        # XLA's defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from eca_flax import benchmark
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="eca_resnet50")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--xla-flags", default=benchmark.DEFAULT_XLA_FLAGS)
+    args = parser.parse_args()
+    benchmark.add_xla_flags(args.xla_flags)
+    import jax
+    import torch
+    from flax import nnx
+
+    import eca_flax
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    print(f"machine: {benchmark.machine_description()}")
+    images, labels = benchmark.synthetic_batch(args.batch_size, 224, 1000)
+    timers, cpu = [], {}
+    for name, conv in (("lax convolutions", jax.lax.conv_general_dilated), ("CPU path", None)):
+        model = eca_flax.create_model(args.model)
+        if conv is not None:
+            for _, m in nnx.iter_graph(model):
+                if isinstance(m, nnx.Conv):
+                    m.conv_general_dilated = conv
+        step, state, mesh = benchmark.train_step_fn(model, num_classes=1000)
+        batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
+        holder, cpu[name] = {"state": state}, []
+
+        def once(step=step, batch=batch, holder=holder, seconds=cpu[name]) -> None:
+            start = time.process_time()
+            holder["state"], metrics = step(holder["state"], batch)
+            jax.block_until_ready(metrics["loss"])
+            seconds.append(time.process_time() - start)
+
+        timers.append(benchmark.Timer(f"eca_flax, {name}", once))
+    args.mode, args.channels_last, args.dtype = "train", False, "float32"
+    _, torch_timers = benchmark.build_torch(args.model, args, images, labels, "cpu")
+    timers += torch_timers
+    print(f"load average {os.getloadavg()[0]:.2f} at start")
+    benchmark.interleave(timers, args.repeats, warmup=1, min_sample_s=0.0)
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+    for t in timers:
+        name = t.name.removeprefix("eca_flax, ")
+        cpu_s = statistics.median(cpu[name][-args.repeats :]) if name in cpu else float("nan")
+        print(
+            f"{t.name:32s} {args.batch_size / t.median:6.2f} images/s   "
+            f"{cpu_s:5.2f} CPU s per step   (samples: "
+            + ", ".join(f"{args.batch_size / s:.2f}" for s in t.samples)
+            + ")"
+        )
+
+
+if __name__ == "__main__":
+    main()
