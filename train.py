@@ -21,6 +21,10 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+from eca_flax import xla_flags  # noqa: E402
+
+xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); before jax starts
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

@@ -6,7 +6,7 @@ every convolution on plain ``lax.conv_general_dilated`` (what XLA does by itself
 PyTorch reference's step, and prints images/s and process CPU seconds per step. XLA flags
 apply to the whole process, so compare them by running this twice:
 
-    python benchmarks/cpu_train_ablation.py                       # eca_flax.benchmark's flags
+    python benchmarks/cpu_train_ablation.py                       # train.py's XLA flags
     python benchmarks/cpu_train_ablation.py --xla-flags ''        # XLA's defaults
 """
 
@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 
-from eca_flax import benchmark
+from eca_flax import benchmark, xla_flags
 
 
 def main() -> None:
@@ -25,9 +25,9 @@ def main() -> None:
     parser.add_argument("--model", default="eca_resnet50")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--xla-flags", default=benchmark.DEFAULT_XLA_FLAGS)
+    parser.add_argument("--xla-flags", default=" ".join(xla_flags.recommended()))
     args = parser.parse_args()
-    benchmark.add_xla_flags(args.xla_flags)
+    xla_flags.add(args.xla_flags)
     import jax
     import torch
     from flax import nnx

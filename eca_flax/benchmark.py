@@ -17,8 +17,8 @@ load from other processes hits both alike; the ratio is eca_flax / PyTorch throu
 eca_flax is faster). Every model is also run with ``attention=None`` (the plain network) for
 the time ECA adds. ``--dispatch`` shows the per-call cost outside the compiled program at
 batch 1. XLA flags go in ``--xla-flags`` (or the XLA_FLAGS environment variable); by default
-the benchmark turns off XLA:CPU's concurrency-optimized scheduler, which costs the CPU train
-step 5-10% (docs/benchmarks.md).
+the benchmark adds ``eca_flax.xla_flags.recommended()``, the XLA:CPU flags train.py also sets
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from eca_flax import xla_flags
+
 # The original README's "Param." (params / 2^20) and "FLOPs" (thop MACs / 2^30) at 224x224.
 README_FIGURES = {
     "eca_resnet18": ("11.15M", "1.70G"),
@@ -47,9 +49,6 @@ README_FIGURES = {
 }
 # Dense bfloat16 peak FLOP/s of accelerators, for MFU ("device_kind" prefix -> FLOP/s).
 PEAK_BF16_FLOPS = {"NVIDIA H100": 989.4e12, "NVIDIA H200": 989.4e12, "NVIDIA A100": 312e12}
-# XLA flags the benchmark sets unless told otherwise (--xla-flags): measured to help on CPU
-# (docs/benchmarks.md), ignored by other backends.
-DEFAULT_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 LEARNING_RATE = 0.01  # Small enough that random labels never diverge during a benchmark.
 
 
@@ -521,9 +520,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak for MFU")
     parser.add_argument(
         "--xla-flags",
-        default=DEFAULT_XLA_FLAGS,
+        default=" ".join(xla_flags.recommended()),
         help="appended to XLA_FLAGS before jax starts, unless XLA_FLAGS already sets them "
-        f"(default: {DEFAULT_XLA_FLAGS}; '' for none)",
+        "(default: eca_flax.xla_flags.recommended(), the flags train.py sets; '' for none)",
     )
     args = parser.parse_args(argv)
     from eca_flax.registry import list_models
@@ -539,19 +538,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def add_xla_flags(flags: str) -> None:
-    """Append ``flags`` to XLA_FLAGS, except those XLA_FLAGS already sets. Effective only
-    before jax starts its backend (the command line calls this first)."""
-    current = os.environ.get("XLA_FLAGS", "")
-    names = {f.split("=", 1)[0] for f in current.split()}
-    extra = [f for f in flags.split() if f.split("=", 1)[0] not in names]
-    if extra:
-        os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
-
-
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Result]:
     """Everything the command line asked for; prints the table and returns the rows."""
-    add_xla_flags(args.xla_flags)
+    xla_flags.add(args.xla_flags)
     import jax
 
     if args.torch:

@@ -111,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top < 1 or args.image_size < 1:
         parser.error("--top and --image-size must be positive")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    from eca_flax import xla_flags
+
+    xla_flags.use_recommended()  # Takes effect only before the first computation.
     from eca_flax.pretrained import (
         PretrainedError,
         load_pretrained,

@@ -865,7 +865,10 @@ def _save_config(
         "init": source,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
+        "backend": jax.default_backend(),
         "eca_flax": eca_flax.__version__,
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # what this process started jax with
     }
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(record, f, indent=2, default=str)

@@ -1,4 +1,4 @@
-"""Test-wide settings: 8 simulated CPU devices (set before jax is imported) and fast CPU runs."""
+"""Test-wide settings, set before jax starts: 8 simulated CPU devices, train.py's XLA flags."""
 
 import os
 import sys
@@ -6,5 +6,9 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from eca_flax import xla_flags  # noqa: E402
+
+xla_flags.use_recommended()  # Tests run with the XLA:CPU flags train.py sets.
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import torch_reference and fixtures

@@ -8,6 +8,7 @@ tests/imagenet_fixture.py and scikit-learn's digits written as an image folder.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -25,7 +26,7 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from eca_flax import pretrained, training
+from eca_flax import pretrained, training, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"top1=([0-9.]+) top5=([0-9.]+) images=(\d+)")
@@ -291,9 +292,12 @@ def test_eight_devices_train_like_one(tmp_path: pathlib.Path) -> None:
         runs[n] = training.train_and_evaluate(config, str(tmp_path / f"d{n}"), mesh=mesh)
     one, eight = runs[1], runs[8]
     assert [h["step"] for h in one.history] == [1, 2, 3]
-    np.testing.assert_allclose(
-        [h["loss"] for h in eight.history], [h["loss"] for h in one.history], rtol=1e-5
-    )
+    losses = {n: np.array([h["loss"] for h in r.history]) for n, r in runs.items()}
+    # Step 1 is the forward pass (global BN statistics): equal. Later losses follow float32
+    # rounding at lr 0.4: two correct 1-device runs, with XLA:CPU's YNNPACK and its Eigen
+    # convolutions, differ by 1.0e-4 relative at step 3 (8 devices vs 1: the same size).
+    np.testing.assert_allclose(losses[8][0], losses[1][0], rtol=1e-6)
+    np.testing.assert_allclose(losses[8], losses[1], rtol=3e-4)
     init = initial_weights(config, 1000)
     assert_same_updates(final_weights(tmp_path / "d8"), final_weights(tmp_path / "d1"), init)
     assert (eight.eval.top1, eight.eval.top5, eight.eval.images) == (
@@ -478,3 +482,9 @@ def test_quickstart_reaches_97_percent(tmp_path: pathlib.Path, cli_cache) -> Non
     assert checkpoint_steps(tmp_path / "qs")[-1] == 176
     assert list((tmp_path / "qs" / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "qs" / "pretrained" / "model.json").is_file()
+    record = json.loads((tmp_path / "qs" / "config.json").read_text())
+    # train.py added its XLA:CPU flags to the user's own (here: the device count).
+    assert record["xla_flags"].split() == [
+        "--xla_force_host_platform_device_count=1",
+        *xla_flags.recommended(),
+    ]
