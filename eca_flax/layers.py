@@ -298,15 +298,15 @@ def _max_pool_bwd(residuals: tuple[Array, Array], dy: Array) -> tuple[Array]:
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
     taken = jnp.zeros(y.shape, bool)
     dxp = jnp.zeros(xp.shape, dy.dtype)
-    span = [2 * (n - 1) + 1 for n in y.shape[1:3]]  # rows / columns one tap reads
     for i in range(3):
         for j in range(3):
-            first = (_window(xp, i, j, y.shape[1:3], (2, 2)) == y) & ~taken
+            # The window tap (i, j) reads, and its transpose: a strided scatter into xp's shape.
+            window, put_back = jax.vjp(
+                lambda t, i=i, j=j: _window(t, i, j, y.shape[1:3], (2, 2)), xp
+            )
+            first = (window == y) & ~taken
             taken = taken | first
-            grad = jnp.where(first, dy, jnp.zeros((), dy.dtype))
-            pads = ((0, 0, 0), (i, xp.shape[1] - i - span[0], 1),
-                    (j, xp.shape[2] - j - span[1], 1), (0, 0, 0))  # fmt: skip
-            dxp = dxp + jax.lax.pad(grad, jnp.zeros((), dy.dtype), pads)
+            dxp = dxp + put_back(jnp.where(first, dy, jnp.zeros((), dy.dtype)))[0]
     return (dxp[:, 1:-1, 1:-1],)
 
 
