@@ -15,13 +15,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
-
-# --verify decodes photos with TensorFlow: keep its start-up chatter off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

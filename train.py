@@ -7,9 +7,9 @@
 
 The workdir (default workdirs/<config name>) receives checkpoints, TensorBoard logs, the
 resolved config and the final model; running the same command again resumes from its latest
-checkpoint. The trainer is eca_flax/training.py; every config field is listed in
-``eca_flax.training.default_config()``, and each file in configs/ gives its recipe and the
-published top-1 it targets. Problems are reported as one ``error:`` line and exit code 1.
+checkpoint. The trainer is the eca_flax.training package; every config field is listed in
+``eca_flax.training.config.default_config()``, and each file in configs/ gives its recipe and
+the published top-1 it targets. Problems are reported as one ``error:`` line and exit code 1.
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-# TensorFlow runs the input pipeline only: keep its start-up chatter off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-from eca_flax import xla_flags  # noqa: E402
+from eca_flax import xla_flags
 
 xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); before jax starts
 
@@ -40,18 +36,25 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input or a fault the user can fix: reported as one line."""
+    from eca_flax import data, pretrained
+    from eca_flax.convert import ConversionError
+    from eca_flax.training.config import ConfigError, TrainingError
+
+    return ConfigError, TrainingError, data.DataError, pretrained.PretrainedError, ConversionError
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing; a bad flag, config file or config field is a one-line error."""
-    from eca_flax import training
-
     try:
         return FLAGS(argv)
     except flags.Error as e:
         fail(e)
     except AttributeError as e:  # --config.FIELD=... for a field the config does not have
         fail(f"unknown config field {str(e).strip(chr(34))}; the fields are those of "
-             "eca_flax.training.default_config()")  # fmt: skip
-    except training.USER_ERRORS as e:  # Raised by a config file's get_config().
+             "eca_flax.training.config.default_config()")  # fmt: skip
+    except user_errors() as e:  # Raised by a config file's get_config().
         fail(e)
     except (OSError, ImportError, SyntaxError) as e:  # A missing or broken config file.
         fail(e)
@@ -63,7 +66,7 @@ def main(argv: list[str]) -> int:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # Orbax and JAX log much at INFO; -v 0 shows it.
         logging.set_verbosity(logging.WARNING)
-    from eca_flax import training
+    from eca_flax.training import loop, mesh
 
     path = config_flags.get_config_filename(FLAGS["config"])
     if not os.path.isfile(path):
@@ -76,9 +79,9 @@ def main(argv: list[str]) -> int:
     name = os.path.splitext(os.path.basename(path))[0]
     workdir = FLAGS.workdir or os.path.join("workdirs", name)
     try:
-        training.initialize_distributed(config)
-        training.train_and_evaluate(config, workdir)
-    except training.USER_ERRORS as e:
+        mesh.initialize_distributed(config)
+        loop.train_and_evaluate(config, workdir)
+    except user_errors() as e:
         fail(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

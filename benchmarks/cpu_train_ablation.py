@@ -1,10 +1,10 @@
 """The CPU train-step fixes one at a time, interleaved in one process with the PyTorch step.
 
-Runs train.py's jitted step (``eca_flax.training.make_train_step``) for the same model with
-every convolution on plain ``lax.conv_general_dilated`` (what XLA does by itself) and on
-``eca_flax.layers.conv_general_dilated`` (the CPU formulation, the default), next to the
-PyTorch reference's step, and prints images/s and process CPU seconds per step. XLA flags
-apply to the whole process, so compare them by running this twice:
+Runs train.py's jitted step (``eca_flax.training.steps.make_train_step``) for the same model
+compiled with ``eca_flax.cpu_kernels`` switched off (plain ``lax`` convolutions and max-pool:
+what XLA does by itself) and on (the default), next to the PyTorch reference's step, and
+prints images/s and process CPU seconds per step. XLA flags apply to the whole process, so
+compare them by running this twice:
 
     python benchmarks/cpu_train_ablation.py                       # train.py's XLA flags
     python benchmarks/cpu_train_ablation.py --xla-flags ''        # XLA's defaults
@@ -30,22 +30,19 @@ def main() -> None:
     xla_flags.add(args.xla_flags)
     import jax
     import torch
-    from flax import nnx
 
     import eca_flax
+    from eca_flax import cpu_kernels
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(f"machine: {benchmark.machine_description()}")
     images, labels = benchmark.synthetic_batch(args.batch_size, 224, 1000)
     timers, cpu = [], {}
-    for name, conv in (("lax convolutions", jax.lax.conv_general_dilated), ("CPU path", None)):
-        model = eca_flax.create_model(args.model)
-        if conv is not None:
-            for _, m in nnx.iter_graph(model):
-                if isinstance(m, nnx.Conv):
-                    m.conv_general_dilated = conv
-        step, state, mesh = benchmark.train_step_fn(model, num_classes=1000)
+    for name, kernels in (("lax convolutions", False), ("CPU path", True)):
+        step, state, _ = benchmark.train_step_fn(eca_flax.create_model(args.model), 1000)
         batch = {"image": jax.device_put(images), "label": jax.device_put(labels)}
+        with cpu_kernels.switch(kernels):  # the switch acts while the step is traced
+            step = step.lower(state, batch).compile()
         holder, cpu[name] = {"state": state}, []
 
         def once(step=step, batch=batch, holder=holder, seconds=cpu[name]) -> None:
@@ -55,8 +52,7 @@ def main() -> None:
             seconds.append(time.process_time() - start)
 
         timers.append(benchmark.Timer(f"eca_flax, {name}", once))
-    args.mode, args.channels_last, args.dtype = "train", False, "float32"
-    _, torch_timers = benchmark.build_torch(args.model, args, images, labels, "cpu")
+    _, torch_timers = benchmark.build_torch(args.model, images, labels, "cpu", mode="train")
     timers += torch_timers
     print(f"load average {os.getloadavg()[0]:.2f} at start")
     benchmark.interleave(timers, args.repeats, warmup=1, min_sample_s=0.0)

@@ -14,7 +14,7 @@ top1 about 0.7256.
 
 import ml_collections
 
-from eca_flax.training import default_config
+from eca_flax.training.config import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:

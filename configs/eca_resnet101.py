@@ -12,7 +12,7 @@ BatchNorm/biases. Evaluate the released weights (python convert_torch_weights.py
 
 import ml_collections
 
-from eca_flax.training import default_config
+from eca_flax.training.config import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:

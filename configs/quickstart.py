@@ -2,8 +2,8 @@
 
     python train.py --config configs/quickstart.py
 
-Needs no download: the 1,797 8x8 digits bundled with scikit-learn are written once (upscaled
-to 16x16 PNGs, 80/20 stratified split: 1,437 train, 360 val) to
+Needs no download: the 1,797 8x8 digits bundled with scikit-learn (``dataset="digits:16"``) are
+written on first use (upscaled to 16x16 PNGs, 80/20 stratified split: 1,437 train, 360 val) to
 $XDG_CACHE_HOME/eca_flax/digits16 (default ~/.cache) and read through the folder data path.
 Full-width ECA-ResNet-18 (kernel sizes 3,5,7,7), batch 64, 8 epochs, SGD momentum 0.9, cosine
 learning rate from 0.1 (at batch 64), weight decay 5e-4, random shifts of up to 2 px, no flips
@@ -13,24 +13,17 @@ Target: validation top-1 >= 0.97 (0.978-0.992 measured over seeds 0-2); the run 
 model (pretrained/) go to workdirs/quickstart.
 """
 
-import os
-
 import ml_collections
 
-from eca_flax import data
-from eca_flax.training import default_config
+from eca_flax.training.config import default_config
 
 IMAGE_SIZE = 16
 
 
 def get_config() -> ml_collections.ConfigDict:
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    digits = data.write_digits_folder(
-        os.path.join(cache, "eca_flax", f"digits{IMAGE_SIZE}"), IMAGE_SIZE
-    )
     config = default_config()
     config.model = "eca_resnet18"
-    config.dataset = f"folder:{digits}"
+    config.dataset = f"digits:{IMAGE_SIZE}"
     config.image_size = IMAGE_SIZE
     config.eval_resize_size = IMAGE_SIZE
     config.augment = "pad_crop:2"

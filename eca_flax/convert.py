@@ -6,10 +6,10 @@ the leaf is renamed (weight -> kernel for convs/linears, scale for BN; running_m
 running_var -> var; num_batches_tracked has no Flax counterpart). Tensors change layout by
 their rank: conv OIHW -> HWIO, 1-D conv (O, I, k) -> (k, I, O), linear (out, in) -> (in, out).
 
-On top of that rule, everything ``convert_torch_weights.py`` does: reading ``.pth`` files
-safely (``read_checkpoint``), inferring the architecture, kernel sizes and classes from the
-tensors alone (``infer_arch``), converting to a pretrained directory (``convert_file``),
-checking the result against the PyTorch reference (``verify_with_torch``) and exporting back
+On top of that rule, everything ``convert_torch_weights.py`` does: inferring the
+architecture, kernel sizes and classes from the tensors alone (``infer_arch``), converting a
+``.pth`` file (read by ``eca_flax.pth``) to a pretrained directory (``convert_file``), checking
+the result against the PyTorch reference (``verify_with_torch``) and exporting back
 (``export_torch``). torch is imported inside the functions that need it only, so
 ``import eca_flax`` never needs torch.
 """
@@ -17,12 +17,8 @@ checking the result against the PyTorch reference (``verify_with_torch``) and ex
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import pickle
 import re
-import tempfile
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eca_flax import mobilenetv2
+from eca_flax import mobilenetv2, pth, resnet
 from eca_flax.pretrained import (
     check_destination,
     empty_model,
@@ -39,23 +35,13 @@ from eca_flax.pretrained import (
     save_pretrained,
     weight_paths,
 )
-from eca_flax.registry import _RESNET_LAYOUT, KSize, count_params, list_models, resolve_k_size
+from eca_flax.pth import PREFIX, ConversionError, list_keys, strip_prefix
+from eca_flax.registry import KSize, count_params, list_models, model_info, resolve_k_size
 
-PREFIX = "module."
-MAX_LISTED_KEYS = 10  # error messages list this many keys, then say how many more
 VERIFY_TOLERANCE = 1e-4  # max |delta logit| relative to max |logit|
 _LEAF = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
 _TO_FLAX_AXES = {4: (2, 3, 1, 0), 3: (2, 1, 0), 2: (1, 0)}
 _TO_TORCH_AXES = {4: (3, 2, 0, 1), 3: (2, 1, 0), 2: (1, 0)}
-
-
-class ConversionError(ValueError):
-    """A state_dict that does not fit the model: the message names keys and shapes."""
-
-
-def strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drop the 'module.' prefix that nn.DataParallel / DDP put on every key."""
-    return {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
 
 
 def torch_key_to_path(key: str, ndim: int) -> tuple[str | int, ...] | None:
@@ -91,13 +77,6 @@ def to_torch_layout(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(array, axes) if axes else array)
 
 
-def _list_keys(keys: Sequence[str]) -> str:
-    """'a, b, c' -- at most MAX_LISTED_KEYS of them, then how many more."""
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    more = len(keys) - MAX_LISTED_KEYS
-    return f"{shown} and {more} more" if more > 0 else shown
-
-
 def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) -> None:
     """Copy a PyTorch state_dict (numpy arrays, with or without 'module.') into ``model``.
 
@@ -114,9 +93,9 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) -> 
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_list_keys(missing)}")
+            parts.append(f"missing keys: {list_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_list_keys(unexpected)}")
+            parts.append(f"unexpected keys: {list_keys(unexpected)}")
         raise ConversionError("; ".join(parts))
     new_values = {}
     for key, path in expected.items():
@@ -148,149 +127,6 @@ def state_dict(model: nnx.Module, *, prefix: str = "") -> dict[str, np.ndarray]:
             bn = key.rsplit(".", 1)[0]
             out[f"{prefix}{bn}.num_batches_tracked"] = np.array(0, dtype=np.int64)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Reading .pth files.
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """What a .pth file holds: the state_dict (numpy, 'module.' stripped) and its metadata."""
-
-    path: Path
-    serialization: str  # "zip" or "legacy" (torch.save before PyTorch 1.6)
-    state_dict: dict[str, np.ndarray]
-    epoch: int | None = None
-    best_prec1: float | None = None
-    arch_field: str | None = None  # the file's own 'arch' entry: informative only, never trusted
-
-    def sha256(self) -> str:
-        """The hex SHA-256 of the file (recorded in model.json)."""
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-
-
-def _serialization(path: Path) -> str | None:
-    """'zip' or 'legacy' when the file starts like a torch.save file, else None."""
-    import torch
-
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    magic = torch.serialization.MAGIC_NUMBER
-    if any(head.startswith(pickle.dumps(magic, protocol=p)) for p in range(2, 6)):
-        return "legacy"
-    return None
-
-
-def _first_sentence(error: BaseException) -> str:
-    """A short reason from a (possibly very long) PyTorch error message."""
-    text = " ".join(str(error).split())
-    text = text.split(". ")[0].rstrip(".")[:200]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _as_number(value: Any, kind: type) -> Any:
-    """A Python int/float from a tensor, numpy or Python scalar; None when it is not one."""
-    if hasattr(value, "numel") and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return kind(value)
-    return None
-
-
-def read_checkpoint(
-    path: str | os.PathLike[str], *, allow_unsafe_pickle: bool = False
-) -> Checkpoint:
-    """Read a .pth / .pth.tar file the way the original saved it, refusing code-running pickles.
-
-    Accepts torch.save's zip and legacy formats, storages tagged for any device (loaded on the
-    CPU), a dict with 'state_dict' (plus 'epoch', 'arch', 'best_prec1', 'optimizer') or a bare
-    state_dict, keys with or without 'module.'. Loads with ``weights_only=True`` unless
-    ``allow_unsafe_pickle`` (trusted files only: their pickle can run arbitrary code).
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ConversionError(f"{path}: no such file")
-    if path.is_dir():
-        raise ConversionError(f"{path}: is a directory, not a .pth file")
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError(
-            "reading .pth files needs PyTorch: pip install torch (CPU wheels suffice)"
-        ) from None
-    kind = _serialization(path)
-    if kind is None:
-        raise ConversionError(
-            f"{path}: not a PyTorch checkpoint (neither torch.save's zip nor its legacy format)"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
-    except MemoryError:
-        raise
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found:
-            name = found.group(1).rstrip(".")
-            raise ConversionError(
-                f"{path}: refused: its pickle would import {name}, which can run code "
-                "(a weights file holds only tensors and plain containers); if you trust the "
-                "file, rerun with --allow-unsafe-pickle"
-            ) from None
-        raise ConversionError(
-            f"{path}: truncated or corrupt {kind} PyTorch file ({_first_sentence(e)})"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
-        raise ConversionError(
-            f"{path}: truncated or corrupt {kind} PyTorch file ({_first_sentence(e)})"
-        ) from None
-    if isinstance(obj, torch.nn.Module):  # a whole pickled model (--allow-unsafe-pickle only)
-        obj = obj.state_dict()
-    meta: Mapping[str, Any] = {}
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        meta, obj = obj, obj["state_dict"]
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, Mapping) or not obj:
-        what = type(obj).__name__ if not isinstance(obj, Mapping) else "an empty dict"
-        raise ConversionError(f"{path}: holds {what}, not a state_dict")
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        if not meta and all(isinstance(k, str) for k in obj):  # a dict of something else
-            raise ConversionError(
-                f"{path}: holds a dict with keys {_list_keys(sorted(obj))} and no 'state_dict'"
-            )
-        bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
-        raise ConversionError(f"{path}: state_dict entries are not tensors: {_list_keys(bad)}")
-    arrays = {}
-    for key, tensor in obj.items():
-        tensor = tensor.detach().cpu()
-        if tensor.is_floating_point() and tensor.dtype != torch.float32:
-            tensor = tensor.float()
-        try:
-            arrays[str(key)] = tensor.numpy()
-        except (TypeError, RuntimeError):  # quantized, sparse, ...
-            raise ConversionError(
-                f"{path}: {key} is a {tensor.dtype} {tensor.layout} tensor, not a plain one"
-            ) from None
-    arch = meta.get("arch")
-    return Checkpoint(
-        path=path,
-        serialization=kind,
-        state_dict=strip_prefix(arrays),
-        epoch=_as_number(meta.get("epoch"), int),
-        best_prec1=_as_number(meta.get("best_prec1"), float),
-        arch_field=arch if isinstance(arch, str) else None,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,9 +198,9 @@ def _resnet_arch(sd: Mapping[str, np.ndarray]) -> str:
             blocks[s] = max(blocks[s], int(m.group(2)) + 1)
     bottleneck = any(re.fullmatch(r"layer[1-4]\.\d+\.conv3\.weight", k) for k in sd)
     for name in list_models():
-        depth = int(name.removeprefix("eca_resnet")) if name.startswith("eca_resnet") else 0
-        if depth in _RESNET_LAYOUT:
-            block, layers = _RESNET_LAYOUT[depth]
+        info = model_info(name)
+        if info.family == "resnet":
+            block, layers = resnet.LAYOUTS[info.depth]
             if tuple(layers) == tuple(blocks) and (block.expansion == 4) == bottleneck:
                 return name
     kind = "bottleneck" if bottleneck else "basic"
@@ -407,7 +243,7 @@ def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
     else:
         raise ConversionError(
             "not an ECA-Net state_dict: no ResNet keys (layer1.0.conv1.weight, ...) and no "
-            f"MobileNetV2 keys (features.0.0.weight, ...); its keys: {_list_keys(sorted(sd))}"
+            f"MobileNetV2 keys (features.0.0.weight, ...); its keys: {list_keys(sorted(sd))}"
         )
     release = resolve_k_size(arch, None)
     kinds: set[str] = set()
@@ -524,34 +360,22 @@ def verify_with_torch(
     model: nnx.Module, spec: ArchSpec, state_dict: Mapping[str, np.ndarray], images: np.ndarray
 ) -> LogitComparison:
     """Run the PyTorch reference holding ``state_dict`` and ``model`` on NHWC ``images``."""
-    import torch
-
     from eca_flax import torch_reference
 
-    reference = torch_reference.build(
-        spec.arch, k_size=spec.k_size, num_classes=spec.num_classes, attention=spec.attention
-    )
-    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in strip_prefix(state_dict).items()}
-    result = reference.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys or any(
-        not k.endswith("num_batches_tracked") for k in result.missing_keys
-    ):
-        raise ConversionError(
-            f"the PyTorch reference does not take this state_dict: {result}"
-        )  # unreachable after load_state_dict into the Flax model succeeded
-    reference.eval()
-    with torch.no_grad():
-        want = reference(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+    want = torch_reference.logits(
+        spec.arch, strip_prefix(state_dict), images, k_size=spec.k_size,
+        num_classes=spec.num_classes, attention=spec.attention,
+    )  # fmt: skip
     model.eval()
     got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images)))
-    return compare_logits(want.numpy(), got)
+    return compare_logits(want, got)
 
 
 # --------------------------------------------------------------------------------------------
 # The two directions of convert_torch_weights.py.
 
 
-def summary(spec: ArchSpec, params: int, checkpoint: Checkpoint | None = None) -> str:
+def summary(spec: ArchSpec, params: int, checkpoint: pth.Checkpoint | None = None) -> str:
     """'eca_resnet50, k=3,5,5,7, 1000 classes, 25,557,112 params, epoch 100, best_prec1 77.42'."""
     parts = [spec.describe(), f"{params:,} params"]
     if checkpoint is not None and checkpoint.epoch is not None:
@@ -580,7 +404,7 @@ def convert_file(
     PretrainedError with a one-line message).
     """
     check_destination(dst, overwrite)  # fail before reading a large file
-    checkpoint = read_checkpoint(src, allow_unsafe_pickle=allow_unsafe_pickle)
+    checkpoint = pth.read_checkpoint(src, allow_unsafe_pickle=allow_unsafe_pickle)
     spec = infer_arch(checkpoint.state_dict)
     confirm_arch(spec, arch=arch, k_size=k_size)
     model = empty_model(
@@ -630,23 +454,9 @@ def export_torch(
     'module.', so ``model.load_state_dict(torch.load(out), strict=True)`` works on the
     original architecture. Written to a temporary file and renamed: no partial ``out``.
     """
-    import torch
-
     out = Path(out).expanduser()
-    if out.is_dir():
-        raise ConversionError(f"{out}: is a directory; give a file name such as model.pth")
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
-    model = load_pretrained(src)
-    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict(model).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        torch.save(tensors, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    pth.check_output(out, overwrite)
+    tensors = state_dict(load_pretrained(src))
+    pth.save_state_dict(tensors, out)
     log(f"wrote {out}: {len(tensors)} tensors")
     return tensors

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -42,7 +43,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+
+# TensorFlow runs this module's pipelines only: keep its start-up chatter off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import tensorflow as tf  # noqa: E402
 
 # Keep TensorFlow off accelerators (JAX owns them; tf.data runs on the host CPU). Raises
 # RuntimeError when TF is already initialized, ValueError without such a device type.
@@ -55,7 +61,7 @@ MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 IMAGENET = "imagenet2012"
-DATASET_CHOICES = (IMAGENET, "folder:PATH")
+DATASET_CHOICES = (IMAGENET, "folder:PATH", "digits:SIZE")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -92,11 +98,18 @@ class _FolderData:
 
 
 def _parse_dataset(dataset: str) -> tuple[str, str | None]:
-    """Returns ('tfds', None) or ('folder', PATH); DataError for anything else."""
+    """Returns ('tfds', None) or ('folder', PATH); DataError for anything else.
+
+    ``digits:SIZE`` is the folder of scikit-learn's digits at SIZE px in the user's cache
+    (written on first use; see ``write_digits_folder``).
+    """
     if dataset == IMAGENET:
         return "tfds", None
     if isinstance(dataset, str) and dataset.startswith("folder:") and dataset[7:]:
         return "folder", dataset[7:]
+    if isinstance(dataset, str) and re.fullmatch(r"digits:[1-9]\d*", dataset):
+        size = int(dataset[7:])
+        return "folder", write_digits_folder(digits_cache_dir(size), size)
     raise DataError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASET_CHOICES)}")
 
 
@@ -652,6 +665,12 @@ def _digits_folder_complete(root: pathlib.Path, image_size: int) -> bool:
 
     with Image.open(next((root / "train").glob("*/*.png"))) as im:
         return im.size == (image_size, image_size)
+
+
+def digits_cache_dir(image_size: int) -> str:
+    """Where ``digits:SIZE`` lives: $XDG_CACHE_HOME/eca_flax/digitsSIZE (default ~/.cache)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "eca_flax", f"digits{image_size}")
 
 
 def write_digits_folder(path: str | os.PathLike[str], image_size: int = 32) -> str:

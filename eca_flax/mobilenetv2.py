@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.layers import Sequential, batch_norm, conv2d
-from eca_flax.resnet import make_attention
+from eca_flax.layers import Sequential, attention_choice, batch_norm, conv2d, make_attention
 
 Array = jax.Array
 Dtype = Any
@@ -126,6 +125,8 @@ class ECAMobileNetV2(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.k_size = tuple(int(k) for k in k_size)
+        self.attention = attention_choice(attention)
+        self.width_mult = width_mult
         input_channel = int(32 * width_mult)
         last_channel = int(1280 * max(1.0, width_mult))
         features: list[Any] = [ConvBNReLU(3, input_channel, stride=2, **kw)]

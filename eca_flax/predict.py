@@ -15,21 +15,16 @@ import argparse
 import functools
 import io
 import logging
-import os
 import re
 import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-# TensorFlow only decodes and resizes images here: keep its start-up chatter off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 BATCH = 32
 

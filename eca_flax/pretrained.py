@@ -1,28 +1,32 @@
-"""Pretrained ECA-Net weights on disk: save_pretrained, load_pretrained, read_model_json.
+"""Pretrained ECA-Net weights on disk, and the one path that turns stored weights into a model.
 
-A pretrained model is a directory (what ``convert_torch_weights.py`` writes and training can
-export)::
+A pretrained model is a directory (what ``convert_torch_weights.py`` writes and training
+exports)::
 
     model.json   how to rebuild the model: {"format": "eca_flax.pretrained/1", "arch",
                  "k_size" (one per ECA layer group), "num_classes", "attention", "params",
                  "source" ({"file", "sha256"} of a converted .pth, or null), "epoch",
                  "best_prec1", "converter_version"}
-    state/       an Orbax checkpoint of the weights and BatchNorm statistics as a pure dict
+    state/       an Orbax checkpoint of the weights and BatchNorm statistics as one pure dict
                  (``nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))``)
 
-Loading needs jax, flax and orbax only (no torch). Models are built without random
-initialisation (``empty_model``) and filled from the checkpoint, which makes loading
-ResNet-152 take seconds rather than the half minute its random init costs on a CPU.
+Training checkpoints store their weights in the same layout and describe their model with the
+same keys (``MODEL_KEYS``), so ``restore_model`` (head replacement, compute dtype, placement)
+and ``read_weights`` (checked Orbax reading) serve both. Loading needs jax, flax and orbax only
+(no torch). Models are built without random initialisation (``empty_model``) and filled from
+the checkpoint, which makes loading ResNet-152 take seconds rather than the half minute its
+random init costs on a CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +34,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
-from eca_flax.mobilenetv2 import ECAMobileNetV2
-from eca_flax.registry import count_params, create_model, list_models, resolve_k_size
-from eca_flax.resnet import ATTENTIONS, ECAResNet
+from eca_flax.layers import attention_choice
+from eca_flax.registry import arch_of, count_params, create_model, list_models, resolve_k_size
 
 FORMAT = "eca_flax.pretrained/1"
 MODEL_JSON = "model.json"
 STATE_DIR = "state"
 WEIGHTS = (nnx.Param, nnx.BatchStat)  # what a pretrained model stores
-_CORE_KEYS = ("format", "arch", "k_size", "num_classes", "attention", "params", "source")
+MODEL_KEYS = ("arch", "k_size", "num_classes", "attention")  # every weights file's description
+_CORE_KEYS = ("format", *MODEL_KEYS, "params", "source")
 _EXTRA_DEFAULTS = {"epoch": None, "best_prec1": None}
-_ABSTRACT: dict[tuple, nnx.Module] = {}  # see _abstract
-_REST: dict[tuple, nnx.State] = {}  # non-weight state (dropout RNG) of empty_model, by seed
 
 Path_ = str | os.PathLike[str]
+Flat = dict[tuple, Any]  # {('layer1', 0, 'conv1', 'kernel'): value}
 
 
 class PretrainedError(Exception):
     """A pretrained-model directory that cannot be read or written; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Models, their weights and their description.
 
 
 def weight_paths(model: nnx.Module) -> dict[tuple, nnx.Variable]:
@@ -59,11 +66,73 @@ def weight_paths(model: nnx.Module) -> dict[tuple, nnx.Variable]:
 
 def num_classes_of(model: nnx.Module) -> int:
     """The number of logits the model's classifier produces."""
-    if isinstance(model, ECAResNet):
-        return int(model.fc.out_features)
-    if isinstance(model, ECAMobileNetV2):
-        return int(model.classifier[1].out_features)
-    raise TypeError(f"not an eca_flax model: {type(model).__name__}")
+    head = getattr(model, "fc", None) or getattr(model, "classifier", [None, None])[1]
+    if not isinstance(head, nnx.Linear):
+        raise TypeError(f"not an eca_flax model: {type(model).__name__}")
+    return int(head.out_features)
+
+
+def describe(model: nnx.Module) -> dict:
+    """The ``MODEL_KEYS`` description of a model, read from its structure."""
+    return {
+        "arch": arch_of(model),
+        "k_size": [int(k) for k in model.k_size],
+        "num_classes": num_classes_of(model),
+        "attention": model.attention,
+    }
+
+
+def differences(have: Mapping, want: Mapping, keys: Collection[str]) -> list[tuple[str, Any, Any]]:
+    """[(key, have's value, want's value)] for the description keys that differ.
+
+    The one comparison of model descriptions (a checkpoint against a config, a model against
+    what it is saved as); callers phrase the message. k_size values compare after
+    ``resolve_k_size`` ("3577" equals [3, 5, 7, 7]), attention after ``attention_choice``.
+    """
+
+    def norm(key: str, d: Mapping) -> Any:
+        value = d.get(key)
+        with contextlib.suppress(ValueError, TypeError):
+            if key == "k_size" and value is not None:
+                return list(resolve_k_size(have.get("arch") or want.get("arch"), value))
+            if key == "attention":
+                return attention_choice(value)
+        return value
+
+    return [(k, norm(k, have), norm(k, want)) for k in keys if norm(k, have) != norm(k, want)]
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(arch: str, k_size: tuple, num_classes: int, attention: str | None, dtype: str):
+    """``nnx.eval_shape(create_model(...))``: tracing ResNet-152's construction takes seconds,
+    and one process often builds a model repeatedly (convert, load, export). Callers clone it."""
+    return nnx.eval_shape(
+        lambda: create_model(
+            arch, k_size=k_size, num_classes=num_classes, attention=attention,
+            dtype=jnp.dtype(dtype)
+        )
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def _initialised(key: tuple, seed: int, init: frozenset) -> tuple[nnx.State, Flat]:
+    """What ``create_model(*key, rngs=nnx.Rngs(seed))`` gives the non-weight state (dropout RNG)
+    and the weight paths in ``init``; under jit the unused initialisers are dropped."""
+    arch, k_size, num_classes, attention, dtype = key
+
+    def concrete() -> tuple[nnx.State, Flat]:
+        made = create_model(
+            arch,
+            k_size=k_size,
+            num_classes=num_classes,
+            attention=attention,
+            dtype=jnp.dtype(dtype),
+            rngs=nnx.Rngs(seed),
+        )
+        _, weights, others = nnx.split(made, WEIGHTS, ...)
+        return others, {p: v.get_value() for p, v in nnx.to_flat_state(weights) if p in init}
+
+    return jax.jit(concrete)()
 
 
 def empty_model(
@@ -81,34 +150,15 @@ def empty_model(
     Weights and BN statistics are left as abstract ``jax.ShapeDtypeStruct`` placeholders for
     the caller to fill (``convert.load_state_dict`` or a checkpoint); everything else (the
     dropout RNG of MobileNetV2) and the weight paths listed in ``init`` (a new head) get exactly
-    the values ``create_model(..., rngs=nnx.Rngs(seed))`` would give them. Under ``jax.jit`` the
-    unused random initialisers are dropped, so only what is needed is computed.
+    the values ``create_model(..., rngs=nnx.Rngs(seed))`` would give them.
     """
-    model = _abstract(arch, k_size, num_classes, attention, dtype)
-    init = set(init)
+    key = (arch, resolve_k_size(arch, k_size), int(num_classes), attention_choice(attention),
+           jnp.dtype(dtype).name)  # fmt: skip
+    model = nnx.clone(_abstract(*key))
     _, _, rest = nnx.split(model, WEIGHTS, ...)
-    key = (arch, resolve_k_size(arch, k_size), int(num_classes), attention, seed)
-    if not init and key in _REST:
-        nnx.update(model, _REST[key])
-    elif init or jax.tree.leaves(rest):
-
-        def concrete() -> tuple[nnx.State, dict]:
-            made = create_model(
-                arch,
-                k_size=k_size,
-                num_classes=num_classes,
-                attention=attention,
-                dtype=dtype,
-                rngs=nnx.Rngs(seed),
-            )
-            _, weights, others = nnx.split(made, WEIGHTS, ...)
-            return others, {
-                p: v.get_value() for p, v in nnx.to_flat_state(weights) if tuple(p) in init
-            }
-
-        others, fresh = jax.jit(concrete)()
+    if init or jax.tree.leaves(rest):
+        others, fresh = _initialised(key, seed, frozenset(map(tuple, init)))
         nnx.update(model, others)
-        _REST[key] = others
         variables = weight_paths(model)
         for path, value in fresh.items():
             variables[tuple(path)].set_value(value)
@@ -124,51 +174,140 @@ def abstract_paths(model: nnx.Module) -> list[str]:
     ]
 
 
-def _abstract(
-    arch: str, k_size: Any, num_classes: int, attention: str | None, dtype: Any
+def abstract(tree: Any, sharding: Any = None) -> Any:
+    """``jax.ShapeDtypeStruct`` placeholders of ``tree``'s arrays, placed by ``sharding`` (default:
+    each array's own sharding): the target Orbax restores into."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree
+    )
+
+
+def restore_model(
+    meta: Mapping,
+    read: Callable[[Flat], Flat],
+    *,
+    num_classes: int | None = None,
+    dtype: Any = jnp.float32,
+    seed: int = 0,
+    where: str = "",
 ) -> nnx.Module:
-    """A fresh copy of ``nnx.eval_shape(create_model(...))``; cached, because tracing the
-    construction of ResNet-152 takes seconds and one process often builds a model repeatedly
-    (convert, load, export)."""
-    key = (arch, resolve_k_size(arch, k_size), int(num_classes), attention, jnp.dtype(dtype).name)
-    if key not in _ABSTRACT:
-        if len(_ABSTRACT) >= 16:
-            _ABSTRACT.clear()
-        _ABSTRACT[key] = nnx.eval_shape(
-            lambda: create_model(
-                arch, k_size=k_size, num_classes=num_classes, attention=attention, dtype=dtype
-            )
-        )
-    return nnx.clone(_ABSTRACT[key])
+    """The model ``meta`` describes (``MODEL_KEYS``), in eval mode, its weights from ``read``.
+
+    ``read(target)`` returns arrays for the flat ``target`` of placeholders (the stored shapes,
+    on this process's first device). A ``num_classes`` other than the stored one replaces every
+    weight whose shape differs (the classifier) by a fresh initialisation (``seed``), for
+    fine-tuning. ``dtype`` is the compute dtype; parameters stay float32.
+    """
+    arch, saved_classes = meta["arch"], int(meta["num_classes"])
+    num_classes = saved_classes if num_classes is None else int(num_classes)
+    if num_classes < 1:
+        raise PretrainedError(f"num_classes must be positive, got {num_classes}")
+    spec = dict(k_size=meta["k_size"], attention=meta["attention"])
+    try:
+        saved = _weight_shapes(arch, num_classes=saved_classes, **spec)
+        shapes = _weight_shapes(arch, num_classes=num_classes, **spec)
+        fresh = {p for p, s in shapes.items() if saved[p].shape != s.shape}
+        model = empty_model(arch, num_classes=num_classes, dtype=dtype, seed=seed, init=fresh,
+                            **spec)  # fmt: skip
+    except ValueError as e:  # k_size / arch combinations that create_model rejects
+        raise PretrainedError(f"{where}: {e}") from None
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restored = read(abstract(saved, device))
+    for p, var in weight_paths(model).items():
+        if p not in fresh:
+            var.set_value(restored[p])
+    model.eval()
+    return model
 
 
 def _weight_shapes(
     arch: str, *, k_size: Any, num_classes: int, attention: str | None
 ) -> dict[tuple, jax.ShapeDtypeStruct]:
     """Shape and dtype of every weight of that model, without building it."""
-    model = _abstract(arch, k_size, num_classes, attention, jnp.float32)
+    model = _abstract(arch, resolve_k_size(arch, k_size), num_classes,
+                      attention_choice(attention), "float32")  # fmt: skip
     return {p: v.get_value() for p, v in weight_paths(model).items()}
 
 
-def _structure_error(
-    model: nnx.Module, arch: str, k_size: Any, num_classes: int, attention: str | None
-) -> str | None:
-    """Why ``model`` is not ``arch`` with these settings, or None when it is."""
-    what = f"{arch} (k_size={list(k_size)}, attention={attention!r}, {num_classes} classes)"
+# --------------------------------------------------------------------------------------------
+# Orbax: reading and writing the weights as one pure dict.
+
+
+def flatten(tree: Any) -> Flat:
+    """{path: leaf} of a nested dict (or Orbax tree metadata); digit keys become list indices."""
+    flat = traverse_util.flatten_dict(dict(tree), is_leaf=lambda _, v: not hasattr(v, "items"))
+    return {tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p): v
+            for p, v in flat.items()}  # fmt: skip
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """An Orbax checkpointer for this process alone: in a multi-process job, pretrained
+    directories are written by one process and read by each process independently."""
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
+def _one_line(error: BaseException) -> str:
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def read_weights(state_dir: Path_, target: Flat, *, what: str = MODEL_JSON) -> Flat:
+    """Read the Orbax checkpoint ``state_dir`` into arrays shaped like ``target``; one-line errors.
+
+    The stored shapes are checked against ``target`` first, from the checkpoint's metadata: a
+    description (``what``) that does not match the stored arrays gets a message naming the array.
+    """
+    state_dir = Path(state_dir).absolute()
+    checkpointer = _checkpointer()
     try:
-        want = _weight_shapes(arch, k_size=k_size, num_classes=num_classes, attention=attention)
-    except ValueError as e:
-        return f"the model is not {what}: {e}"
-    want_shapes = {p: tuple(v.shape) for p, v in want.items()}
-    have = {p: tuple(v.shape) for p, v in weight_paths(model).items()}
-    if want_shapes == have:
-        return None
-    diff = sorted("/".join(map(str, p)) for p in set(want_shapes) ^ set(have))
-    diff += sorted(
-        "/".join(map(str, p)) for p in set(want_shapes) & set(have) if want_shapes[p] != have[p]
-    )
-    more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
-    return f"the model is not {what}: it differs at {', '.join(diff[:5])}{more}"
+        try:
+            metadata = checkpointer.metadata(state_dir)
+        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged checkpoints
+            raise PretrainedError(
+                f"{state_dir}: not a readable checkpoint ({_one_line(e)})"
+            ) from None
+        tree = getattr(metadata, "item_metadata", metadata)
+        if not hasattr(tree, "items"):
+            raise PretrainedError(f"{state_dir}: not a readable checkpoint (no array metadata)")
+        stored = flatten(tree)
+        if set(stored) != set(target):
+            diff = sorted("/".join(map(str, p)) for p in set(stored) ^ set(target))
+            raise PretrainedError(
+                f"{state_dir}: the arrays do not match {what} (e.g. {', '.join(diff[:3])})"
+            )
+        for p, leaf in sorted(stored.items(), key=lambda kv: str(kv[0])):
+            if tuple(leaf.shape) != tuple(target[p].shape):
+                raise PretrainedError(
+                    f"{state_dir}: {'/'.join(map(str, p))} is stored with shape "
+                    f"{tuple(leaf.shape)} but {what} implies {tuple(target[p].shape)}"
+                )
+        try:
+            restored = checkpointer.restore(state_dir, traverse_util.unflatten_dict(target))
+        except Exception as e:  # noqa: BLE001
+            raise PretrainedError(
+                f"{state_dir}: cannot restore the checkpoint ({_one_line(e)})"
+            ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            checkpointer.close()
+    return flatten(restored)
+
+
+def _host_array(x: Any) -> np.ndarray:
+    """A weight as a host numpy array (replicated multi-process arrays: this process's copy)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.sharding.is_fully_replicated:
+            raise PretrainedError("save_pretrained needs replicated (or host-local) weights")
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained directories.
 
 
 def save_pretrained(
@@ -186,23 +325,27 @@ def save_pretrained(
     Everything is written into a temporary directory beside ``path`` and renamed into place
     at the end, so a failure leaves no ``path`` (or the previous one, untouched). An existing
     ``path`` is refused unless ``overwrite``, and even then only a pretrained directory (one
-    with a model.json) or an empty directory is replaced. ``source`` is {"file", "sha256"} of
-    a converted file; ``extra`` adds keys to model.json (``epoch`` and ``best_prec1`` default
-    to null). In a multi-process job, call it on process 0 only.
+    with a model.json) or an empty directory is replaced. ``arch`` / ``attention`` must be what
+    the model is. ``source`` is {"file", "sha256"} of a converted file; ``extra`` adds keys to
+    model.json (``epoch`` and ``best_prec1`` default to null). In a multi-process job, call it
+    on process 0 only.
     """
     path = Path(path).expanduser().absolute()
     if jax.process_index() != 0:  # Orbax writes host arrays from process 0 only
         raise PretrainedError("save_pretrained runs on process 0 of a multi-process job")
     if arch not in list_models():
         raise PretrainedError(f"unknown arch {arch!r}; choices: {', '.join(list_models())}")
-    if attention not in ATTENTIONS:
-        raise PretrainedError(f"unknown attention {attention!r}; choices: {ATTENTIONS}")
+    try:
+        attention = attention_choice(attention)
+        have = describe(model)
+    except (ValueError, TypeError) as e:
+        raise PretrainedError(str(e)) from None
     if unfilled := abstract_paths(model):
         raise PretrainedError(f"the model has unloaded weights: {', '.join(unfilled[:5])}")
-    k_size = [int(k) for k in model.k_size]
-    num_classes = num_classes_of(model)
-    if problem := _structure_error(model, arch, k_size, num_classes, attention):
-        raise PretrainedError(problem)
+    if diff := differences(have, {"arch": arch, "attention": attention}, ("arch", "attention")):
+        key, value, _ = diff[0]
+        raise PretrainedError(f"the model is not {arch} with attention={attention!r}: its {key} "
+                              f"is {value!r}")  # fmt: skip
     extra = dict(extra or {})
     if clash := sorted(set(extra) & {*_CORE_KEYS, "converter_version"}):
         raise PretrainedError(f"extra may not set {', '.join(clash)}")
@@ -210,10 +353,7 @@ def save_pretrained(
 
     meta = {
         "format": FORMAT,
-        "arch": arch,
-        "k_size": k_size,
-        "num_classes": num_classes,
-        "attention": attention,
+        **have,
         "params": count_params(model),
         "source": dict(source) if source is not None else None,
         **_EXTRA_DEFAULTS,
@@ -247,25 +387,6 @@ def save_pretrained(
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _checkpointer() -> ocp.StandardCheckpointer:
-    """An Orbax checkpointer for this process alone: in a multi-process job, pretrained
-    directories are written by one process and read by each process independently."""
-    if jax.process_count() == 1:
-        return ocp.StandardCheckpointer()
-    me = jax.process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    return ocp.StandardCheckpointer(multiprocessing_options=options)
-
-
-def _host_array(x: Any) -> np.ndarray:
-    """A weight as a host numpy array (replicated multi-process arrays: this process's copy)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if not x.sharding.is_fully_replicated:
-            raise PretrainedError("save_pretrained needs replicated (or host-local) weights")
-        x = x.addressable_data(0)
-    return np.asarray(x)
 
 
 def check_destination(path: Path_, overwrite: bool) -> None:
@@ -303,13 +424,20 @@ def read_model_json(path: Path_) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise PretrainedError(f"{file}: format {got!r}, expected {FORMAT!r}")
-    if missing := [k for k in ("arch", "k_size", "num_classes", "attention") if k not in meta]:
-        raise PretrainedError(f"{file}: missing {', '.join(missing)}")
-    if meta["arch"] not in list_models():
-        raise PretrainedError(f"{file}: unknown arch {meta['arch']!r}")
-    if meta["attention"] not in ATTENTIONS:
-        raise PretrainedError(f"{file}: unknown attention {meta['attention']!r}")
+    check_description(meta, file)
     return meta
+
+
+def check_description(meta: Mapping, where: Path_) -> None:
+    """A stored model description must name a known model: PretrainedError otherwise."""
+    if missing := [k for k in MODEL_KEYS if k not in meta]:
+        raise PretrainedError(f"{where}: missing {', '.join(missing)}")
+    if meta["arch"] not in list_models():
+        raise PretrainedError(f"{where}: unknown arch {meta['arch']!r}")
+    try:
+        attention_choice(meta["attention"])
+    except ValueError as e:
+        raise PretrainedError(f"{where}: {e}") from None
 
 
 def load_pretrained(
@@ -325,103 +453,14 @@ def load_pretrained(
     file's replaces the classifier by a freshly initialised one (``seed``), for fine-tuning.
     """
     meta = read_model_json(path)
-    path = Path(path).expanduser()
-    state_dir = path / STATE_DIR
+    state_dir = Path(path).expanduser() / STATE_DIR
     if not state_dir.is_dir():
         raise PretrainedError(f"{path}: no {STATE_DIR}/ checkpoint beside {MODEL_JSON}")
-    arch, saved_classes = meta["arch"], int(meta["num_classes"])
-    num_classes = saved_classes if num_classes is None else int(num_classes)
-    if num_classes < 1:
-        raise PretrainedError(f"num_classes must be positive, got {num_classes}")
-    kw = dict(k_size=meta["k_size"], attention=meta["attention"], dtype=dtype, seed=seed)
-    try:
-        if num_classes == saved_classes:
-            fresh: set[tuple] = set()
-            model = empty_model(arch, num_classes=num_classes, **kw)
-            saved = {p: v.get_value() for p, v in weight_paths(model).items()}
-        else:  # a new head: restore the saved shapes, initialise what differs
-            spec = dict(k_size=meta["k_size"], attention=meta["attention"])
-            saved = _weight_shapes(arch, num_classes=saved_classes, **spec)
-            shapes = _weight_shapes(arch, num_classes=num_classes, **spec)
-            fresh = {p for p, s in shapes.items() if saved[p].shape != s.shape}
-            model = empty_model(arch, num_classes=num_classes, init=fresh, **kw)
-    except ValueError as e:  # k_size / arch combinations that create_model rejects
-        raise PretrainedError(f"{path / MODEL_JSON}: {e}") from None
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {
-        p: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=device) for p, v in saved.items()
-    }
-    restored = _restore(state_dir, target)
-    for p, var in weight_paths(model).items():
-        if p not in fresh:
-            var.set_value(restored[p])
-    model.eval()
-    return model
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _flatten(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
-    """{path: leaf} of a nested dict (or Orbax tree metadata); digit keys become ints."""
-    flat = {}
-    for key, value in tree.items():
-        key = int(key) if isinstance(key, str) and key.isdigit() else key
-        if hasattr(value, "items"):
-            flat.update(_flatten(value, (*prefix, key)))
-        else:
-            flat[(*prefix, key)] = value
-    return flat
-
-
-def _one_line(error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [""])[0][:300]
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
-
-
-def _restore(state_dir: Path, target: dict[tuple, jax.ShapeDtypeStruct]) -> dict[tuple, Any]:
-    """Read the Orbax checkpoint into arrays shaped like ``target``; one-line errors.
-
-    The stored shapes are checked against ``target`` first, from the checkpoint's metadata:
-    a model.json that does not match its state/ gets a clear message naming the array.
-    """
-    checkpointer = _checkpointer()
-    try:
-        try:
-            metadata = checkpointer.metadata(state_dir.absolute())
-        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged checkpoints
-            raise PretrainedError(
-                f"{state_dir}: not a readable checkpoint ({_one_line(e)})"
-            ) from None
-        tree = getattr(metadata, "item_metadata", metadata)
-        if not hasattr(tree, "items"):
-            raise PretrainedError(f"{state_dir}: not a readable checkpoint (no array metadata)")
-        stored = _flatten(tree)
-        if set(stored) != set(target):
-            diff = sorted("/".join(map(str, p)) for p in set(stored) ^ set(target))
-            raise PretrainedError(
-                f"{state_dir}: the arrays do not match {MODEL_JSON} (e.g. {', '.join(diff[:3])})"
-            )
-        for p, leaf in sorted(stored.items(), key=lambda kv: str(kv[0])):
-            if tuple(leaf.shape) != tuple(target[p].shape):
-                raise PretrainedError(
-                    f"{state_dir}: {'/'.join(map(str, p))} is stored with shape "
-                    f"{tuple(leaf.shape)} but {MODEL_JSON} implies {tuple(target[p].shape)}"
-                )
-        try:
-            restored = checkpointer.restore(state_dir.absolute(), _unflatten(target))
-        except Exception as e:  # noqa: BLE001
-            raise PretrainedError(
-                f"{state_dir}: cannot restore the checkpoint ({_one_line(e)})"
-            ) from None
-    finally:
-        with contextlib.suppress(Exception):
-            checkpointer.close()
-    return _flatten(restored)
+    return restore_model(
+        meta,
+        lambda target: read_weights(state_dir, target),
+        num_classes=num_classes,
+        dtype=dtype,
+        seed=seed,
+        where=str(Path(path) / MODEL_JSON),
+    )

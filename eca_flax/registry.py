@@ -16,9 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eca_flax import mobilenetv2, resnet
-from eca_flax.layers import adaptive_kernel_size
+from eca_flax.layers import adaptive_kernel_size, attention_choice
 
 KSize = None | str | int | Sequence[int]
+# Compute dtypes by config name (parameters stay float32).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,16 +35,8 @@ class ModelInfo:
     eca_params: int
     top1: float
     top5: float
-    depth: int = 0
+    depth: int = 0  # ResNets: the key of resnet.LAYOUTS
 
-
-_RESNET_LAYOUT = {
-    18: (resnet.BasicBlock, (2, 2, 2, 2)),
-    34: (resnet.BasicBlock, (3, 4, 6, 3)),
-    50: (resnet.Bottleneck, (3, 4, 6, 3)),
-    101: (resnet.Bottleneck, (3, 4, 23, 3)),
-    152: (resnet.Bottleneck, (3, 8, 36, 3)),
-}
 
 _MODELS = {
     m.name: m
@@ -81,8 +75,8 @@ def eca_channels(name: str) -> tuple[int, ...]:
     info = model_info(name)
     if info.family == "mobilenet_v2":
         return mobilenetv2.block_channels()
-    block, _ = _RESNET_LAYOUT[info.depth]
-    return tuple(w * block.expansion for w in (64, 128, 256, 512))
+    block, _ = resnet.LAYOUTS[info.depth]
+    return tuple(w * block.expansion for w in resnet.STAGE_WIDTHS)
 
 
 def resolve_k_size(name: str, k_size: KSize = None) -> tuple[int, ...]:
@@ -137,8 +131,7 @@ def create_model(
     Extra keyword arguments go to the model class (e.g. ``width_mult`` for MobileNetV2).
     """
     info = model_info(name)
-    if attention not in resnet.ATTENTIONS:
-        raise ValueError(f"unknown attention {attention!r}; choices: {resnet.ATTENTIONS}")
+    attention = attention_choice(attention)
     ks = resolve_k_size(name, k_size)
     rngs = nnx.Rngs(0) if rngs is None else rngs
     common = dict(
@@ -151,8 +144,17 @@ def create_model(
     )
     if info.family == "mobilenet_v2":
         return mobilenetv2.ECAMobileNetV2(ks, **common)
-    block, layers = _RESNET_LAYOUT[info.depth]
+    block, layers = resnet.LAYOUTS[info.depth]
     return resnet.ECAResNet(block, layers, ks, **common)
+
+
+def arch_of(model: nnx.Module) -> str:
+    """The registry name ``model`` was built as (the inverse of ``create_model``'s name)."""
+    if isinstance(model, mobilenetv2.ECAMobileNetV2) and model.width_mult == 1.0:
+        return "eca_mobilenet_v2"
+    if isinstance(model, resnet.ECAResNet) and f"eca_resnet{model.depth}" in _MODELS:
+        return f"eca_resnet{model.depth}"
+    raise ValueError(f"{type(model).__name__} is not one of {', '.join(_MODELS)}")
 
 
 def count_params(model: nnx.Module) -> int:

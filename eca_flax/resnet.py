@@ -1,5 +1,6 @@
 """ECA-ResNet: ResNet v1.5 (stride on the 3x3) with an ECA layer after each block's last BN.
 
+The whole network is here: its blocks, the depth table (``LAYOUTS``) and the stem and head.
 Attribute names follow the PyTorch state_dict of the original (``conv1``, ``bn1``,
 ``layer1[0].conv2``, ``layer1[0].eca.conv``, ``layer2[0].downsample[0]``, ``fc``).
 """
@@ -14,36 +15,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eca_flax.layers import (
-    ECA,
     Sequential,
+    attention_choice,
     batch_norm,
     conv2d,
+    make_attention,
     max_pool_3x3_s2,
     torch_default_init,
 )
 
 Array = jax.Array
 Dtype = Any
-
-ATTENTIONS = (None, "eca", "eca_ns")
-
-
-def make_attention(
-    attention: str | None, channels: int, k_size: int, *, dtype: Dtype, param_dtype: Dtype, rngs
-) -> ECA | None:
-    """The block's attention layer: ECA, ECA-NS, or nothing (the paper's baselines)."""
-    if attention is None:
-        return None
-    if attention not in ATTENTIONS:
-        raise ValueError(f"unknown attention {attention!r}; choices: {ATTENTIONS}")
-    return ECA(
-        channels,
-        k_size,
-        shared=attention == "eca",
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
 
 
 class BasicBlock(nnx.Module):
@@ -125,6 +107,22 @@ def _downsample(inplanes: int, out_ch: int, stride: int, **kw) -> Sequential | N
     return Sequential([conv2d(inplanes, out_ch, 1, stride=stride, **kw), batch_norm(out_ch, **kw)])
 
 
+# Depth -> (block, blocks per stage): ECA-ResNet-18/34/50/101/152.
+LAYOUTS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+STAGE_WIDTHS = (64, 128, 256, 512)  # planes per stage (x block.expansion at each block's output)
+
+
+def depth_of(block: type, layers: Sequence[int]) -> int | None:
+    """The depth (18, ..., 152) whose layout is ``block`` with ``layers``, else None."""
+    return next((d for d, lay in LAYOUTS.items() if lay == (block, tuple(layers))), None)
+
+
 class ECAResNet(nnx.Module):
     """ECA-ResNet for NHWC images normalized with the ImageNet mean/std; returns float32 logits.
 
@@ -149,10 +147,12 @@ class ECAResNet(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.k_size = tuple(int(k) for k in k_size)
+        self.attention = attention_choice(attention)
+        self.depth = depth_of(block, layers)  # None for layouts other than the five above
         self.conv1 = conv2d(3, 64, 7, stride=2, padding=3, **kw)
         self.bn1 = batch_norm(64, **kw)
         inplanes = 64
-        for i, (planes, n, k) in enumerate(zip((64, 128, 256, 512), layers, self.k_size)):
+        for i, (planes, n, k) in enumerate(zip(STAGE_WIDTHS, layers, self.k_size)):
             stride = 1 if i == 0 else 2
             blocks = []
             for b in range(n):

@@ -1,6 +1,8 @@
 """PyTorch reference of the original ECA-Net architectures, written from the facts file.
 
-Used by ``convert_torch_weights.py --verify`` and by the tests; nothing else in eca_flax
+All of eca_flax's torch code: the reference models (``build``), random weights for parity
+tests (``random_reference``, ``randomize``) and state_dicts as numpy. Used by
+``convert_torch_weights.py --verify``, the benchmark's ``--torch`` and the tests; nothing else
 imports it, so eca_flax itself needs no torch. Module names reproduce the original state_dict
 keys: ResNet ``conv1``/``bn1``/``layerS.B.{conv,bn}N``/``layerS.B.eca.conv``/``downsample``/
 ``fc``, MobileNetV2 ``features.i.conv.j``/``classifier.1``.
@@ -11,15 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from eca_flax import resnet
 from eca_flax.registry import KSize, model_info, resolve_k_size
-
-RELEASE_K = {
-    name: model_info(name).release_k_size
-    for name in ("eca_resnet18", "eca_resnet34", "eca_resnet50", "eca_resnet101", "eca_resnet152")
-}
 
 
 class ECALayer(nn.Module):
@@ -247,15 +246,6 @@ class ECAMobileNetV2(nn.Module):
         return self.classifier(x.mean([2, 3]))
 
 
-_RESNET = {
-    "eca_resnet18": (ECABasicBlock, (2, 2, 2, 2)),
-    "eca_resnet34": (ECABasicBlock, (3, 4, 6, 3)),
-    "eca_resnet50": (ECABottleneck, (3, 4, 6, 3)),
-    "eca_resnet101": (ECABottleneck, (3, 4, 23, 3)),
-    "eca_resnet152": (ECABottleneck, (3, 8, 36, 3)),
-}
-
-
 def build(
     name: str, *, k_size: KSize = None, num_classes: int = 1000, attention: str | None = "eca"
 ) -> nn.Module:
@@ -264,7 +254,73 @@ def build(
     ``k_size`` is read exactly as ``eca_flax.create_model`` reads it (None: the released sizes).
     """
     ks = resolve_k_size(name, k_size)
-    if name == "eca_mobilenet_v2":
+    info = model_info(name)
+    if info.family == "mobilenet_v2":
         return ECAMobileNetV2(num_classes, attention=attention, block_k_sizes=ks)
-    block, layers = _RESNET[name]
-    return ResNet(block, layers, num_classes, ks, attention)
+    block, layers = resnet.LAYOUTS[info.depth]
+    torch_block = ECABottleneck if block.expansion == 4 else ECABasicBlock
+    return ResNet(torch_block, layers, num_classes, ks, attention)
+
+
+def logits(name: str, state_dict: dict, images, **build_kwargs):
+    """The eval-mode logits (numpy) of ``build(name, **build_kwargs)`` holding ``state_dict``
+    (numpy arrays, original keys) on NHWC ``images``.
+
+    Not strict: a bare state_dict may lack num_batches_tracked (the converter has checked every
+    other key against the Flax model already).
+    """
+    reference = build(name, **build_kwargs)
+    reference.load_state_dict(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, strict=False
+    )
+    reference.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
+        return reference(x).numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Random weights for parity tests.
+
+
+def residual_scale(name: str) -> float:
+    """How much ``random_reference`` damps each residual branch of ``name``.
+
+    With random weights, ResNet-101/152's 33 and 50 undamped blocks amplify float32 rounding
+    until even PyTorch disagrees with itself in float64 by 20-70%; 0.25 keeps them well
+    conditioned. The shallower models need none.
+    """
+    return 0.25 if model_info(name).depth > 50 else 1.0
+
+
+def random_reference(name: str, seed: int = 0, **build_kwargs) -> nn.Module:
+    """``build(name, **build_kwargs)`` with random weights and BN statistics, in eval mode."""
+    return randomize(build(name, **build_kwargs), seed, residual_scale(name)).eval()
+
+
+def randomize(model: nn.Module, seed: int = 0, residual_scale: float = 1.0) -> nn.Module:
+    """Random weights and BN statistics, so parity tests exercise every tensor.
+
+    ``residual_scale`` multiplies each residual branch's last BN weight (see ``residual_scale``).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
+            elif isinstance(m, nn.Conv1d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, ECABottleneck | ECABasicBlock):
+                (m.bn3 if isinstance(m, ECABottleneck) else m.bn2).weight.mul_(residual_scale)
+    return model
+
+
+def numpy_state_dict(model: nn.Module) -> dict:
+    """The state_dict as numpy arrays (what eca_flax.convert.load_state_dict takes)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

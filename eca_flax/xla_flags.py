@@ -11,7 +11,7 @@ your own program, call it before anything runs on a device:
 Flags already named in ``XLA_FLAGS`` keep the value given there, so a user can override any of
 them. Unknown flag names make XLA abort at start-up, so the flags are only added for jaxlib
 versions they were measured on; other versions run with XLA's defaults. Measurements are in
-docs/benchmarks.md (ECA-ResNet-50, 2 cores, batch 16).
+docs/benchmarks.md (ECA-ResNets and MobileNetV2, 2 cores, batch 16).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ CPU_FLAGS = (
     # PyTorch, train step 0.89x -> 0.96x).
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
 )
-# jaxlib (major, minor) versions on which every flag above exists and was measured to help.
-MEASURED_ON = ((0, 10),)
+# jaxlib (major, minor) versions on which every flag above exists and was measured to help:
+# 0.10 on Intel Xeon and AMD EPYC, 0.11 and 0.12 on AMD EPYC (docs/benchmarks.md, "XLA flags").
+MEASURED_ON = ((0, 10), (0, 11), (0, 12))
 
 
 def recommended(jaxlib_version: str | None = None) -> tuple[str, ...]:

@@ -24,15 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch_reference as tr
 from flax import nnx
 
 import eca_flax
-from eca_flax import convert, pretrained
+from eca_flax import convert, pretrained, pth
+from eca_flax import torch_reference as tr
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = eca_flax.list_models()
-DEEP = ("eca_resnet101", "eca_resnet152")  # need damped residual branches in float32
 
 
 def _load_cli():
@@ -117,8 +116,7 @@ def save_released(model: torch.nn.Module, path: Path, *, momentum: bool = False)
 
 
 def reference(name: str, seed: int = 0, **kw) -> torch.nn.Module:
-    scale = 0.25 if name in DEEP else 1.0
-    return tr.randomize(tr.build(name, **kw), seed=seed, residual_scale=scale).eval()
+    return tr.random_reference(name, seed, **kw)
 
 
 def torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
@@ -400,7 +398,7 @@ def test_missing_unexpected_and_misshaped_keys(small, tmp_path, capsys):
     )
     many = {k: v for k, v in state.items() if not k.endswith(".running_mean")}
     line = assert_error(*run(capsys, write(tmp_path / "many.pth", many), dst)[::2], "and 10 more")
-    assert line.count(".running_mean") == convert.MAX_LISTED_KEYS
+    assert line.count(".running_mean") == pth.MAX_LISTED_KEYS
     assert not dst.exists()
 
 

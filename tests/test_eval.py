@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 import torch
-import torch_reference
 from test_data import pil_eval_reference
 
 import eca_flax
-from eca_flax import convert, pretrained, training
+from eca_flax import convert, pretrained, torch_reference
+from eca_flax.training import config as cfg
+from eca_flax.training import loop
+from eca_flax.training.mesh import make_mesh
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,7 +31,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> tuple[str, torch.nn.Module]:
     """eca_resnet18 with random weights in PyTorch, converted to a pretrained directory."""
-    reference = torch_reference.randomize(torch_reference.build("eca_resnet18"), seed=3).eval()
+    reference = torch_reference.random_reference("eca_resnet18", 3)
     model = eca_flax.create_model("eca_resnet18")
     convert.load_state_dict(model, torch_reference.numpy_state_dict(reference))
     path = tmp_path_factory.mktemp("converted") / "eca_resnet18"
@@ -38,7 +40,7 @@ def converted(tmp_path_factory) -> tuple[str, torch.nn.Module]:
 
 
 def eval_config(init_from: str, **overrides):
-    c = training.default_config()
+    c = cfg.default_config()
     c.update(
         model="eca_resnet18",
         k_size="",
@@ -70,9 +72,9 @@ def test_eval_counts_each_image_once_on_1_and_8_devices(converted, tmp_path) -> 
 
     results = []
     for n, batch in ((1, 2), (8, 8), (8, 16)):
-        mesh = training.make_mesh(jax.devices()[:n])
+        mesh = make_mesh(jax.devices()[:n])
         config = eval_config(str(path), image_size=64, eval_batch_size=batch)
-        run = training.train_and_evaluate(config, str(tmp_path / "w"), mesh=mesh, keep_logits=True)
+        run = loop.train_and_evaluate(config, str(tmp_path / "w"), mesh=mesh, keep_logits=True)
         r = run.eval
         assert r.images == imagenet_fixture.NUM_VAL == len(r.logits)
         assert sorted(r.labels.tolist()) == sorted(labels)  # Every image once, none twice.
@@ -91,7 +93,7 @@ def test_eval_only_matches_pytorch_with_pil_pipeline(converted, tmp_path) -> Non
     """The converted checkpoint evaluated by the trainer at 224 px predicts what the PyTorch
     original predicts on the same images through PIL Resize(256) + CenterCrop(224)."""
     path, reference = converted
-    run = training.train_and_evaluate(
+    run = loop.train_and_evaluate(
         eval_config(path, image_size=224, eval_batch_size=8), str(tmp_path), keep_logits=True
     )
     got = run.eval

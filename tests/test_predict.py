@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch_reference as tr
 from sklearn.datasets import load_sample_images
 
 import eca_flax
 from eca_flax import convert, data, predict, pretrained
+from eca_flax import torch_reference as tr
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = load_sample_images().filenames  # china.jpg, flower.jpg
@@ -26,7 +26,7 @@ LINE = re.compile(r"  (\d)\. +(\d+\.\d\d)%  (.+)")
 def converted(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A converted ECA-ResNet-18 (random weights, released file format) and its original."""
     root = tmp_path_factory.mktemp("predict")
-    ref = tr.randomize(tr.build("eca_resnet18"), seed=5).eval()
+    ref = tr.random_reference("eca_resnet18", 5)
     src = root / "eca_resnet18_k3577.pth.tar"
     state = {"module." + k: v for k, v in ref.state_dict().items()}
     torch.save({"state_dict": state, "epoch": 1}, src, _use_new_zipfile_serialization=False)

@@ -27,8 +27,9 @@ def test_add_appends_missing_flags_and_keeps_the_users_values(monkeypatch) -> No
 
 @pytest.mark.parametrize(
     "version, expected",
-    [("0.10.2", xla_flags.CPU_FLAGS), ("0.10.0", xla_flags.CPU_FLAGS), ("0.9.2", ()),
-     ("0.11.0", ()), ("1.0.0", ()), ("not-a-version", ())],
+    [("0.10.2", xla_flags.CPU_FLAGS), ("0.11.2", xla_flags.CPU_FLAGS),
+     ("0.12.0.1", xla_flags.CPU_FLAGS), ("0.9.2", ()), ("0.13.0", ()), ("1.0.0", ()),
+     ("not-a-version", ())],
 )  # fmt: skip
 def test_flags_only_for_jaxlib_versions_they_were_measured_on(version, expected) -> None:
     """An unknown flag name aborts XLA at start-up, so unmeasured versions get none."""

@@ -1,0 +1,205 @@
+"""PyTorch checkpoint files: reading them safely, writing state_dicts back.
+
+``read_checkpoint`` reads what the original training script saved (torch.save's zip and legacy
+formats, storages of any device, the training dict or a bare state_dict, with or without
+'module.'), refusing pickles that would run code. ``save_state_dict`` writes a state_dict
+atomically. torch is imported inside the functions, so importing this module needs no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PREFIX = "module."
+MAX_LISTED_KEYS = 10  # error messages list this many keys, then say how many more
+
+
+class ConversionError(ValueError):
+    """A state_dict that does not fit the model: the message names keys and shapes."""
+
+
+def strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the 'module.' prefix that nn.DataParallel / DDP put on every key."""
+    return {k.removeprefix(PREFIX): v for k, v in state_dict.items()}
+
+
+def list_keys(keys: Sequence[str]) -> str:
+    """'a, b, c' -- at most MAX_LISTED_KEYS of them, then how many more."""
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    more = len(keys) - MAX_LISTED_KEYS
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What a .pth file holds: the state_dict (numpy, 'module.' stripped) and its metadata."""
+
+    path: Path
+    serialization: str  # "zip" or "legacy" (torch.save before PyTorch 1.6)
+    state_dict: dict[str, np.ndarray]
+    epoch: int | None = None
+    best_prec1: float | None = None
+    arch_field: str | None = None  # the file's own 'arch' entry: informative only, never trusted
+
+    def sha256(self) -> str:
+        """The hex SHA-256 of the file (recorded in model.json)."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+
+def _serialization(path: Path) -> str | None:
+    """'zip' or 'legacy' when the file starts like a torch.save file, else None."""
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    magic = torch.serialization.MAGIC_NUMBER
+    if any(head.startswith(pickle.dumps(magic, protocol=p)) for p in range(2, 6)):
+        return "legacy"
+    return None
+
+
+def _first_sentence(error: BaseException) -> str:
+    """A short reason from a (possibly very long) PyTorch error message."""
+    text = " ".join(str(error).split())
+    text = text.split(". ")[0].rstrip(".")[:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _as_number(value: Any, kind: type) -> Any:
+    """A Python int/float from a tensor, numpy or Python scalar; None when it is not one."""
+    if hasattr(value, "numel") and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return kind(value)
+    return None
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], *, allow_unsafe_pickle: bool = False
+) -> Checkpoint:
+    """Read a .pth / .pth.tar file the way the original saved it, refusing code-running pickles.
+
+    Accepts torch.save's zip and legacy formats, storages tagged for any device (loaded on the
+    CPU), a dict with 'state_dict' (plus 'epoch', 'arch', 'best_prec1', 'optimizer') or a bare
+    state_dict, keys with or without 'module.'. Loads with ``weights_only=True`` unless
+    ``allow_unsafe_pickle`` (trusted files only: their pickle can run arbitrary code).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file")
+    if path.is_dir():
+        raise ConversionError(f"{path}: is a directory, not a .pth file")
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            "reading .pth files needs PyTorch: pip install torch (CPU wheels suffice)"
+        ) from None
+    kind = _serialization(path)
+    if kind is None:
+        raise ConversionError(
+            f"{path}: not a PyTorch checkpoint (neither torch.save's zip nor its legacy format)"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
+    except MemoryError:
+        raise
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            name = found.group(1).rstrip(".")
+            raise ConversionError(
+                f"{path}: refused: its pickle would import {name}, which can run code "
+                "(a weights file holds only tensors and plain containers); if you trust the "
+                "file, rerun with --allow-unsafe-pickle"
+            ) from None
+        raise ConversionError(
+            f"{path}: truncated or corrupt {kind} PyTorch file ({_first_sentence(e)})"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
+        raise ConversionError(
+            f"{path}: truncated or corrupt {kind} PyTorch file ({_first_sentence(e)})"
+        ) from None
+    if isinstance(obj, torch.nn.Module):  # a whole pickled model (--allow-unsafe-pickle only)
+        obj = obj.state_dict()
+    meta: Mapping[str, Any] = {}
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        meta, obj = obj, obj["state_dict"]
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping) or not obj:
+        what = type(obj).__name__ if not isinstance(obj, Mapping) else "an empty dict"
+        raise ConversionError(f"{path}: holds {what}, not a state_dict")
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if not meta and all(isinstance(k, str) for k in obj):  # a dict of something else
+            raise ConversionError(
+                f"{path}: holds a dict with keys {list_keys(sorted(obj))} and no 'state_dict'"
+            )
+        bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        raise ConversionError(f"{path}: state_dict entries are not tensors: {list_keys(bad)}")
+    arrays = {}
+    for key, tensor in obj.items():
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            tensor = tensor.float()
+        try:
+            arrays[str(key)] = tensor.numpy()
+        except (TypeError, RuntimeError):  # quantized, sparse, ...
+            raise ConversionError(
+                f"{path}: {key} is a {tensor.dtype} {tensor.layout} tensor, not a plain one"
+            ) from None
+    arch = meta.get("arch")
+    return Checkpoint(
+        path=path,
+        serialization=kind,
+        state_dict=strip_prefix(arrays),
+        epoch=_as_number(meta.get("epoch"), int),
+        best_prec1=_as_number(meta.get("best_prec1"), float),
+        arch_field=arch if isinstance(arch, str) else None,
+    )
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """An output file path: not a directory, and not an existing file unless ``overwrite``."""
+    if out.is_dir():
+        raise ConversionError(f"{out}: is a directory; give a file name such as model.pth")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], out: Path) -> None:
+    """torch.save a state_dict of numpy arrays (zip format) to ``out``, atomically: written to a
+    temporary file beside it and renamed, so there is never a partial ``out``."""
+    import torch
+
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        torch.save(tensors, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

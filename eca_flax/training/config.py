@@ -1,0 +1,195 @@
+"""The trainer's configuration: every field with its default, the recipes, the checks, the Plan.
+
+``default_config()`` is the schema (the files in configs/ start from it; ``--config.FIELD=V``
+overrides any field). ``resolve_config`` checks every field before anything runs and applies
+the recipe; ``make_plan`` derives the sizes that need the dataset and the device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import ml_collections
+
+from eca_flax import registry
+from eca_flax.layers import attention_choice
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the choices."""
+
+
+class TrainingError(RuntimeError):
+    """Training had to stop (e.g. a non-finite loss); the message says why and what is kept."""
+
+
+SCHEDULES = ("step", "cosine")
+# Each recipe sets these fields over the config's own values ("original": none).
+RECIPES: dict[str, dict[str, Any]] = {
+    "original": {},
+    # Warmup + cosine, label smoothing, Nesterov momentum, no weight decay on BatchNorm
+    # parameters and biases.
+    "modern": {
+        "schedule": "cosine",
+        "warmup_epochs": 5,
+        "label_smoothing": 0.1,
+        "nesterov": True,
+        "decay_bn_bias": False,
+    },
+}
+POSITIVE_FIELDS = ("batch_size", "image_size", "num_epochs", "base_batch_size", "log_every_steps",
+                   "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs")  # fmt: skip
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every config field with its default: the original ResNet recipe on ImageNet."""
+    c = ml_collections.ConfigDict()
+    # Model.
+    c.model = "eca_resnet50"  # One of eca_flax.list_models().
+    c.k_size = ""  # "": released sizes (or init_from's); "adaptive"; "3557"; "3,5,5,7".
+    c.attention = "eca"  # "eca", "eca_ns" (non-shared ablation) or "none" (plain baseline).
+    c.num_classes = -1  # -1: the dataset's number of classes.
+    c.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params stay float32).
+    c.init_from = ""  # A converter output dir, a training workdir or one of its checkpoints.
+    # Data.
+    c.dataset = "imagenet2012"  # "imagenet2012" (TFDS) or "folder:PATH" (train/ and val/).
+    c.data_dir = ""  # TFDS data dir ("": TFDS's default).
+    c.batch_size = 256  # Global: over all devices of all hosts.
+    c.eval_batch_size = -1  # -1: batch_size.
+    c.image_size = 224
+    c.eval_resize_size = -1  # Eval: resize the shorter side to this, center crop image_size;
+    # -1: round(image_size * 256 / 224), the original's Resize(256) + CenterCrop(224).
+    c.augment = "inception_crop"  # Or "pad_crop:N" (shifts of up to N px, for small images).
+    c.min_crop_area = 0.08  # Random resized crop area range [min_crop_area, 1].
+    c.hflip = True  # Random horizontal flips.
+    c.seed = 0  # Initialisation, data order, augmentation and dropout.
+    # Evaluation.
+    c.eval_only = False  # Evaluate init_from (or the workdir's latest checkpoint) and stop.
+    c.eval_every_epochs = 1
+    # Optimisation: the original recipe (SGD, step decay); RECIPES lists the others.
+    c.recipe = "original"
+    c.num_epochs = 100
+    c.num_train_steps = -1  # Optional cap on the number of steps; -1: none.
+    c.learning_rate = 0.1  # At base_batch_size images; scaled linearly with batch_size.
+    c.base_batch_size = 256
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 1e-4
+    c.decay_bn_bias = True  # The original decays every parameter, BatchNorm and biases too.
+    c.schedule = "step"  # "step": x lr_decay_factor every lr_decay_epochs; "cosine".
+    c.lr_decay_epochs = 30
+    c.lr_decay_factor = 0.1
+    c.warmup_epochs = 0  # Linear warmup (cosine schedule).
+    c.label_smoothing = 0.0
+    # Checkpoints, logging, hosts.
+    c.checkpoint_every_steps = 1000  # Also at every epoch end and at the end.
+    c.keep_checkpoints = 3  # The latest few; the best by top-1 is kept as well.
+    c.log_every_steps = 100
+    c.profile_steps = ""  # "START,END": a jax.profiler trace of those steps into tensorboard/.
+    c.distributed = False  # jax.distributed.initialize() (multi-host; see README).
+    c.debug_nan_step = -1  # Testing aid: make the loss of this step NaN.
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes derived from the config and the dataset."""
+
+    num_classes: int
+    steps_per_epoch: int
+    total_steps: int
+    num_eval: int
+    batch_size: int
+    eval_batch_size: int
+    learning_rate: float  # Peak learning rate at this batch size.
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field and applies the recipe preset; returns a new, locked config."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    unknown = sorted(set(c.keys()) - set(default_config().keys()))
+    if unknown:
+        raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+    _choice("model", c.model, tuple(registry.list_models()))
+    try:
+        attention_choice(c.attention)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _choice("dtype", c.dtype, tuple(registry.DTYPES))
+    _choice("recipe", c.recipe, tuple(RECIPES))
+    c.update(RECIPES[c.recipe])
+    _choice("schedule", c.schedule, SCHEDULES)
+    for name in POSITIVE_FIELDS:
+        if c[name] <= 0:
+            raise ConfigError(f"{name} must be positive, got {c[name]}")
+    if c.k_size:
+        try:
+            registry.resolve_k_size(c.model, c.k_size)
+        except ValueError as e:
+            raise ConfigError(f"k_size: {e}") from None
+    if c.eval_batch_size <= 0:
+        c.eval_batch_size = c.batch_size
+    if c.augment != "inception_crop" and not re.fullmatch(r"pad_crop:\d+", c.augment):
+        raise ConfigError(
+            f"augment={c.augment!r}: choose 'inception_crop' or 'pad_crop:N' (N pixels)"
+        )
+    if not 0.0 < c.min_crop_area <= 1.0:
+        raise ConfigError(f"min_crop_area must be in (0, 1], got {c.min_crop_area}")
+    if 0 < c.eval_resize_size < c.image_size:
+        raise ConfigError(
+            f"eval_resize_size={c.eval_resize_size} is below image_size={c.image_size}: the "
+            "center crop would not fit (-1 gives the original's 256/224 ratio)"
+        )
+    profile_range(c)
+    c.lock()
+    return c
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choices: {', '.join(map(str, choices))}")
+
+
+def profile_range(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """(first, last) step of ``profile_steps="START,END"``, or None when not profiling."""
+    if not config.profile_steps:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", str(config.profile_steps))
+    if not m or not 0 < int(m[1]) <= int(m[2]):
+        raise ConfigError(
+            f"profile_steps={config.profile_steps!r}: give START,END with 1 <= START <= END"
+        )
+    return int(m[1]), int(m[2])
+
+
+def make_plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Plan:
+    """Checks batch sizes against the device count and reads the dataset's sizes."""
+    from eca_flax import data
+
+    n = mesh.devices.size
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % n:
+            raise ConfigError(
+                f"{name}={config[name]} is not divisible by the {n} devices; use a multiple of {n}"
+            )
+    data_dir = config.data_dir or None
+    info = data.dataset_info(config.dataset, data_dir)
+    num_classes = config.num_classes if config.num_classes > 0 else info.num_classes
+    if num_classes < info.num_classes:
+        raise ConfigError(
+            f"num_classes={num_classes} but {config.dataset} has {info.num_classes} classes"
+        )
+    if config.eval_only:
+        spe = total = 0
+    else:
+        spe = data.steps_per_epoch(config.dataset, data_dir, config.batch_size)
+        total = config.num_epochs * spe
+        if config.num_train_steps > 0:
+            total = min(total, config.num_train_steps)
+    lr = config.learning_rate * config.batch_size / config.base_batch_size
+    return Plan(
+        num_classes, spe, total, info.num_eval, config.batch_size, config.eval_batch_size, lr
+    )

@@ -1,0 +1,84 @@
+"""Hosts, devices and shardings: plain data parallelism over every device of every process.
+
+One ``jax.make_mesh`` axis, ``data``; parameters are replicated and batches sharded on it, so
+one ``jax.jit`` step over the mesh computes BatchNorm statistics over the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from eca_flax.training.config import ConfigError
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """``jax.distributed.initialize()`` for multi-host runs (config.distributed).
+
+    The coordinator, process count and index come from JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID when set, else from the cluster (SLURM, Open MPI,
+    Kubernetes, Cloud TPU) as JAX detects it. CPU processes exchange data over gloo.
+    """
+    if not config.distributed:
+        return
+    # CPU processes need a collectives backend (no-op for GPUs; the option may be absent).
+    with contextlib.suppress(AttributeError, ValueError):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs: dict[str, Any] = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(
+            f"jax.distributed.initialize() failed ({e}); set JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM / Open MPI"
+        ) from None
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A 1-D ``data`` mesh over ``devices`` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    kwargs: dict[str, Any] = {"devices": devices}
+    if hasattr(jax.sharding, "AxisType"):  # Newer JAX defaults to Explicit axes: ask for Auto.
+        kwargs["axis_types"] = (jax.sharding.AxisType.Auto,)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), **kwargs)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, global_batch: int) -> dict:
+    """This process's part of a batch -> global arrays sharded over the ``data`` axis."""
+    sharding = batch_sharded(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_batch, *v.shape[1:]))
+        for k, v in batch.items()
+    }
+
+
+def put_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Host values (identical on every process) -> arrays replicated on every device."""
+    sharding = replicated(mesh)
+
+    def put(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)

@@ -1,0 +1,57 @@
+"""Run eca_flax's commands in a fresh Python where TensorFlow cannot be imported.
+
+The hook makes ``tensorflow`` look uninstalled (its finders answer None), which is what a
+machine without TensorFlow looks like to TFDS and etils; raising ImportError from the finder
+instead breaks their ``importlib.util.find_spec`` probes.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+HOOK = """
+import sys
+
+class _NoTensorFlow:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            return None
+        find = getattr(self._inner, "find_spec", None)
+        return find(name, path, target) if find else None
+
+    def invalidate_caches(self):
+        getattr(self._inner, "invalidate_caches", lambda: None)()
+
+sys.meta_path[:] = [_NoTensorFlow(f) for f in sys.meta_path]
+"""
+
+RUN = """
+import atexit, runpy, sys
+atexit.register(lambda: print("tensorflow imported:", "tensorflow" in sys.modules, file=sys.stderr))
+target, sys.argv = sys.argv[1], sys.argv[1:]
+if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+"""
+
+
+def run(target: str, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """``python -m target args`` (or ``python target.py args``) without TensorFlow, from the
+    repository root. stderr ends with 'tensorflow imported: False' when nothing imported it."""
+    return subprocess.run(
+        [sys.executable, "-c", HOOK + RUN, target, *args],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
