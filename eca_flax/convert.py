@@ -347,7 +347,7 @@ def verification_images(image_size: int = 224, random_images: int = 2) -> tuple[
 
         from eca_flax.data import preprocess_for_eval
     except ImportError as e:
-        raise ConversionError(f"--verify needs scikit-learn and tensorflow ({e})") from None
+        raise ConversionError(f"--verify needs scikit-learn ({e})") from None
     photos = [preprocess_for_eval(Path(f).read_bytes(), image_size)
               for f in load_sample_images().filenames]  # fmt: skip
     noise = np.random.default_rng(0).standard_normal((random_images, image_size, image_size, 3))

@@ -2,20 +2,19 @@
 
     python -m eca_flax.predict --weights DST IMAGE [IMAGE ...]
 
-DST is a pretrained directory (``convert_torch_weights.py SRC DST``). Images go through the
-original eval preprocessing (shorter side to 256 bilinear with antialiasing, center crop 224,
-ImageNet mean/std; ``eca_flax.data.preprocess_for_eval``). The 1000 ImageNet class names ship
-with the package (``imagenet_classes.txt``: synset id and name, in class-index order), so this
-works offline.
+DST is a pretrained directory (``convert_torch_weights.py SRC DST`` or a training workdir's
+``pretrained/``). Images go through the original eval preprocessing at the size the model was
+evaluated at (model.json; released models: shorter side to 256 bilinear with antialiasing,
+center crop 224, ImageNet mean/std; ``eca_flax.data.preprocess_for_eval``). The 1000 ImageNet
+class names ship with the package (``imagenet_classes.txt``: synset id and name, in
+class-index order), so this works offline.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import io
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -45,52 +44,53 @@ def class_name(index: int, num_classes: int) -> str:
 
 
 def top_k(model: nnx.Module, images: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
-    """(class index, probability) of the ``k`` most likely classes for each NHWC image."""
+    """(class index, probability) of the ``k`` most likely classes for each uint8 NHWC image."""
+    from eca_flax.training.steps import normalize_images
+
     model.eval()
-    forward = nnx.jit(lambda m, x: jax.nn.softmax(m(x), axis=-1))
+    graphdef, state = nnx.split(model)  # once: the jitted function takes arrays only
+    forward = jax.jit(
+        lambda state, x: jax.nn.softmax(nnx.merge(graphdef, state)(normalize_images(x)), -1)
+    )
     out = []
     for start in range(0, len(images), BATCH):
-        probs = np.asarray(forward(model, jnp.asarray(images[start : start + BATCH])))
+        probs = np.asarray(forward(state, jnp.asarray(images[start : start + BATCH])))
         for row in probs:
             best = np.argsort(-row)[:k]
             out.append([(int(i), float(row[i])) for i in best])
     return out
 
 
-def _check_image(name: str) -> bytes:
-    """The file's bytes, after PIL decoded it fully: clean one-line errors before TensorFlow."""
-    from PIL import Image, UnidentifiedImageError
+def load_images(paths: Sequence[str], image_size: int, resize_size: int | None) -> np.ndarray:
+    """Every image through the eval preprocessing (uint8); a missing or undecodable file is a
+    one-line ValueError naming it."""
+    from PIL import UnidentifiedImageError
 
-    path = Path(name)
-    if not path.is_file():
-        raise ValueError(f"{name}: no such file")
-    data = path.read_bytes()
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except UnidentifiedImageError:
-        raise ValueError(f"{name}: not an image (unknown format)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt image data
-        raise ValueError(f"{name}: not a decodable image ({e})") from None
-    return data
-
-
-def _preprocess(paths: Sequence[str], image_size: int) -> np.ndarray:
-    """Read and preprocess every image; a missing or undecodable file is a one-line error."""
-    import tensorflow as tf
-
-    from eca_flax.data import preprocess_for_eval
+    from eca_flax.data.transforms import DECODE_ERRORS, eval_transform
 
     images = []
     for name in paths:
-        data = _check_image(name)
+        path = Path(name)
+        if path.is_dir():
+            raise ValueError(f"{name}: is a directory, not an image file")
+        if not path.is_file():
+            raise ValueError(f"{name}: no such file")
         try:
-            images.append(preprocess_for_eval(data, image_size))
-        except tf.errors.InvalidArgumentError as e:  # a format PIL reads but TensorFlow not
-            reason = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]|name:", "", e.message)
-            reason = " ".join(reason.split())[:160]
+            images.append(eval_transform(path.read_bytes(), image_size, resize_size))
+        except UnidentifiedImageError:
+            raise ValueError(f"{name}: not an image (unknown format)") from None
+        except DECODE_ERRORS as e:  # truncated or corrupt image data
+            reason = " ".join(str(e).split())[:160] or type(e).__name__
             raise ValueError(f"{name}: not a decodable image ({reason})") from None
     return np.stack(images)
+
+
+def eval_size(meta: dict, image_size: int | None) -> tuple[int, int | None]:
+    """(crop, resize) for a model: ``image_size`` if given (resize by the 256/224 rule), else
+    the sizes its model.json records (224 and 256 for converted released weights)."""
+    if image_size is not None:
+        return image_size, None
+    return int(meta.get("image_size") or 224), meta.get("resize_size")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,9 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
     parser.add_argument("--weights", required=True, help="pretrained directory (model.json)")
     parser.add_argument("--top", type=int, default=5, help="classes to show per image")
-    parser.add_argument("--image-size", type=int, default=224, help="center crop size")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="center crop size (default: the size the model was evaluated at, from model.json)",
+    )
     args = parser.parse_args(argv)
-    if args.top < 1 or args.image_size < 1:
+    if args.top < 1 or (args.image_size is not None and args.image_size < 1):
         parser.error("--top and --image-size must be positive")
     logging.getLogger("absl").setLevel(logging.ERROR)
     from eca_flax import xla_flags
@@ -117,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     try:
-        read_model_json(args.weights)  # a wrong --weights fails before decoding images
-        images = _preprocess(args.images, args.image_size)
+        meta = read_model_json(args.weights)  # a wrong --weights fails before decoding images
+        size, resize = eval_size(meta, args.image_size)
+        images = load_images(args.images, size, resize)
         model = load_pretrained(args.weights)
     except (PretrainedError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,9 +4,10 @@ A pretrained model is a directory (what ``convert_torch_weights.py`` writes and 
 exports)::
 
     model.json   how to rebuild the model: {"format": "eca_flax.pretrained/1", "arch",
-                 "k_size" (one per ECA layer group), "num_classes", "attention", "params",
-                 "source" ({"file", "sha256"} of a converted .pth, or null), "epoch",
-                 "best_prec1", "converter_version"}
+                 "k_size" (one per ECA layer group), "num_classes", "attention", "image_size"
+                 and "resize_size" (its eval preprocessing), "params", "source" ({"file",
+                 "sha256"} of a converted .pth, or null), "epoch", "best_prec1",
+                 "converter_version"}
     state/       an Orbax checkpoint of the weights and BatchNorm statistics as one pure dict
                  (``nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))``)
 
@@ -36,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
+from eca_flax.data.transforms import default_resize_size
 from eca_flax.layers import attention_choice
 from eca_flax.registry import arch_of, count_params, create_model, list_models, resolve_k_size
 
@@ -44,7 +46,7 @@ MODEL_JSON = "model.json"
 STATE_DIR = "state"
 WEIGHTS = (nnx.Param, nnx.BatchStat)  # what a pretrained model stores
 MODEL_KEYS = ("arch", "k_size", "num_classes", "attention")  # every weights file's description
-_CORE_KEYS = ("format", *MODEL_KEYS, "params", "source")
+_CORE_KEYS = ("format", *MODEL_KEYS, "image_size", "resize_size", "params", "source")
 _EXTRA_DEFAULTS = {"epoch": None, "best_prec1": None}
 
 Path_ = str | os.PathLike[str]
@@ -319,6 +321,8 @@ def save_pretrained(
     source: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    image_size: int = 224,
+    resize_size: int | None = None,
 ) -> None:
     """Write ``model`` as a pretrained directory (model.json + Orbax ``state/``), atomically.
 
@@ -327,8 +331,10 @@ def save_pretrained(
     ``path`` is refused unless ``overwrite``, and even then only a pretrained directory (one
     with a model.json) or an empty directory is replaced. ``arch`` / ``attention`` must be what
     the model is. ``source`` is {"file", "sha256"} of a converted file; ``extra`` adds keys to
-    model.json (``epoch`` and ``best_prec1`` default to null). In a multi-process job, call it
-    on process 0 only.
+    model.json (``epoch`` and ``best_prec1`` default to null). ``image_size`` / ``resize_size``
+    record the eval preprocessing the model expects (center crop after resizing the shorter
+    side; default the 256/224 ratio): predict uses them. In a multi-process job, call it on
+    process 0 only.
     """
     path = Path(path).expanduser().absolute()
     if jax.process_index() != 0:  # Orbax writes host arrays from process 0 only
@@ -354,6 +360,8 @@ def save_pretrained(
     meta = {
         "format": FORMAT,
         **have,
+        "image_size": int(image_size),
+        "resize_size": int(resize_size or default_resize_size(image_size)),
         "params": count_params(model),
         "source": dict(source) if source is not None else None,
         **_EXTRA_DEFAULTS,

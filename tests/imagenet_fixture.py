@@ -3,14 +3,14 @@
 ``build_mini_imagenet(root)`` writes ``ILSVRC2012_img_train.tar`` (a tar of per-synset tars
 ``nXXXXXXXX.tar`` of ``nXXXXXXXX_N.JPEG``) and ``ILSVRC2012_img_val.tar`` (a flat tar of
 ``ILSVRC2012_val_000000NN.JPEG``) into ``root/downloads/manual`` and prepares them with TFDS's
-own imagenet2012 builder, into ``root`` (the TFDS data_dir). Images are real JPEGs cut from
-scikit-learn's two sample photos, landscape and portrait, with a grayscale and a CMYK JPEG in
-each split and a PNG disguised as .JPEG (as ImageNet has). TFDS assigns validation labels by
-sorted file name from its bundled list of the 50,000 real labels, so the val files carry the
-real indices 1..N and their real synsets; the train synsets are those same synsets.
+own imagenet2012 builder, into ``root`` (the TFDS data_dir), in ArrayRecord. Images are real
+JPEGs cut from scikit-learn's two sample photos, landscape and portrait, with a grayscale and a
+CMYK JPEG in each split and a PNG disguised as .JPEG (as ImageNet has). TFDS assigns validation
+labels by sorted file name from its bundled list of the 50,000 real labels, so the val files
+carry the real indices 1..N and their real synsets; the train synsets are those same synsets.
 
-``shared_mini_imagenet()`` / ``shared_digits_folder()`` build once per process into a temp
-dir (removed at exit), for tests in any file.
+``shared_mini_imagenet()`` / ``shared_digits_folder()`` build once per process into a temp dir
+(removed at exit), for tests in any file.
 """
 
 from __future__ import annotations
@@ -119,12 +119,14 @@ def write_ilsvrc_tars(manual_dir: pathlib.Path, seed: int = 0) -> None:
             _add_bytes(val_tar, name, _varied_image(rng, mode))
 
 
-def build_mini_imagenet(root: pathlib.Path) -> str:
-    """Writes the tars into root/downloads/manual and prepares TFDS imagenet2012 in root."""
+def build_mini_imagenet(root: pathlib.Path, file_format: str = "array_record") -> str:
+    """Writes the tars into root/downloads/manual and prepares TFDS imagenet2012 in root, with
+    TFDS's own builder (which needs TensorFlow), as ArrayRecord (what eca_flax reads) or, to
+    test the conversion, TFRecord."""
     import tensorflow_datasets as tfds
 
     root = pathlib.Path(root)
-    builder = tfds.builder("imagenet2012", data_dir=os.fspath(root))
+    builder = tfds.builder("imagenet2012", data_dir=os.fspath(root), file_format=file_format)
     if not builder.is_prepared():
         manual = root / "downloads" / "manual"
         write_ilsvrc_tars(manual)

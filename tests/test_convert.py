@@ -197,6 +197,8 @@ def test_released_file_round_trip(name, released, tmp_path, capsys):
         "k_size": list(eca_flax.resolve_k_size(name)),
         "num_classes": 1000,
         "attention": "eca",
+        "image_size": 224,  # the released models' eval preprocessing, for predict
+        "resize_size": 256,
         "params": info.params,
         "source": {"file": info.checkpoint, "sha256": hashlib.sha256(src.read_bytes()).hexdigest()},
         "epoch": 100,

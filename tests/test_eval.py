@@ -98,9 +98,13 @@ def test_eval_only_matches_pytorch_with_pil_pipeline(converted, tmp_path) -> Non
     )
     got = run.eval
     # The same images: the bytes TFDS stored, each labelled uniquely in the fixture.
-    builder = tfds.builder("imagenet2012", data_dir=imagenet_fixture.shared_mini_imagenet())
-    ds = builder.as_dataset(split="validation", decoders={"image": tfds.decode.SkipDecoding()})
-    by_label = {int(ex["label"]): ex["image"] for ex in tfds.as_numpy(ds)}
+    source = tfds.data_source(
+        "imagenet2012",
+        split="validation",
+        data_dir=imagenet_fixture.shared_mini_imagenet(),
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    by_label = {int(r["label"]): r["image"] for r in (source[i] for i in range(len(source)))}
     images = np.stack([pil_eval_reference(by_label[int(y)]) for y in got.labels])
     with torch.no_grad():
         want = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()

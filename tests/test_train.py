@@ -29,7 +29,7 @@ import torch
 from eca_flax import pretrained, xla_flags
 from eca_flax.training import checkpoints, loop, steps
 from eca_flax.training import config as cfg
-from eca_flax.training.mesh import make_mesh
+from eca_flax.training.mesh import batch_sharded, make_mesh, prefetch_to_mesh
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"top1=([0-9.]+) top5=([0-9.]+) images=(\d+)")
@@ -84,18 +84,20 @@ def initial_weights(config, num_classes: int) -> dict[str, np.ndarray]:
 # How closely two correct float32 runs of the same training agree, when only the summation order
 # differs (other device counts or processes, other CPUs, jax 0.10-0.12). Measured for these
 # tests' runs (tests/test_train.py's configs, 3 steps) with `jax_enable_x64` and in float32:
-# - float64: 1, 2 and 8 devices, and 4 devices with the two-process batch order, agree to
-#   <= 1.6e-7 in every loss and <= 5e-5 (<= 5e-7 in total) in the weight updates: one computation.
+# - float64: 1, 2, 4 and 8 devices, and 4 devices with the two-process batch order, agree to
+#   <= 2.4e-7 in every loss and <= 5e-5 (<= 5e-7 in total) in the weight updates: one computation.
 # - float32, the largest spread seen between two correct runs (AMD EPYC with jax 0.10.2, 0.11.2
 #   and 0.12.0.1; Intel Xeon; the AMD EPYC report of issue 10): step 1 (the forward pass)
-#   6.6e-7, step 2 4.1e-6, step 3 5.5e-4. Step 3 jumps because BatchNorm over 8 values at lr
-#   0.4 amplifies rounding until single ReLU / max-pool decisions flip: its losses fall on two
-#   branches 2.8e-4 apart. Weight updates: 6.4% for the worst tensor, 0.3% over all.
+#   6.6e-7, step 2 4.2e-6, step 3 4.0e-3. Step 3 jumps because BatchNorm over 8 values amplifies
+#   rounding until single ReLU / max-pool decisions flip: its losses fall on two branches, 2.8e-4
+#   apart on the mini ImageNet at lr 0.4 and 4.0e-3 apart on the digits at lr 0.0125. Weight
+#   updates after step 3: 6.4% for the worst tensor, 0.37% over all.
 # - what an error costs: a 10% error in the gradient scale (lr 0.44 instead of 0.4) moves the
-#   step-2 loss by 5.5e-3 and the step-3 loss by 8.4e-3 (and the updates by ~10%); BatchNorm
-#   statistics over half the batch move the step-1 loss by 1.3e-2.
-# The tolerances sit between the two: >= 3.6x the noise and >= 4x below that error.
-LOSS_RTOL = (1e-5, 1e-4, 2e-3)  # steps 1, 2, 3
+#   step-2 loss by 5.5e-3 (and the updates by ~10%); BatchNorm statistics over half the batch
+#   move the step-1 loss by 1.3e-2.
+# So steps 1 and 2 and the total update carry the check (>= 15x above the noise, >= 5x below that
+# error); step 3 only has to stay on one of its branches.
+LOSS_RTOL = (1e-5, 1e-4, 2e-2)  # steps 1, 2, 3
 UPDATE_RTOL = 0.2  # per tensor
 TOTAL_UPDATE_RTOL = 0.02  # over all tensors
 
@@ -348,6 +350,25 @@ def test_eight_devices_train_like_one(tmp_path: pathlib.Path) -> None:
     wrong = small_config(init_from=str(tmp_path / "d1"), model="eca_resnet34")
     with pytest.raises(cfg.ConfigError, match="holds 'eca_resnet18'.*'eca_resnet34'"):
         checkpoints.build_model(cfg.resolve_config(wrong), 10)
+
+
+def test_prefetch_keeps_the_next_batch_in_flight_in_order() -> None:
+    """The loop's device prefetch: batch s + 1 is sent before step s runs; order is kept."""
+    pulled = []
+
+    def host_batches():
+        for i in range(5):
+            pulled.append(i)
+            yield {"image": np.full((8, 4, 4, 3), i, np.uint8), "label": np.arange(8) + 10 * i}
+
+    mesh = make_mesh(jax.devices()[:8])
+    batches = prefetch_to_mesh(host_batches(), mesh, 8)
+    first = next(batches)
+    assert pulled == [0, 1]  # the next batch's transfer is issued before step 0 runs
+    assert isinstance(first["image"], jax.Array) and first["image"].sharding == batch_sharded(mesh)
+    got = [first, *batches]
+    assert [int(b["image"][0, 0, 0, 0]) for b in got] == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(got[3]["label"], np.arange(8) + 30)
 
 
 def free_port() -> int:

@@ -23,11 +23,19 @@ class BenchmarkError(RuntimeError):
 def synthetic_batch(
     batch_size: int, image_size: int, num_classes: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random ImageNet-normalized NHWC images and labels (numpy), shared by both frameworks."""
+    """Random uint8 NHWC images and labels (numpy), shared by both frameworks: what the input
+    pipeline gives train.py's step (``normalized`` turns them into what the models take)."""
     rng = np.random.default_rng(seed)
-    images = rng.standard_normal((batch_size, image_size, image_size, 3), np.float32)
+    images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8)
     labels = rng.integers(0, num_classes, batch_size).astype(np.int32)
     return images, labels
+
+
+def normalized(images: np.ndarray) -> np.ndarray:
+    """uint8 images ImageNet-normalized (float32), the input the models and PyTorch take."""
+    from eca_flax.data.transforms import normalize
+
+    return normalize(images)
 
 
 def inference_fn(model: Any) -> tuple[Callable, tuple]:
@@ -113,7 +121,7 @@ def build_jax(
     infer = mode in ("infer", "both")
     if infer or attention is not None:  # The ECA model's forward also gives the FLOPs.
         forward, weights = inference_fn(model)
-        x = jax.device_put(images)
+        x = jax.device_put(normalized(images))
         start = time.perf_counter()
         compiled = forward.lower(*weights, x).compile()
         result.compile_infer_s = time.perf_counter() - start
@@ -175,7 +183,8 @@ def build_torch(
     model = torch_reference.build(name).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+    x = torch.from_numpy(np.ascontiguousarray(normalized(images).transpose(0, 3, 1, 2)))
+    x = x.to(device)
     x = x.contiguous(memory_format=fmt)
     y = torch.from_numpy(labels.astype(np.int64)).to(device)
     bf16 = dtype == "bfloat16"
@@ -233,7 +242,7 @@ def dispatch_overhead(
     images, labels = synthetic_batch(1, image_size, 1000)
     model = eca_flax.create_model(name)
     forward, state = inference_fn(model)
-    x = jax.device_put(images)
+    x = jax.device_put(normalized(images))
     trivial = jax.jit(lambda params, batch_stats, images: images[0, 0, 0, 0])
     module_jit = nnx.jit(lambda m, images: m(images))
     model.eval()

@@ -55,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params stay float32).
     c.init_from = ""  # A converter output dir, a training workdir or one of its checkpoints.
     # Data.
-    c.dataset = "imagenet2012"  # "imagenet2012" (TFDS) or "folder:PATH" (train/ and val/).
+    c.dataset = "imagenet2012"  # "imagenet2012" (TFDS), "folder:PATH" (train/, val/), "digits:16".
     c.data_dir = ""  # TFDS data dir ("": TFDS's default).
     c.batch_size = 256  # Global: over all devices of all hosts.
     c.eval_batch_size = -1  # -1: batch_size.
@@ -65,6 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.augment = "inception_crop"  # Or "pad_crop:N" (shifts of up to N px, for small images).
     c.min_crop_area = 0.08  # Random resized crop area range [min_crop_area, 1].
     c.hflip = True  # Random horizontal flips.
+    c.skip_damaged_images = False  # Skip unreadable images (counted per epoch) instead of stopping.
+    c.data_threads = 0  # Decoding threads per process; 0: one per core.
+    c.data_workers = 0  # grain worker processes (each with data_threads); 0: threads only.
     c.seed = 0  # Initialisation, data order, augmentation and dropout.
     # Evaluation.
     c.eval_only = False  # Evaluate init_from (or the workdir's latest checkpoint) and stop.
@@ -143,6 +146,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             f"eval_resize_size={c.eval_resize_size} is below image_size={c.image_size}: the "
             "center crop would not fit (-1 gives the original's 256/224 ratio)"
         )
+    for name in ("data_threads", "data_workers"):
+        if c[name] < 0:
+            raise ConfigError(f"{name} must be >= 0, got {c[name]}")
     profile_range(c)
     c.lock()
     return c

@@ -23,7 +23,7 @@ from flax import nnx
 from eca_flax import data, pretrained
 from eca_flax.training import checkpoints, reporting
 from eca_flax.training.config import ConfigError, Plan, TrainingError, make_plan, resolve_config
-from eca_flax.training.mesh import make_mesh, put_replicated, to_global
+from eca_flax.training.mesh import make_mesh, prefetch_to_mesh, put_replicated
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import (
     init_state,
@@ -42,11 +42,13 @@ class EvalResult:
     top1: float
     top5: float
     images: int
+    skipped: int = 0  # damaged images left out (skip_damaged_images)
     logits: np.ndarray | None = None
     labels: np.ndarray | None = None
 
     def summary(self) -> str:
-        return f"top1={self.top1:.4f} top5={self.top5:.4f} images={self.images}"
+        skipped = f" skipped={self.skipped}" if self.skipped else ""
+        return f"top1={self.top1:.4f} top5={self.top5:.4f} images={self.images}{skipped}"
 
 
 @dataclasses.dataclass
@@ -75,24 +77,27 @@ def evaluate(
         global_batch_size=plan.eval_batch_size,
         image_size=config.image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
+        skip_damaged=config.skip_damaged_images,
+        threads=config.data_threads or None,
     )
     totals, kept = None, []
     with reporting.progress(plan.num_eval, "eval") as bar:
-        for batch in batches:
-            out = eval_step(
-                state["params"], state["batch_stats"], to_global(batch, mesh, plan.eval_batch_size)
-            )
+        for batch in prefetch_to_mesh(batches, mesh, plan.eval_batch_size):
+            out = eval_step(state["params"], state["batch_stats"], batch)
             if keep_logits:
                 host = jax.device_get({k: out[k] for k in ("logits", "labels", "mask")})
                 kept.append((host["logits"][host["mask"] > 0], host["labels"][host["mask"] > 0]))
-            sums = {k: out[k] for k in ("top1", "top5", "count")}
+            sums = {k: out[k] for k in ("top1", "top5", "count", "damaged")}
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             bar.update(min(plan.eval_batch_size, plan.num_eval - bar.n))
     if totals is None:
         raise data.DataError(f"{config.dataset}: the validation split yielded no batches")
     totals = jax.device_get(totals)
     images = int(round(float(totals["count"])))
-    result = EvalResult(float(totals["top1"]) / images, float(totals["top5"]) / images, images)
+    if not images:
+        raise data.DataError(f"{config.dataset}: no readable validation image")
+    result = EvalResult(float(totals["top1"]) / images, float(totals["top5"]) / images, images,
+                        skipped=int(totals["damaged"]))  # fmt: skip
     if keep_logits:
         result.logits = np.concatenate([k[0] for k in kept])
         result.labels = np.concatenate([k[1] for k in kept])
@@ -136,7 +141,12 @@ class Preemption:
 
 
 def export_pretrained(
-    model: nnx.Module, state: dict, plan: Plan, path: str, result: EvalResult
+    model: nnx.Module,
+    state: dict,
+    config: ml_collections.ConfigDict,
+    plan: Plan,
+    path: str,
+    result: EvalResult,
 ) -> None:
     """The final weights as a pretrained directory (model.json + state/), for load_pretrained.
 
@@ -154,6 +164,8 @@ def export_pretrained(
         path,
         arch=pretrained.describe(model)["arch"],
         attention=model.attention,
+        image_size=config.image_size,
+        resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
         extra={
             "epoch": step // plan.steps_per_epoch,
             "step": step,
@@ -164,8 +176,11 @@ def export_pretrained(
     )
 
 
-def _train_batches(config: ml_collections.ConfigDict, plan: Plan, start_step: int) -> Iterator:
-    return data.train_iterator(
+def _train_batches(
+    config: ml_collections.ConfigDict, plan: Plan, start_step: int, mesh
+) -> Iterator:
+    """The global train batches from ``start_step`` on, transfers to the devices in flight."""
+    batches = data.train_iterator(
         config.dataset,
         config.data_dir or None,
         global_batch_size=plan.batch_size,
@@ -175,7 +190,11 @@ def _train_batches(config: ml_collections.ConfigDict, plan: Plan, start_step: in
         area_range=(config.min_crop_area, 1.0),
         augment=config.augment,
         hflip=config.hflip,
+        skip_damaged=config.skip_damaged_images,
+        threads=config.data_threads or None,
+        workers=config.data_workers,
     )
+    return prefetch_to_mesh(batches, mesh, plan.batch_size)
 
 
 def _evaluate_only(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResult:
@@ -245,15 +264,14 @@ def train_and_evaluate(
     )
     board, profiler = reporting.TensorBoard(workdir), reporting.Profiler(config, workdir)
     metrics = reporting.StepMetrics(plan.batch_size)
-    batches = _train_batches(config, plan, step)
+    batches = _train_batches(config, plan, step, mesh)
     bar = reporting.progress(plan.total_steps * plan.batch_size, "train", step * plan.batch_size)
-    result, history, saved = None, [], step
+    result, history, saved, damaged = None, [], step, 0
     try:
         with Preemption() as preemption:
             while step < plan.total_steps:
                 profiler.before_step(step + 1)
-                batch = to_global(next(batches), mesh, plan.batch_size)
-                state, step_metrics = train_step(state, batch)
+                state, step_metrics = train_step(state, next(batches))
                 step += 1
                 profiler.after_step(step, step_metrics)
                 metrics.add(step, step_metrics)
@@ -265,6 +283,10 @@ def train_and_evaluate(
                 stop = preemption.requested(step)
                 if step % config.log_every_steps == 0 or do_eval or do_save or stop:
                     history.append(_log_train(step, plan, metrics.flush(), board))
+                    damaged += history[-1]["damaged"]
+                if into_epoch == 0 and damaged:
+                    logger.warning(f"epoch {epoch}: {damaged} damaged training images skipped")
+                    damaged = 0
                 result = None
                 if do_eval:
                     result = evaluate(eval_step, state, config, plan, mesh, keep_logits=keep_logits)
@@ -280,7 +302,7 @@ def train_and_evaluate(
                     return RunResult(step, result, preempted=True, history=history)
         if result is None:  # Resumed a finished run: evaluate the final state again.
             result = evaluate(eval_step, state, config, plan, mesh, keep_logits=keep_logits)
-        export_pretrained(model, state, plan, os.path.join(workdir, "pretrained"), result)
+        export_pretrained(model, state, config, plan, os.path.join(workdir, "pretrained"), result)
         logger.info(f"final step={step} {result.summary()}")
         return RunResult(step, result, history=history)
     except TrainingError as e:

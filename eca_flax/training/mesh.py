@@ -6,8 +6,10 @@ one ``jax.jit`` step over the mesh computes BatchNorm statistics over the global
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -82,3 +84,25 @@ def put_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(put, tree)
+
+
+def prefetch_to_mesh(
+    batches: Iterator[dict[str, np.ndarray]],
+    mesh: jax.sharding.Mesh,
+    global_batch: int,
+    size: int = 2,
+) -> Iterator[dict]:
+    """This process's batches as global arrays, with ``size`` host-to-device transfers in flight:
+    the next batch is already on its way while the current step runs. Order is unchanged."""
+    queue: collections.deque = collections.deque()
+
+    def enqueue() -> None:
+        batch = next(batches, None)
+        if batch is not None:
+            queue.append(to_global(batch, mesh, global_batch))
+
+    for _ in range(size):
+        enqueue()
+    while queue:
+        yield queue.popleft()
+        enqueue()  # batch s + size, before step s + 1 is dispatched

@@ -2,7 +2,7 @@
 
 Process 0 reports; the other processes stay quiet. Lines go through ``logging`` (logger
 "eca_flax", on stdout, ``HH:MM:SS message``), the progress bar is tqdm's (terminals only),
-TensorBoard event files are written with the ``tensorboard`` package's own writer (no
+TensorBoard event files are written with the ``tensorboard`` package's record format (no
 TensorFlow), and ``--config.profile_steps=START,END`` traces those steps with
 ``jax.profiler`` into the same TensorBoard directory.
 """
@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -93,22 +94,36 @@ class StepMetrics:
         out = {k: float(np.mean([m[k] for m in values])) for k in ("loss", "top1")}
         out["lr"] = float(values[-1]["lr"])
         out["images_per_sec"] = len(values) * self.batch_size / max(now - self.since, 1e-9)
+        out["damaged"] = int(sum(int(m["damaged"]) for m in values))
         self.pending, self.since = [], now
         return out
 
 
 class TensorBoard:
-    """Scalars as TensorBoard event files in workdir/tensorboard (process 0), without TF."""
+    """Scalars as a TensorBoard event file in workdir/tensorboard (process 0).
+
+    Written with the ``tensorboard`` package's own record framing and protos, which need no
+    TensorFlow (its EventFileWriter would import TensorFlow wherever it is installed).
+    """
 
     def __init__(self, workdir: str) -> None:
-        self.writer = None
+        self.file = None
         if main_process():
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            from tensorboard.compat.proto import event_pb2
+            from tensorboard.summary.writer.record_writer import RecordWriter
 
-            self.writer = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
+            logdir = os.path.join(workdir, TENSORBOARD_DIR)
+            os.makedirs(logdir, exist_ok=True)
+            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+            self.file = RecordWriter(open(os.path.join(logdir, name), "wb"))  # noqa: SIM115
+            self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event: Any) -> None:
+        self.file.write(event.SerializeToString())
+        self.file.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
+        if self.file is None:
             return
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
@@ -117,12 +132,12 @@ class TensorBoard:
                 summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()
             ]
         )
-        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-        self.writer.flush()
+        self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class Profiler:

@@ -4,7 +4,8 @@ State is a dict of arrays: step, params, batch_stats, opt_state, rng. params and
 are pure nested dicts (``nnx.to_pure_dict``: checkpoint keys like params/layer1/0/conv1/kernel,
 independent of Flax's Variable classes). The steps are pure functions over arrays (``nnx.split``
 once, ``nnx.merge`` inside the traced function), compiled once with ``jax.jit`` over the mesh.
-This module needs no input pipeline (and so no TensorFlow): the benchmark uses it as is.
+Batches arrive as uint8 and are normalized here, on the device. This module needs no input
+pipeline (and no TensorFlow): the benchmark uses it as is.
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from eca_flax.data.transforms import MEAN_RGB, STD_RGB
 from eca_flax.training.config import Plan
 from eca_flax.training.mesh import batch_sharded, put_replicated, replicated
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+    """uint8 RGB batches -> (x / 255 - mean) / std in float32, on the device (inside the steps:
+    the host sends a quarter of the bytes and does no float work)."""
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(MEAN_RGB, jnp.float32)) / jnp.asarray(STD_RGB, jnp.float32)
 
 
 def make_schedule(config: ml_collections.ConfigDict, plan: Plan) -> optax.Schedule:
@@ -80,8 +89,9 @@ def make_train_step(
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """One SGD step over a global batch: ``state, metrics = train_step(state, batch)``.
 
+    ``batch``: uint8 'image' (B, S, S, 3), int32 'label' (and 'damaged' counts, optional).
     Compiled once with ``jax.jit`` over the mesh; the state is donated. Metrics (loss, batch
-    top-1, learning rate) are replicated scalars.
+    top-1, learning rate, damaged files replaced) are replicated scalars.
     """
     model.train()
     graphdef, _, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
@@ -95,7 +105,7 @@ def make_train_step(
             if streams:  # Dropout keys depend on (seed, step) only: resumes are exact.
                 key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
                 nnx.reseed(m, **{s: key for s in streams})
-            logits = m(batch["image"])
+            logits = m(normalize_images(batch["image"]))
             targets = jax.nn.one_hot(batch["label"], num_classes)
             if label_smoothing:
                 targets = optax.smooth_labels(targets, label_smoothing)
@@ -115,7 +125,8 @@ def make_train_step(
             "rng": state["rng"],
         }
         top1 = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        return new_state, {"loss": loss, "top1": top1, "lr": schedule(step)}
+        damaged = jnp.sum(batch["damaged"]) if "damaged" in batch else jnp.int32(0)
+        return new_state, {"loss": loss, "top1": top1, "lr": schedule(step), "damaged": damaged}
 
     repl = replicated(mesh)
     return jax.jit(
@@ -131,14 +142,15 @@ def make_eval_step(
 ) -> Callable[[Any, Any, dict], dict]:
     """Masked top-1/top-5 counts of a global batch: ``eval_step(params, batch_stats, batch)``.
 
-    Returns sums {'top1', 'top5', 'count'} (and the logits with ``keep_logits``), so padded
-    examples (mask 0) count for nothing and every image counts exactly once.
+    ``batch``: uint8 'image', 'label', 'mask' (and 'damaged'). Returns sums {'top1', 'top5',
+    'count', 'damaged'} (and the logits with ``keep_logits``), so padded examples (mask 0)
+    count for nothing and every image counts exactly once.
     """
     model.eval()
     graphdef, _, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
 
     def eval_fn(params: Any, batch_stats: Any, batch: dict) -> dict:
-        logits = nnx.merge(graphdef, params, batch_stats, rest)(batch["image"])
+        logits = nnx.merge(graphdef, params, batch_stats, rest)(normalize_images(batch["image"]))
         labels, mask = batch["label"], batch["mask"]
         k = min(5, logits.shape[-1])
         top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
@@ -146,6 +158,7 @@ def make_eval_step(
             "top1": jnp.sum(mask * (jnp.argmax(logits, -1) == labels)),
             "top5": jnp.sum(mask * top5),
             "count": jnp.sum(mask),
+            "damaged": jnp.sum(batch["damaged"]) if "damaged" in batch else jnp.int32(0),
         }
         if keep_logits:
             out.update(logits=logits, labels=labels, mask=mask)

@@ -1,0 +1,46 @@
+"""``python -m eca_flax.data prepare --data_dir DIR`` | ``digits PATH [--image_size N]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from eca_flax.data import sources
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prepare TFDS imagenet2012 or write the quick-start digits; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m eca_flax.data", description="Prepare eca_flax's datasets."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser(
+        "prepare",
+        help="prepare TFDS imagenet2012 (ArrayRecord) from <data_dir>/downloads/manual, or "
+        "convert a TFRecord preparation in place (needs TensorFlow)",
+    )
+    p.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS's default)")
+    g = sub.add_parser("digits", help="write scikit-learn's digits as a folder dataset")
+    g.add_argument("path")
+    g.add_argument("--image_size", type=int, default=32)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "prepare":
+            info = sources.prepare(args.data_dir)
+            print(
+                f"imagenet2012 ready in {sources.tfds_root(args.data_dir)}: {info.num_train} "
+                f"train, {info.num_eval} validation images, {info.num_classes} classes"
+            )
+        else:
+            print(f"folder:{sources.write_digits_folder(args.path, args.image_size)}")
+    except sources.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

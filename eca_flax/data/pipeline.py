@@ -1,0 +1,249 @@
+"""Train and eval batches on grain: deterministic, resumable, each process its own part.
+
+The training stream is a sequence of positions: position p is example ``perm_e[p % E]`` of
+epoch ``e = p // E``, where E = steps_per_epoch * global_batch and ``perm_e`` is a global
+permutation seeded by (seed, e); global batch s is positions [s * G, (s + 1) * G) and process i
+takes its contiguous 1/count of it, so every process count sees the same global batches in
+the same order. Each example's augmentation is seeded by (seed, epoch, index), so starting at
+``start_step`` reproduces exactly the batches an uninterrupted run sees, at no cost (random
+access). Validation reads each process's contiguous shard once, padded to the same number of
+full batches on every process (``mask`` 0 on padding).
+
+Batches are uint8 images (B, S, S, 3), int32 labels, and ``damaged``: how many unreadable
+files each slot met. An unreadable file stops the pipeline with a DataError naming it, unless
+``skip_damaged``: then a train slot takes the next readable example of the epoch (augmented
+with the damaged one's seed) and a validation slot is masked out.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from eca_flax.data import sources, transforms
+from eca_flax.data.sources import DataError
+
+Batch = dict[str, np.ndarray]
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _process_layout(
+    global_batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
+    """(process_index, process_count, per-process batch size), defaulting to JAX's."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    _check_positive("global_batch_size", global_batch_size)
+    _check_positive("process_count", process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by "
+            f"process_count={process_count}"
+        )
+    return process_index, process_count, global_batch_size // process_count
+
+
+def default_threads() -> int:
+    """Decoding threads: every core this process may use (PIL releases the GIL)."""
+    return len(os.sched_getaffinity(0))
+
+
+def _batches(
+    positions: range, load: Callable[[int], dict], per_process: int, threads: int, workers: int
+) -> Iterator[Batch]:
+    """grain: ``load`` every position on ``threads`` threads (in ``workers`` processes, if any),
+    in order, stacked into batches of ``per_process``."""
+    import grain
+
+    ds = grain.MapDataset.range(positions.start, positions.stop).map(load)
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * per_process)
+    it = ds.to_iter_dataset(options).batch(per_process, drop_remainder=True)
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain 0.2 reads its own absl flags in the workers
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)
+
+
+def _read(records: sources.FolderRecords | sources.TfdsRecords, index: int, transform: Callable):
+    """(transform(encoded image), label) of record ``index``; DataError naming the file."""
+    try:
+        data, label, name = records[index]
+    except OSError as e:
+        raise DataError(f"{e.filename or index}: unreadable ({e.strerror or e})") from None
+    try:
+        return transform(data), label
+    except transforms.DECODE_ERRORS as e:
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise DataError(f"{name}: not a decodable image ({reason})") from None
+
+
+_SKIP_HINT = "; --config.skip_damaged_images=True skips such files"
+
+
+class _TrainExample:
+    """This process's i-th example -> {'image', 'label', 'damaged'} (picklable, for workers).
+
+    Example i is slot i % P of this process's part (P images from ``offset``) of global batch
+    ``first_step + i // P``, which holds the stream positions [s * G, (s + 1) * G).
+    """
+
+    def __init__(self, records, *, seed: int, per_epoch: int, layout: tuple[int, int, int, int],
+                 skip_damaged: bool, **augment):  # fmt: skip
+        self.records, self.seed, self.per_epoch = records, seed, per_epoch
+        self.first_step, self.global_batch, self.offset, self.per_process = layout
+        self.skip_damaged, self.augment = skip_damaged, augment
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - two epochs in flight at an epoch boundary
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+
+    def __call__(self, i: int) -> dict:
+        step, slot = divmod(int(i), self.per_process)
+        position = (self.first_step + step) * self.global_batch + self.offset + slot
+        epoch, k = divmod(position, self.per_epoch)
+        perm = self.permutation(epoch)
+        index = int(perm[k])
+        transform = functools.partial(
+            self._augment, np.random.default_rng([self.seed, epoch, index])
+        )
+        for damaged in range(len(perm)):  # the next readable example of the epoch, if skipping
+            try:
+                image, label = _read(self.records, int(perm[(k + damaged) % len(perm)]), transform)
+                return {"image": image, "label": np.int32(label), "damaged": np.int32(damaged)}
+            except DataError as e:
+                if not self.skip_damaged:
+                    raise DataError(f"{e}{_SKIP_HINT}") from None
+        raise DataError("no readable image in the training split")
+
+    def _augment(self, rng: np.random.Generator, data: bytes) -> np.ndarray:
+        return transforms.train_transform(data, rng, **self.augment)
+
+
+class _EvalExample:
+    """Shard position -> {'image', 'label', 'mask', 'damaged'}; past the shard: padding."""
+
+    def __init__(self, records, start: int, end: int, skip_damaged: bool, **eval_args):
+        self.records, self.start, self.end = records, start, end
+        self.skip_damaged, self.eval_args = skip_damaged, eval_args
+        size = eval_args["image_size"]
+        self.blank = np.zeros((size, size, 3), np.uint8)
+
+    def __call__(self, position: int) -> dict:
+        index = self.start + int(position)
+        out = {"image": self.blank, "label": np.int32(0), "mask": np.float32(0.0),
+               "damaged": np.int32(0)}  # fmt: skip
+        if index >= self.end:
+            return out
+        try:
+            image, label = _read(self.records, index, self._transform)
+        except DataError as e:
+            if not self.skip_damaged:
+                raise DataError(f"{e}{_SKIP_HINT}") from None
+            return {**out, "damaged": np.int32(1)}
+        return {"image": image, "label": np.int32(label), "mask": np.float32(1.0),
+                "damaged": np.int32(0)}  # fmt: skip
+
+    def _transform(self, data: bytes) -> np.ndarray:
+        return transforms.eval_transform(data, **self.eval_args)
+
+
+def train_iterator(
+    dataset: str,
+    data_dir: str | None,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    area_range: tuple[float, float] = (0.08, 1.0),
+    augment: str = "inception_crop",
+    hflip: bool = True,
+    skip_damaged: bool = False,
+    threads: int | None = None,
+    workers: int = 0,
+) -> Iterator[Batch]:
+    """Infinite training batches {'image': uint8 (B,S,S,3), 'label', 'damaged'} of this process.
+
+    Epoch e is a permutation seeded by (seed, e), cut to whole global batches; starting at
+    ``start_step`` gives exactly the batches an uninterrupted run sees from that step.
+    """
+    index, count, per_process = _process_layout(global_batch_size, process_index, process_count)
+    _check_positive("image_size", image_size)
+    transforms.parse_augment(augment)
+    if not 0.0 < area_range[0] <= area_range[1] <= 1.0:
+        raise ValueError(f"area_range={area_range} must satisfy 0 < low <= high <= 1")
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step} must be >= 0")
+    steps = sources.steps_per_epoch(dataset, data_dir, global_batch_size)
+    load = _TrainExample(
+        sources.records(dataset, data_dir, "train"),
+        seed=seed,
+        per_epoch=steps * global_batch_size,
+        layout=(start_step, global_batch_size, index * per_process, per_process),
+        skip_damaged=skip_damaged,
+        image_size=image_size,
+        area_range=tuple(area_range),
+        augment=augment,
+        hflip=hflip,
+    )
+    forever = range(2**40 * per_process)
+    return _batches(forever, load, per_process, threads or default_threads(), workers)
+
+
+def eval_iterator(
+    dataset: str,
+    data_dir: str | None,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    resize_size: int | None = None,
+    skip_damaged: bool = False,
+    threads: int | None = None,
+) -> Iterator[Batch]:
+    """One pass over the validation split: {'image' uint8, 'label', 'mask', 'damaged'} batches.
+
+    Each process reads a contiguous shard, so every image appears exactly once overall. The
+    last batch is padded (mask 0.0, label 0, zero image) and processes with shorter shards add
+    all-masked batches, so every process yields the same number of full batches.
+    """
+    index, count, per_process = _process_layout(global_batch_size, process_index, process_count)
+    _check_positive("image_size", image_size)
+    records = sources.records(dataset, data_dir, "val")
+    n = len(records)
+    if n == 0:
+        raise DataError(f"{dataset}: the validation split is empty")
+    start, end = index * n // count, (index + 1) * n // count
+    num_batches = math.ceil(math.ceil(n / count) / per_process)  # the same on every process
+    load = _EvalExample(records, start, end, skip_damaged, image_size=image_size,
+                        resize_size=resize_size)  # fmt: skip
+    return _batches(range(num_batches * per_process), load, per_process,
+                    threads or default_threads(), workers=0)  # fmt: skip
+
+
+def preprocess_for_eval(
+    image_bytes: bytes, image_size: int = 224, resize_size: int | None = None
+) -> np.ndarray:
+    """Eval preprocessing of one encoded image -> normalized float32 (image_size, image_size, 3):
+    exactly what the eval pipeline feeds the model (its uint8 output, normalized)."""
+    _check_positive("image_size", image_size)
+    return transforms.normalize(transforms.eval_transform(image_bytes, image_size, resize_size))

@@ -1,0 +1,150 @@
+"""The original's image transforms, torchvision's semantics on PIL images, in uint8.
+
+Train: RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip;
+eval: Resize(round(size * 256 / 224)) + CenterCrop(size). Both decode with PIL (``convert("RGB")``
+like torchvision's ImageFolder loader) and return uint8 HWC arrays; the normalization
+(``x / 255 - mean) / std``) happens on the device, in the jitted steps. Randomness comes from a
+numpy Generator the caller seeds per example, so a transform is a pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
+RATIO_RANGE = (3 / 4, 4 / 3)
+# What PIL raises for files it cannot decode (truncated, corrupt, not an image at all).
+DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+)
+
+
+def decode(data: bytes) -> Image.Image:
+    """An encoded image (JPEG, PNG, ...; grayscale, CMYK, palette) as an RGB PIL image.
+
+    Raises one of DECODE_ERRORS for data PIL cannot decode completely.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decode now: a truncated file raises here, not later
+        return image.convert("RGB")
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """torchvision Resize(size): the shorter side to ``size``, the longer to
+    int(size * long / short), bilinear (PIL antialiases when shrinking)."""
+    w, h = image.size
+    if min(w, h) == size:
+        return image
+    if w <= h:
+        return image.resize((size, int(size * h / w)), Image.BILINEAR)
+    return image.resize((int(size * w / h), size), Image.BILINEAR)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision CenterCrop(size): top = int(round((h - size) / 2.0)), round half to even."""
+    w, h = image.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def default_resize_size(image_size: int) -> int:
+    """Eval resize of the shorter side: 256 for 224 (the original's ratio), rounded."""
+    return round(image_size * 256 / 224)
+
+
+def eval_transform(data: bytes, image_size: int, resize_size: int | None = None) -> np.ndarray:
+    """Decode, Resize(resize_size) + CenterCrop(image_size): uint8 (S, S, 3), exactly PIL's."""
+    resize_size = default_resize_size(image_size) if resize_size is None else resize_size
+    if resize_size < image_size:
+        raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}")
+    return np.asarray(center_crop(resize_shorter(decode(data), resize_size), image_size))
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> (x / 255 - mean) / std, float32 (what the jitted steps do on the device)."""
+    x = np.asarray(image, np.float32) / 255.0
+    return (x - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STD_RGB, np.float32)
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = RATIO_RANGE,
+) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params: (top, left, h, w) of the crop.
+
+    Ten draws of (area fraction uniform in ``scale``, log aspect uniform in log ``ratio``); the
+    first that fits is placed uniformly. Else the central crop with the aspect clamped to
+    ``ratio``. Python's round (half to even) as torchvision's ``int(round(...))``.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def parse_augment(augment: str) -> int | None:
+    """'inception_crop' -> None; 'pad_crop:N' -> N (pixels of random shift)."""
+    if augment == "inception_crop":
+        return None
+    if augment.startswith("pad_crop:") and augment[9:].isdigit():
+        return int(augment[9:])
+    raise ValueError(f"augment={augment!r}: choose 'inception_crop' or 'pad_crop:N' (N pixels)")
+
+
+def train_transform(
+    data: bytes,
+    rng: np.random.Generator,
+    image_size: int,
+    area_range: tuple[float, float] = (0.08, 1.0),
+    augment: str = "inception_crop",
+    hflip: bool = True,
+) -> np.ndarray:
+    """Train augmentation of one encoded image: uint8 (S, S, 3).
+
+    "inception_crop": RandomResizedCrop(image_size, scale=area_range) bilinear; "pad_crop:N":
+    fit to image_size as eval does (no zoom), then a random shift of up to N px (zero fill),
+    for small images. Then a horizontal flip with probability 0.5 if ``hflip``.
+    """
+    pad = parse_augment(augment)
+    image = decode(data)
+    if pad is None:
+        top, left, h, w = random_resized_crop_box(*image.size, rng, area_range)
+        image = image.resize(
+            (image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h)
+        )
+        out = np.asarray(image)
+    else:
+        fitted = np.asarray(center_crop(resize_shorter(image, image_size), image_size))
+        padded = np.pad(fitted, ((pad, pad), (pad, pad), (0, 0)))
+        dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+        out = padded[dy : dy + image_size, dx : dx + image_size]
+    if hflip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)

@@ -1,0 +1,31 @@
+"""benchmarks/gpu_check.sh, the one-shot GPU check, as a dry run on this CPU: every stage runs
+at tiny sizes and the summary holds each stage's figures."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run(tmp_path: pathlib.Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "error:" not in proc.stdout, proc.stdout
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    row = r"\| eca_resnet18 \| eca_flax \| 11,689,556 \|.*\| [\d.]+ \| [\d.]+ \|"
+    assert re.search(row, summary)
+    assert re.search(r"\| eca_resnet18 \| PyTorch, channels_last, autocast bf16 \|", summary)
+    for kind in ("train", "eval"):
+        row = rf"\| {kind} \| this revision \| [\d.]+ \| [\d.]+ \| 150,5\d\d \|"
+        assert re.search(row, summary)
+    assert re.search(r"final step=4 top1=[\d.]+ top5=[\d.]+ images=16", summary)
+    assert (tmp_path / "out" / "gpu_check.log").read_text().startswith("\n=== device and versions")
