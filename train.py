@@ -15,6 +15,7 @@ the published top-1 it targets. Problems are reported as one ``error:`` line and
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from eca_flax import xla_flags
@@ -30,10 +31,23 @@ flags.DEFINE_string("workdir", None, "Checkpoints and logs (default: workdirs/<c
 flags.mark_flags_as_required(["config"])
 
 
-def fail(message: str) -> None:
+def fail(message: object) -> None:
     """One line on stderr, exit code 1."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     sys.exit(1)
+
+
+def unknown_field(error: AttributeError) -> str:
+    """ml_collections' message for --config.FIELD of a field the config lacks, as one line."""
+    text = str(error).strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+    field = re.match(r"'?([\w.]+)'?", text)
+    hint = re.search(r'Did you mean "([\w.]+)"', text)
+    name = field.group(1) if field else text
+    return (
+        f"unknown config field {name!r}"
+        + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+        + "; the fields are those of eca_flax.training.config.default_config()"
+    )
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -52,8 +66,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         fail(e)
     except AttributeError as e:  # --config.FIELD=... for a field the config does not have
-        fail(f"unknown config field {str(e).strip(chr(34))}; the fields are those of "
-             "eca_flax.training.config.default_config()")  # fmt: skip
+        fail(unknown_field(e))
     except user_errors() as e:  # Raised by a config file's get_config().
         fail(e)
     except (OSError, ImportError, SyntaxError) as e:  # A missing or broken config file.
@@ -66,7 +79,7 @@ def main(argv: list[str]) -> int:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # Orbax and JAX log much at INFO; -v 0 shows it.
         logging.set_verbosity(logging.WARNING)
-    from eca_flax.training import loop, mesh
+    from eca_flax.training import loop, mesh, reporting
 
     path = config_flags.get_config_filename(FLAGS["config"])
     if not os.path.isfile(path):
@@ -79,12 +92,15 @@ def main(argv: list[str]) -> int:
     name = os.path.splitext(os.path.basename(path))[0]
     workdir = FLAGS.workdir or os.path.join("workdirs", name)
     try:
+        reporting.setup_logging(all_processes=True)
         mesh.initialize_distributed(config)
         loop.train_and_evaluate(config, workdir)
     except user_errors() as e:
         fail(e)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+    except OSError as e:  # the workdir, the data: permissions, a full disk, ...
+        fail(f"{e.filename or workdir}: {e.strerror or e}")
+    except KeyboardInterrupt as e:  # before the loop took over Ctrl-C, or a second Ctrl-C
+        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr, flush=True)
         return 130
     return 0
 

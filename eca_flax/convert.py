@@ -97,6 +97,11 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) -> 
         if unexpected:
             parts.append(f"unexpected keys: {list_keys(unexpected)}")
         raise ConversionError("; ".join(parts))
+    if bad := sorted(k for k in expected if not np.isfinite(np.asarray(sd[k])).all()):
+        raise ConversionError(
+            f"{len(bad)} tensors hold NaN or infinite values ({list_keys(bad)}): a diverged or "
+            "damaged checkpoint; refusing to convert it"
+        )
     new_values = {}
     for key, path in expected.items():
         value = to_flax_layout(np.asarray(sd[key]))

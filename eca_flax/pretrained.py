@@ -7,7 +7,7 @@ exports)::
                  "k_size" (one per ECA layer group), "num_classes", "attention", "image_size"
                  and "resize_size" (its eval preprocessing), "params", "source" ({"file",
                  "sha256"} of a converted .pth, or null), "epoch", "best_prec1",
-                 "converter_version"}
+                 "converter_version", "checksum" (CRC-32 of the arrays, checked on load)}
     state/       an Orbax checkpoint of the weights and BatchNorm statistics as one pure dict
                  (``nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))``)
 
@@ -22,12 +22,16 @@ random init costs on a CPU.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable, Collection, Mapping
+import threading
+import zlib
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,8 @@ MODEL_JSON = "model.json"
 STATE_DIR = "state"
 WEIGHTS = (nnx.Param, nnx.BatchStat)  # what a pretrained model stores
 MODEL_KEYS = ("arch", "k_size", "num_classes", "attention")  # every weights file's description
-_CORE_KEYS = ("format", *MODEL_KEYS, "image_size", "resize_size", "params", "source")
+_CORE_KEYS = ("format", *MODEL_KEYS, "image_size", "resize_size", "params", "source",
+              "checksum")  # fmt: skip
 _EXTRA_DEFAULTS = {"epoch": None, "best_prec1": None}
 
 Path_ = str | os.PathLike[str]
@@ -252,16 +257,65 @@ def _checkpointer() -> ocp.StandardCheckpointer:
     return ocp.StandardCheckpointer(multiprocessing_options=options)
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     first = (str(error).strip().splitlines() or [""])[0][:300]
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
-def read_weights(state_dir: Path_, target: Flat, *, what: str = MODEL_JSON) -> Flat:
+def checksum(tree: Any) -> str:
+    """CRC-32 of a pytree's arrays in path order (this process's copy of replicated arrays):
+    recorded when weights are written and checked when they are read, since Orbax checks no
+    bytes (a changed data file restores silently otherwise)."""
+    crc = 0
+    leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    for path, leaf in sorted(leaves.items()):
+        array = np.ascontiguousarray(host_array(leaf))
+        crc = zlib.crc32(f"{path}{array.dtype}{array.shape}".encode(), crc)
+        crc = zlib.crc32(array.reshape(-1).view(np.uint8), crc)
+    return f"crc32:{crc:08x}"
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is a full disk, however Orbax / TensorStore wrap it."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C inside the block waits for its end, so writes are never cut half-way: the block
+    gets a function saying whether one came (to undo its work), and it is raised after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: hits.append(1))
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hits:
+        raise KeyboardInterrupt
+
+
+def private_to_umask(path: Path_) -> None:
+    """A directory or file made private by mkdtemp / mkstemp gets the umask's usual mode."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
+def read_weights(
+    state_dir: Path_, target: Flat, *, what: str = MODEL_JSON, expected: str | None = None
+) -> Flat:
     """Read the Orbax checkpoint ``state_dir`` into arrays shaped like ``target``; one-line errors.
 
     The stored shapes are checked against ``target`` first, from the checkpoint's metadata: a
     description (``what``) that does not match the stored arrays gets a message naming the array.
+    With ``expected`` (what ``checksum`` gave when they were written), the arrays must match it.
     """
     state_dir = Path(state_dir).absolute()
     checkpointer = _checkpointer()
@@ -270,7 +324,7 @@ def read_weights(state_dir: Path_, target: Flat, *, what: str = MODEL_JSON) -> F
             metadata = checkpointer.metadata(state_dir)
         except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged checkpoints
             raise PretrainedError(
-                f"{state_dir}: not a readable checkpoint ({_one_line(e)})"
+                f"{state_dir}: not a readable checkpoint ({one_line(e)})"
             ) from None
         tree = getattr(metadata, "item_metadata", metadata)
         if not hasattr(tree, "items"):
@@ -291,15 +345,20 @@ def read_weights(state_dir: Path_, target: Flat, *, what: str = MODEL_JSON) -> F
             restored = checkpointer.restore(state_dir, traverse_util.unflatten_dict(target))
         except Exception as e:  # noqa: BLE001
             raise PretrainedError(
-                f"{state_dir}: cannot restore the checkpoint ({_one_line(e)})"
+                f"{state_dir}: cannot restore the checkpoint ({one_line(e)})"
             ) from None
     finally:
         with contextlib.suppress(Exception):
             checkpointer.close()
+    if expected is not None and checksum(restored) != expected:
+        raise PretrainedError(
+            f"{state_dir}: the arrays do not match the checksum recorded when they were written "
+            "(a damaged or changed file)"
+        )
     return flatten(restored)
 
 
-def _host_array(x: Any) -> np.ndarray:
+def host_array(x: Any) -> np.ndarray:
     """A weight as a host numpy array (replicated multi-process arrays: this process's copy)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if not x.sharding.is_fully_replicated:
@@ -368,13 +427,31 @@ def save_pretrained(
         **extra,
         "converter_version": eca_flax.__version__,
     }
+    state = jax.tree.map(host_array, nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
+    meta["checksum"] = checksum(state)
     text = json.dumps(meta, indent=2) + "\n"  # fails here, before anything is written
     check_destination(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with deferred_interrupt() as interrupted:
+            _write_atomically(path, state, text, interrupted)
+    except (KeyboardInterrupt, PretrainedError):
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, or Orbax / TensorStore wrapping one
+        reason = "no space left on the device" if disk_full(e) else one_line(e)
+        kept = f"; the previous {path} is untouched" if existed else ""
+        raise PretrainedError(
+            f"{path}: could not write it ({reason}); nothing written{kept}"
+        ) from None
+
+
+def _write_atomically(path: Path, state: dict, text: str, interrupted: Callable) -> None:
+    """state/ and model.json into a temporary directory beside ``path``, renamed into place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = None
     try:
-        state = jax.tree.map(_host_array, nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
+        private_to_umask(tmp)  # others may read what they could read of any file here
         checkpointer = _checkpointer()
         try:
             checkpointer.save(tmp / STATE_DIR, state)
@@ -382,6 +459,8 @@ def save_pretrained(
         finally:
             checkpointer.close()
         (tmp / MODEL_JSON).write_text(text)
+        if interrupted():  # Ctrl-C came while writing: undo, then let it through
+            raise KeyboardInterrupt
         if path.exists():
             old = tmp.with_suffix(".old")
             os.rename(path, old)
@@ -466,7 +545,7 @@ def load_pretrained(
         raise PretrainedError(f"{path}: no {STATE_DIR}/ checkpoint beside {MODEL_JSON}")
     return restore_model(
         meta,
-        lambda target: read_weights(state_dir, target),
+        lambda target: read_weights(state_dir, target, expected=meta.get("checksum")),
         num_classes=num_classes,
         dtype=dtype,
         seed=seed,

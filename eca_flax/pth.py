@@ -119,45 +119,7 @@ def read_checkpoint(
         raise ConversionError(
             f"{path}: not a PyTorch checkpoint (neither torch.save's zip nor its legacy format)"
         )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
-    except MemoryError:
-        raise
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found:
-            name = found.group(1).rstrip(".")
-            raise ConversionError(
-                f"{path}: refused: its pickle would import {name}, which can run code "
-                "(a weights file holds only tensors and plain containers); if you trust the "
-                "file, rerun with --allow-unsafe-pickle"
-            ) from None
-        raise ConversionError(
-            f"{path}: truncated or corrupt {kind} PyTorch file ({_first_sentence(e)})"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
-        raise ConversionError(
-            f"{path}: truncated or corrupt {kind} PyTorch file ({_first_sentence(e)})"
-        ) from None
-    if isinstance(obj, torch.nn.Module):  # a whole pickled model (--allow-unsafe-pickle only)
-        obj = obj.state_dict()
-    meta: Mapping[str, Any] = {}
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        meta, obj = obj, obj["state_dict"]
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, Mapping) or not obj:
-        what = type(obj).__name__ if not isinstance(obj, Mapping) else "an empty dict"
-        raise ConversionError(f"{path}: holds {what}, not a state_dict")
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        if not meta and all(isinstance(k, str) for k in obj):  # a dict of something else
-            raise ConversionError(
-                f"{path}: holds a dict with keys {list_keys(sorted(obj))} and no 'state_dict'"
-            )
-        bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
-        raise ConversionError(f"{path}: state_dict entries are not tensors: {list_keys(bad)}")
+    meta, obj = _unwrap(path, _load(path, kind, allow_unsafe_pickle))
     arrays = {}
     for key, tensor in obj.items():
         tensor = tensor.detach().cpu()
@@ -180,6 +142,59 @@ def read_checkpoint(
     )
 
 
+def _load(path: Path, kind: str, allow_unsafe_pickle: bool) -> Any:
+    """torch.load on the CPU; a refused or damaged pickle becomes a ConversionError."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
+    except MemoryError:
+        raise
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            name = found.group(1).rstrip(".")
+            raise ConversionError(
+                f"{path}: refused: its pickle would import {name}, which can run code "
+                "(a weights file holds only tensors and plain containers); if you trust the "
+                "file, rerun with --allow-unsafe-pickle"
+            ) from None
+        raise ConversionError(
+            f"{path}: truncated or corrupt {kind} PyTorch file ({_first_sentence(e)})"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for damaged files
+        raise ConversionError(
+            f"{path}: truncated or corrupt {kind} PyTorch file ({_first_sentence(e)})"
+        ) from None
+
+
+def _unwrap(path: Path, obj: Any) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """(training metadata, state_dict of tensors) from what torch.load returned: a training
+    dict with 'state_dict', a bare state_dict, or a pickled module."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module):  # a whole pickled model (--allow-unsafe-pickle only)
+        obj = obj.state_dict()
+    meta: Mapping[str, Any] = {}
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        meta, obj = obj, obj["state_dict"]
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping) or not obj:
+        what = type(obj).__name__ if not isinstance(obj, Mapping) else "an empty dict"
+        raise ConversionError(f"{path}: holds {what}, not a state_dict")
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if not meta and all(isinstance(k, str) for k in obj):  # a dict of something else
+            raise ConversionError(
+                f"{path}: holds a dict with keys {list_keys(sorted(obj))} and no 'state_dict'"
+            )
+        bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+        raise ConversionError(f"{path}: state_dict entries are not tensors: {list_keys(bad)}")
+    return meta, obj
+
+
 def check_output(out: Path, overwrite: bool) -> None:
     """An output file path: not a directory, and not an existing file unless ``overwrite``."""
     if out.is_dir():
@@ -190,16 +205,29 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], out: Path) -> None:
     """torch.save a state_dict of numpy arrays (zip format) to ``out``, atomically: written to a
-    temporary file beside it and renamed, so there is never a partial ``out``."""
+    temporary file beside it and renamed, so there is never a partial ``out`` (a full disk or
+    Ctrl-C leave the old one, if any, and nothing else)."""
     import torch
 
+    from eca_flax.pretrained import deferred_interrupt, disk_full, private_to_umask
+
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     try:
-        torch.save(tensors, tmp)
-        os.replace(tmp, out)
-    except BaseException:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+    except OSError as e:
+        raise ConversionError(f"{out}: cannot write there ({e.strerror or e})") from None
+    try:
+        with deferred_interrupt() as interrupted:
+            torch.save(tensors, tmp)
+            private_to_umask(tmp)
+            if interrupted():
+                raise KeyboardInterrupt
+            os.replace(tmp, out)
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        reason = "no space left on the device" if disk_full(e) else f"{type(e).__name__}: {e}"
+        raise ConversionError(f"{out}: could not write it ({reason}); nothing written") from None

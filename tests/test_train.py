@@ -90,15 +90,17 @@ def initial_weights(config, num_classes: int) -> dict[str, np.ndarray]:
 #   and 0.12.0.1; Intel Xeon; the AMD EPYC report of issue 10): step 1 (the forward pass)
 #   6.6e-7, step 2 4.2e-6, step 3 4.0e-3. Step 3 jumps because BatchNorm over 8 values amplifies
 #   rounding until single ReLU / max-pool decisions flip: its losses fall on two branches, 2.8e-4
-#   apart on the mini ImageNet at lr 0.4 and 4.0e-3 apart on the digits at lr 0.0125. Weight
-#   updates after step 3: 6.4% for the worst tensor, 0.37% over all.
-# - what an error costs: a 10% error in the gradient scale (lr 0.44 instead of 0.4) moves the
-#   step-2 loss by 5.5e-3 (and the updates by ~10%); BatchNorm statistics over half the batch
-#   move the step-1 loss by 1.3e-2.
-# So steps 1 and 2 and the total update carry the check (>= 15x above the noise, >= 5x below that
-# error); step 3 only has to stay on one of its branches.
+#   to 1.8e-3 apart on the mini ImageNet and 4.0e-3 apart on the digits. Weight updates after
+#   step 3: 0.37% over all; per tensor up to 32% (jax 0.12: layer1.0's ECA kernel, 3 weights
+#   whose tiny update follows the branch), 6.4% for every tensor of more than 100 values.
+# - what an error costs: a 10% error in the gradient scale (learning_rate 0.44 instead of 0.4)
+#   moves the step-2 loss by 5.5e-3 (and the updates by ~10%); BatchNorm statistics over half
+#   the batch move the step-1 loss by 1.3e-2 (a gradient left unreduced would move its tensor
+#   by O(1)).
+# So steps 1 and 2 and the total update carry the check (>= 5x above the noise, >= 5x below that
+# error); step 3 only has to stay on one of its branches, a tensor within 1.5x of the worst seen.
 LOSS_RTOL = (1e-5, 1e-4, 2e-2)  # steps 1, 2, 3
-UPDATE_RTOL = 0.2  # per tensor
+UPDATE_RTOL = 0.5  # per tensor
 TOTAL_UPDATE_RTOL = 0.02  # over all tensors
 
 

@@ -1,16 +1,28 @@
-"""Checkpoints (workdir/checkpoints/<step>/{model, train, meta}) and the weights a run starts from.
+"""The workdir: its lock, its checkpoints (checkpoints/<step>/{model, train, meta}), and the
+weights a run starts from.
 
 ``model`` holds the weights in the pretrained directories' layout (one pure dict of parameters
 and BatchNorm statistics), ``train`` the rest of the train state, ``meta`` the model
-description (``pretrained.MODEL_KEYS``) and the run's data position. So ``init_from`` reads a
-converter output, a training workdir or one of its step directories through the same
-``pretrained.restore_model``.
+description (``pretrained.MODEL_KEYS``), the run's data layout and a CRC-32 of each item's
+arrays. So ``init_from`` reads a converter output, a training workdir or one of its step
+directories through the same ``pretrained.restore_model``.
+
+Checkpoints cannot cost a run: a latest checkpoint that does not restore, or whose arrays do
+not match their checksum (Orbax itself checks no bytes), is reported in one line, moved to
+``checkpoints.damaged/`` (never deleted) and the run resumes from the newest good one. A save
+that fails (a full disk) stops the run with one line naming the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
+import socket
+import time
+from collections.abc import Mapping
 
 import jax
 import ml_collections
@@ -19,41 +31,99 @@ from flax import nnx, traverse_util
 
 import eca_flax
 from eca_flax import pretrained, registry
-from eca_flax.training.config import ConfigError
+from eca_flax.training.config import ConfigError, TrainingError
+from eca_flax.training.reporting import logger
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints.damaged"
+LOCK_FILE = "train.lock"
 FORMAT = "eca_flax.training_checkpoint/2"
 STATE_KEYS = ("step", "opt_state", "rng")  # the train item; params and BN stats are the model
+# Changing these changes what a step number means (the data position) or the model itself.
+RESUME_KEYS = ("arch", "k_size", "attention", "num_classes", "batch_size", "image_size")
 
 
-def _no_metrics_warning(record: logging.LogRecord) -> bool:
-    """Mid-epoch checkpoints have no eval metrics by design: drop Orbax's warning about it."""
-    return "did not provide metrics" not in record.getMessage()
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+    """Drops Orbax's warning about mid-epoch checkpoints without metrics (by design here) and
+    the tracebacks its background threads log for a failed save: the same error is raised in
+    the main thread, where it becomes one line."""
+    if "did not provide metrics" in record.getMessage():
+        return False
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
-logging.getLogger("absl").addFilter(_no_metrics_warning)
+logging.getLogger("absl").addFilter(_quiet_orbax)
 
 
-def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-    """Async Orbax manager keeping the latest ``keep`` checkpoints plus the best by top-1."""
-    policy = ocp.checkpoint_managers
-    options = ocp.CheckpointManagerOptions(
-        best_fn=lambda metrics: metrics["top1"],  # Also makes Orbax store the metrics.
-        preservation_policy=policy.AnyPreservationPolicy(
-            [
-                policy.LatestN(keep),
-                policy.BestN(
-                    get_metric_fn=lambda metrics: metrics["top1"],
-                    n=1,
-                    keep_checkpoints_without_metrics=False,
-                ),
-            ]
-        ),
-        enable_async_checkpointing=True,
-    )
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options
-    )
+class WorkdirLock:
+    """One run per workdir: an advisory lock file with the owner's host and pid (process 0).
+
+    A lock whose process is gone (same host, no such pid) is reported and taken over; one held
+    by a live process, or by another host, stops this run with a line saying whose it is.
+    """
+
+    def __init__(self, workdir: str) -> None:
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.held = False
+
+    def __enter__(self) -> WorkdirLock:
+        if jax.process_index() != 0:
+            return self
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%c")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                self._check_owner(me)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise ConfigError(f"{self.path}: could not take the workdir lock")
+
+    def _check_owner(self, me: dict) -> None:
+        try:
+            with open(self.path) as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            owner = {}
+        host, pid = owner.get("host", "?"), owner.get("pid", "?")
+        if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+            logger.warning(f"{self.path}: left by pid {pid} on {host}, which no longer runs: "
+                           "taking the workdir over")  # fmt: skip
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            return
+        raise ConfigError(
+            f"workdir {os.path.dirname(self.path)} is in use by pid {pid} on {host} (since "
+            f"{owner.get('since', '?')}); wait for that run, or delete {self.path} if it is gone"
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def prepare_workdir(workdir: str) -> str:
+    """The absolute workdir, created if missing; ConfigError when it is a file."""
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--workdir {path} is a file, not a directory")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def model_meta(model: nnx.Module, config: ml_collections.ConfigDict, num_classes: int) -> dict:
@@ -66,59 +136,139 @@ def model_meta(model: nnx.Module, config: ml_collections.ConfigDict, num_classes
         "num_classes": num_classes,
         "dataset": config.dataset,
         "image_size": config.image_size,
+        "batch_size": config.batch_size,
     }
 
 
-def _weights(state: dict) -> dict:
+def _weights(state: Mapping) -> dict:
     """The params and BN statistics of a train state as one pure dict (the pretrained layout)."""
     flat = {**traverse_util.flatten_dict(state["params"]),
             **traverse_util.flatten_dict(state["batch_stats"])}  # fmt: skip
     return traverse_util.unflatten_dict(flat)
 
 
-def save(
-    manager: ocp.CheckpointManager, state: dict, meta: dict, metrics: dict | None = None
-) -> int:
-    """Starts an async save of ``state`` at its step (device->host copy happens now)."""
-    step = int(jax.device_get(state["step"]))
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave(_weights(state)),
-            train=ocp.args.StandardSave({k: state[k] for k in STATE_KEYS}),
-            meta=ocp.args.JsonSave({**meta, "step": step}),
-        ),
-        metrics=metrics,
-    )
-    return step
+class Checkpoints:
+    """The workdir's Orbax checkpoints: async saves with checksums, restores that check them."""
+
+    def __init__(self, workdir: str, keep: int) -> None:
+        self.workdir = workdir
+        self.root = os.path.join(workdir, CHECKPOINT_DIR)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,  # what an interrupted save left
+        )
+        self.manager = ocp.CheckpointManager(self.root, options=options)
+
+    def good_steps(self) -> list[int]:
+        """Steps whose save finished, on disk."""
+        return sorted(ocp.utils.checkpoint_steps(self.root)) if os.path.isdir(self.root) else []
+
+    def last_good(self) -> str:
+        steps = self.good_steps()
+        return f"{self.root}/{steps[-1]}" if steps else "none (no checkpoint was saved)"
+
+    def save(self, state: dict, meta: dict) -> int:
+        """Starts an async save of ``state`` at its step (device->host copy happens now)."""
+        step = int(jax.device_get(state["step"]))
+        weights, train = _weights(state), {k: state[k] for k in STATE_KEYS}
+        sums = {"model": pretrained.checksum(weights), "train": pretrained.checksum(train)}
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    model=ocp.args.StandardSave(weights),
+                    train=ocp.args.StandardSave(train),
+                    meta=ocp.args.JsonSave({**meta, "step": step, "checksums": sums}),
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - the previous async save's error surfaces here
+            self._failed(e, step)
+        return step
+
+    def wait(self) -> None:
+        """Waits for the pending save; a failed one becomes a TrainingError naming the last good."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._failed(e, None)
+
+    def _failed(self, error: Exception, step: int | None) -> None:
+        for tmp in os.listdir(self.root) if os.path.isdir(self.root) else []:
+            if ".orbax-checkpoint-tmp" in tmp:  # the unfinished save: never a good checkpoint
+                shutil.rmtree(os.path.join(self.root, tmp), ignore_errors=True)
+        full = pretrained.disk_full(error)
+        what = "no space left on the disk of" if full else "could not write to"
+        reason = "" if full else f" ({pretrained.one_line(error)})"
+        saving = f" while saving checkpoint {step}" if step is not None else " while saving"
+        raise TrainingError(
+            f"{what} {self.workdir}{saving}{reason}; the last good checkpoint is "
+            f"{self.last_good()}: free space and run the same command to resume"
+        ) from None
+
+    def restore_latest(self, like: dict, meta: dict) -> tuple[int, dict]:
+        """(step, state) of the newest checkpoint that restores and matches its checksums, or
+        (0, like). Damaged ones are moved aside with a line each; one of another configuration
+        (RESUME_KEYS) stops the run instead (ConfigError)."""
+        for step in reversed(self.good_steps()):
+            step_dir = os.path.join(self.root, str(step))
+            try:
+                saved = read_meta(step_dir)
+            except Exception as e:  # noqa: BLE001 - a damaged meta item
+                self._set_aside(step_dir, f"unreadable metadata: {pretrained.one_line(e)}")
+                continue
+            check_resume(step_dir, saved, meta)
+            try:
+                return step, self._restore(step, like, saved.get("checksums", {}))
+            except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+                self._set_aside(step_dir, pretrained.one_line(e))
+        return 0, like
+
+    def _restore(self, step: int, like: dict, sums: dict) -> dict:
+        target = pretrained.abstract(like)
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(_weights(target)),
+                train=ocp.args.StandardRestore({k: target[k] for k in STATE_KEYS}),
+            ),
+        )
+        for item in ("model", "train"):
+            if pretrained.checksum(out[item]) != sums.get(item):
+                raise ValueError(f"its {item} arrays do not match the checksum saved with them")
+        flat = traverse_util.flatten_dict(out["model"])
+        split = lambda part: traverse_util.unflatten_dict(
+            {p: flat[p] for p in traverse_util.flatten_dict(like[part])}
+        )
+        return {"params": split("params"), "batch_stats": split("batch_stats"), **out["train"]}
+
+    def _set_aside(self, step_dir: str, problem: str) -> None:
+        """Moves a damaged checkpoint to checkpoints.damaged/ (process 0) and says so."""
+        dest = os.path.join(self.workdir, DAMAGED_DIR, f"{os.path.basename(step_dir)}-"
+                            f"{time.strftime('%Y%m%d-%H%M%S')}")  # fmt: skip
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(step_dir, dest)
+        logger.warning(f"checkpoint {step_dir} is damaged ({problem}): moved to {dest}; "
+                       "resuming from the one before")  # fmt: skip
+        self.manager.reload()
+
+    def close(self) -> None:
+        """Waits for a pending save and closes the manager; errors were reported by ``wait``."""
+        with contextlib.suppress(Exception):
+            self.manager.wait_until_finished()
+        with contextlib.suppress(Exception):
+            self.manager.close()
 
 
-def restore(manager: ocp.CheckpointManager, step: int, like: dict) -> dict:
-    """The full train state at ``step``, placed like ``like`` (the freshly built state)."""
-    target = pretrained.abstract(like)
-    out = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(_weights(target)),
-            train=ocp.args.StandardRestore({k: target[k] for k in STATE_KEYS}),
-        ),
-    )
-    flat = traverse_util.flatten_dict(out["model"])
-    split = lambda part: traverse_util.unflatten_dict(
-        {p: flat[p] for p in traverse_util.flatten_dict(like[part])}
-    )
-    return {"params": split("params"), "batch_stats": split("batch_stats"), **out["train"]}
-
-
-def check_resume(step_dir: str, meta: dict) -> None:
-    """A workdir's checkpoints must be of the model being trained."""
-    saved = read_meta(step_dir)
-    keys = ("arch", "k_size", "attention", "num_classes")
-    if pretrained.differences(saved, meta, keys):
-        have = {k: saved.get(k) for k in keys}
-        want = {k: meta[k] for k in keys}
+def check_resume(step_dir: str, saved: dict, meta: dict) -> None:
+    """A workdir's checkpoints must be of this model and data layout (RESUME_KEYS)."""
+    keys = [k for k in RESUME_KEYS if k in saved]  # batch_size: checkpoints of eca_flax >= 0.2
+    if diff := pretrained.differences(saved, meta, keys):
+        what = ", ".join(f"{k} {have} (checkpoint) vs {want} (config)" for k, have, want in diff)
         raise ConfigError(
-            f"{step_dir} holds {have} but the config trains {want}; use another --workdir"
+            f"{step_dir} was trained with another configuration: {what}; the step number is the "
+            "data position of that run. Use another --workdir, or the checkpoint's values"
         )
 
 
@@ -173,15 +323,15 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn
         raise ConfigError(f"init_from {path}: no such directory")
     if os.path.isfile(os.path.join(path, pretrained.MODEL_JSON)):
         meta = pretrained.read_model_json(path)
-        weights = os.path.join(path, pretrained.STATE_DIR)
+        weights, expected = os.path.join(path, pretrained.STATE_DIR), meta.get("checksum")
     else:
         step_dir = find_checkpoint(path)
         meta = read_meta(step_dir)
-        weights = os.path.join(step_dir, "model")
+        weights, expected = os.path.join(step_dir, "model"), meta["checksums"]["model"]
     _check_source(config, meta, path, num_classes)
     model = pretrained.restore_model(
         meta,
-        lambda target: pretrained.read_weights(weights, target, what="its metadata"),
+        lambda target: pretrained.read_weights(weights, target, expected=expected),
         num_classes=num_classes,
         dtype=dtype,
         seed=config.seed,

@@ -26,6 +26,10 @@ class TrainingError(RuntimeError):
     """Training had to stop (e.g. a non-finite loss); the message says why and what is kept."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run without the usual save; the message says what is kept."""
+
+
 SCHEDULES = ("step", "cosine")
 # Each recipe sets these fields over the config's own values ("original": none).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -41,7 +45,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 POSITIVE_FIELDS = ("batch_size", "image_size", "num_epochs", "base_batch_size", "log_every_steps",
-                   "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs")  # fmt: skip
+                   "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs",
+                   "distributed_timeout_s")  # fmt: skip
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -93,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.profile_steps = ""  # "START,END": a jax.profiler trace of those steps into tensorboard/.
     c.distributed = False  # jax.distributed.initialize() (multi-host; see README).
+    c.distributed_timeout_s = 300  # How long to wait for all processes before giving up.
     c.debug_nan_step = -1  # Testing aid: make the loss of this step NaN.
     return c
 

@@ -7,6 +7,7 @@ is the data position.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -22,7 +23,14 @@ from flax import nnx
 
 from eca_flax import data, pretrained
 from eca_flax.training import checkpoints, reporting
-from eca_flax.training.config import ConfigError, Plan, TrainingError, make_plan, resolve_config
+from eca_flax.training.config import (
+    ConfigError,
+    Interrupted,
+    Plan,
+    TrainingError,
+    make_plan,
+    resolve_config,
+)
 from eca_flax.training.mesh import make_mesh, prefetch_to_mesh, put_replicated
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import (
@@ -105,39 +113,47 @@ def evaluate(
 
 
 class Preemption:
-    """SIGTERM handling: the loop finishes its step, saves, waits for the save and exits 0.
+    """SIGTERM and Ctrl-C: the loop finishes its step, saves, waits for the save and stops.
 
-    With several processes, JAX's preemption sync point makes all of them stop at the same
-    step (jax.distributed catches SIGTERM on any host); alone, a signal handler sets a flag.
+    A second Ctrl-C stops at once (KeyboardInterrupt), without saving. With several processes,
+    JAX's preemption sync point makes all of them stop at the same step (jax.distributed catches
+    SIGTERM on any host); alone, signal handlers set a flag.
     """
 
     def __init__(self) -> None:
         self.multihost = jax.process_count() > 1
-        self.signalled = False
-        self._previous: Any = None
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Preemption:
-        if not self.multihost and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            signals = [signal.SIGINT] + ([] if self.multihost else [signal.SIGTERM])
+            self._previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signalled = True
+        if self.signal == "Ctrl-C" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second one
+        self.signal = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        if signum == signal.SIGINT:
+            logger.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again "
+                           "stops at once, without saving)")  # fmt: skip
 
     def requested(self, step: int) -> bool:
-        if not self.multihost:
-            return self.signalled
+        if self.signal or not self.multihost:
+            return self.signal is not None
         from jax.experimental import multihost_utils
 
         try:
-            return multihost_utils.reached_preemption_sync_point(step)
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal = "SIGTERM"
         except RuntimeError:  # No preemption service in this JAX setup.
             self.multihost = False
-            return False
+        return self.signal is not None
 
 
 def export_pretrained(
@@ -148,13 +164,13 @@ def export_pretrained(
     path: str,
     result: EvalResult,
 ) -> None:
-    """The final weights as a pretrained directory (model.json + state/), for load_pretrained.
+    """The weights of ``state`` as a pretrained directory (model.json + state/), for
+    load_pretrained and predict: workdir/pretrained at the end, workdir/best at each new best.
 
     Single-process runs only: save_pretrained writes from one process, which Orbax does not
     allow in a multi-process job (there, ``init_from`` takes the workdir itself).
     """
     if jax.process_count() > 1:
-        logger.info(f"not exporting {path} from a multi-process run; init_from accepts the workdir")
         return
     host = lambda tree: jax.tree.map(np.asarray, tree)
     nnx.update(model, host(state["params"]), host(state["batch_stats"]))
@@ -174,6 +190,14 @@ def export_pretrained(
         },
         overwrite=True,
     )
+
+
+def _best_top1(path: str) -> float:
+    """The top-1 (in %) of the best model exported so far, or -1."""
+    try:
+        return float(pretrained.read_model_json(path).get("top1", -1))
+    except pretrained.PretrainedError:
+        return -1.0
 
 
 def _train_batches(
@@ -227,17 +251,23 @@ def train_and_evaluate(
     mesh: jax.sharding.Mesh | None = None,
     keep_logits: bool = False,
 ) -> RunResult:
-    """Trains (resuming from the workdir's latest checkpoint) or evaluates (``eval_only``).
+    """Trains (resuming from the workdir's newest good checkpoint) or evaluates (``eval_only``).
 
     ``mesh`` defaults to every device; ``keep_logits`` returns the evaluation's logits.
     """
     reporting.setup_logging()
     config = resolve_config(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = make_mesh() if mesh is None else mesh
     plan = make_plan(config, mesh)
     if config.eval_only:
-        return _evaluate_only(config, workdir, plan, mesh, keep_logits)
+        return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, keep_logits)
+    workdir = checkpoints.prepare_workdir(workdir)
+    with checkpoints.WorkdirLock(workdir):
+        return _train(config, workdir, plan, mesh, keep_logits)
+
+
+def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResult:
+    """The training loop, in a locked workdir."""
     model, source = checkpoints.build_model(config, plan.num_classes)
     meta = checkpoints.model_meta(model, config, plan.num_classes)
     eval_step = make_eval_step(model, mesh, keep_logits=keep_logits)
@@ -246,16 +276,10 @@ def train_and_evaluate(
     train_step = make_train_step(model, tx, schedule, mesh, num_classes=plan.num_classes,
                                  label_smoothing=config.label_smoothing,
                                  debug_nan_step=config.debug_nan_step)  # fmt: skip
-    state = init_state(model, tx, config.seed, mesh)
-
-    manager = checkpoints.manager(workdir, config.keep_checkpoints)
-    step = manager.latest_step() or 0
-    if step:
-        checkpoints.check_resume(os.path.join(manager.directory, str(step)), meta)
-        state = checkpoints.restore(manager, step, state)
-        logger.info(f"resuming from {manager.directory}/{step} (step {step})")
-    else:
-        logger.info(f"starting from {source}")
+    ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+    step, state = ckpt.restore_latest(init_state(model, tx, config.seed, mesh), meta)
+    logger.info(f"resuming from {ckpt.root}/{step} (step {step})" if step else
+                f"starting from {source}")  # fmt: skip
     reporting.save_config(workdir, config, plan, meta, source)
     logger.info(
         f"training {config.model} on {config.dataset} with {mesh.devices.size} devices "
@@ -266,7 +290,9 @@ def train_and_evaluate(
     metrics = reporting.StepMetrics(plan.batch_size)
     batches = _train_batches(config, plan, step, mesh)
     bar = reporting.progress(plan.total_steps * plan.batch_size, "train", step * plan.batch_size)
-    result, history, saved, damaged = None, [], step, 0
+    best = os.path.join(workdir, "best")
+    result, history, damaged, best_top1 = None, [], 0, _best_top1(best)
+    evaluate_now = lambda: evaluate(eval_step, state, config, plan, mesh, keep_logits=keep_logits)
     try:
         with Preemption() as preemption:
             while step < plan.total_steps:
@@ -287,33 +313,42 @@ def train_and_evaluate(
                 if into_epoch == 0 and damaged:
                     logger.warning(f"epoch {epoch}: {damaged} damaged training images skipped")
                     damaged = 0
-                result = None
-                if do_eval:
-                    result = evaluate(eval_step, state, config, plan, mesh, keep_logits=keep_logits)
+                if do_save or stop:  # first: a failing evaluation cannot cost the epoch
+                    ckpt.save(state, meta)
+                if stop:
+                    ckpt.wait()
+                    logger.info(f"{preemption.signal}: saved checkpoint {ckpt.root}/{step}; run "
+                                "the same command to resume")  # fmt: skip
+                    return RunResult(step, None, preempted=True, history=history)
+                result = evaluate_now() if do_eval else None
+                if result is not None:
                     logger.info(f"eval step={step} {result.summary()}")
                     board.scalars(step, {"eval/top1": result.top1, "eval/top5": result.top5})
-                if do_save or stop:
-                    ev = None if result is None else {"top1": result.top1, "top5": result.top5}
-                    saved = checkpoints.save(manager, state, meta, ev)
-                if stop:
-                    manager.wait_until_finished()
-                    logger.info(f"SIGTERM: saved checkpoint {manager.directory}/{step}; run the "
-                                "same command to resume")  # fmt: skip
-                    return RunResult(step, result, preempted=True, history=history)
+                    if 100 * result.top1 > best_top1:
+                        best_top1 = 100 * result.top1
+                        export_pretrained(model, state, config, plan, best, result)
+        ckpt.wait()
         if result is None:  # Resumed a finished run: evaluate the final state again.
-            result = evaluate(eval_step, state, config, plan, mesh, keep_logits=keep_logits)
+            result = evaluate_now()
         export_pretrained(model, state, config, plan, os.path.join(workdir, "pretrained"), result)
         logger.info(f"final step={step} {result.summary()}")
         return RunResult(step, result, history=history)
     except TrainingError as e:
-        manager.wait_until_finished()
-        good = f"{manager.directory}/{saved}" if saved else "none was saved"
-        raise TrainingError(f"{e}; stopped, the last good checkpoint is {good}") from None
+        with contextlib.suppress(TrainingError):
+            ckpt.wait()  # the saves started before the bad step are good
+        if "the last good checkpoint" in str(e):
+            raise
+        raise TrainingError(
+            f"{e}; stopped, the last good checkpoint is {ckpt.last_good()}"
+        ) from None
+    except KeyboardInterrupt:  # the second Ctrl-C
+        ckpt.close()
+        raise Interrupted(f"stopped at step {step} without saving it; the last good checkpoint "
+                          f"is {ckpt.last_good()}") from None  # fmt: skip
     finally:
         bar.close()
         profiler.stop()
-        manager.wait_until_finished()
-        manager.close()
+        ckpt.close()
         board.close()
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import socket
+import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from eca_flax.training.config import ConfigError
+from eca_flax.training.reporting import logger
 
 DATA_AXIS = "data"
 
@@ -28,7 +32,10 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
     The coordinator, process count and index come from JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID when set, else from the cluster (SLURM, Open MPI,
-    Kubernetes, Cloud TPU) as JAX detects it. CPU processes exchange data over gloo.
+    Kubernetes, Cloud TPU) as JAX detects it. CPU processes exchange data over gloo. It says at
+    once what it waits for; when the others do not answer within ``distributed_timeout_s``, the
+    process ends with one ``error:`` line naming the coordinator (JAX would abort later, with a
+    C++ stack trace).
     """
     if not config.distributed:
         return
@@ -36,17 +43,39 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     with contextlib.suppress(AttributeError, ValueError):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs: dict[str, Any] = {}
-    if os.environ.get("JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
-    if os.environ.get("JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-    try:
-        jax.distributed.initialize(**kwargs)
+    for name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if value := os.environ.get(name):
+            if not value.strip().isdigit():
+                raise ConfigError(f"{name}={value!r} is not a whole number")
+            kwargs[key] = int(value)
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS", "the cluster's coordinator")
+    who = f"process {kwargs.get('process_id', '?')} of {kwargs.get('num_processes', '?')}"
+    timeout = int(config.distributed_timeout_s)
+    logger.info(f"{who}: waiting up to {timeout} s for all processes at {address}")
+    watchdog = threading.Timer(timeout, _no_coordinator, (address, who, timeout))
+    watchdog.daemon = True
+    watchdog.start()
+    try:  # jax's own timeout later than ours: ours ends the wait with a line
+        jax.distributed.initialize(initialization_timeout=timeout + 60, **kwargs)
+        jax.devices()  # the collectives start here (gloo needs this host's name to resolve)
     except (ValueError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:300]
         raise ConfigError(
-            f"jax.distributed.initialize() failed ({e}); set JAX_COORDINATOR_ADDRESS, "
-            "JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM / Open MPI"
+            f"jax.distributed could not start ({reason}); set JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM / Open MPI; on CPU, "
+            f"{socket.gethostname()!r} must resolve (e.g. '127.0.0.1 {socket.gethostname()}' "
+            "in /etc/hosts)"
         ) from None
+    finally:
+        watchdog.cancel()
+
+
+def _no_coordinator(address: str, who: str, timeout: int) -> None:
+    """The watchdog's end: one line, exit code 1 (nothing has been written yet)."""
+    print(f"error: {who}: no answer from {address} within {timeout} s (distributed_timeout_s); "
+          "are all processes started, with the same JAX_COORDINATOR_ADDRESS and "
+          "JAX_NUM_PROCESSES?", file=sys.stderr, flush=True)  # fmt: skip
+    os._exit(1)
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:

@@ -45,14 +45,15 @@ class _TqdmStream:
         sys.stdout.flush()
 
 
-def setup_logging() -> None:
-    """Log lines of the "eca_flax" logger on stdout, process 0 only; idempotent."""
+def setup_logging(*, all_processes: bool = False) -> None:
+    """Log lines of the "eca_flax" logger on stdout; idempotent. Only process 0's info lines
+    unless ``all_processes`` (before jax.distributed starts, when that is not known yet)."""
     if not logger.handlers:
         handler = logging.StreamHandler(_TqdmStream())
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False  # absl's root handler would print every line again
-    logger.setLevel(logging.INFO if main_process() else logging.WARNING)
+    logger.setLevel(logging.INFO if all_processes or main_process() else logging.WARNING)
 
 
 def progress(total: int, desc: str, initial: int = 0) -> tqdm.tqdm:
