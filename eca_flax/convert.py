@@ -8,9 +8,9 @@ their rank: conv OIHW -> HWIO, 1-D conv (O, I, k) -> (k, I, O), linear (out, in)
 
 On top of that rule, everything ``convert_torch_weights.py`` does: inferring the
 architecture, kernel sizes and classes from the tensors alone (``infer_arch``), converting a
-``.pth`` file (read by ``eca_flax.pth``) to a pretrained directory (``convert_file``), checking
-the result against the PyTorch reference (``verify_with_torch``) and exporting back
-(``export_torch``). torch is imported inside the functions that need it only, so
+``.pth`` file (read by ``eca_flax.pth``) to a pretrained directory or .safetensors file
+(``convert_file``), checking the result against the PyTorch reference (``verify_with_torch``)
+and exporting back (``export_torch``). torch is imported inside the functions that need it only, so
 ``import eca_flax`` never needs torch.
 """
 
@@ -401,7 +401,8 @@ def convert_file(
     allow_unsafe_pickle: bool = False,
     log: Callable[[str], None] = print,
 ) -> nnx.Module:
-    """Convert a PyTorch ECA-Net checkpoint to a pretrained directory; returns the model.
+    """Convert a PyTorch ECA-Net checkpoint to a pretrained directory (a single file for a
+    ``dst`` ending in .safetensors: ``save_pretrained``); returns the model.
 
     Everything is inferred from the tensors; ``arch`` / ``k_size`` only confirm. With
     ``verify``, the PyTorch reference and the converted model must agree (``LogitComparison``)
@@ -453,11 +454,13 @@ def export_torch(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Write a pretrained directory's weights as a PyTorch state_dict file (zip format).
+    """Write a pretrained model's weights as a PyTorch state_dict file: torch.save's zip format,
+    or safetensors for an ``out`` ending in .safetensors (``pth.save_state_dict``).
 
     The keys are exactly the original model's (num_batches_tracked included, as 0), without
-    'module.', so ``model.load_state_dict(torch.load(out), strict=True)`` works on the
-    original architecture. Written to a temporary file and renamed: no partial ``out``.
+    'module.', so ``model.load_state_dict(torch.load(out), strict=True)`` (or
+    ``safetensors.torch.load_file(out)``) works on the original architecture. Written to a
+    temporary file and renamed: no partial ``out``.
     """
     out = Path(out).expanduser()
     pth.check_output(out, overwrite)
