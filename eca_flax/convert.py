@@ -28,15 +28,17 @@ import numpy as np
 from flax import nnx
 
 from eca_flax import mobilenetv2, pth, resnet
-from eca_flax.pretrained import (
-    check_destination,
+from eca_flax.pretrained import check_destination, load_pretrained, save_pretrained
+from eca_flax.pth import PREFIX, ConversionError, list_keys, strip_prefix
+from eca_flax.registry import (
+    KSize,
+    count_params,
     empty_model,
-    load_pretrained,
-    save_pretrained,
+    list_models,
+    model_info,
+    resolve_k_size,
     weight_paths,
 )
-from eca_flax.pth import PREFIX, ConversionError, list_keys, strip_prefix
-from eca_flax.registry import KSize, count_params, list_models, model_info, resolve_k_size
 
 VERIFY_TOLERANCE = 1e-4  # max |delta logit| relative to max |logit|
 _LEAF = {"bias": "bias", "running_mean": "mean", "running_var": "var"}

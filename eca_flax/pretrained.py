@@ -14,22 +14,21 @@ exports)::
 or one ``NAME.safetensors`` file holding the same arrays and model.json (``safetensors_io``);
 the suffix tells them apart. Training checkpoints store their weights in the layout of
 ``state/`` and describe their model with the same keys (``MODEL_KEYS``), so ``restore_model``
-(head replacement, compute dtype, placement) and ``read_weights`` (checked Orbax reading) serve
+(head replacement, compute dtype, placement) and ``orbax_io.read_weights`` (checked reading) serve
 both. Loading needs jax, flax and orbax (safetensors for a file), never torch. Models are built
-without random initialisation (``empty_model``) and filled from the checkpoint, which makes
+without random initialisation (``registry.empty_model``) and filled from the checkpoint, which makes
 loading ResNet-152 take seconds rather than the half minute its random init costs on a CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import zlib
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,20 +36,25 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from eca_flax.data.transforms import default_resize_size
-from eca_flax.files import disk_full as disk_full  # re-exported for training.checkpoints
-from eca_flax.files import one_line, write_directory
+from eca_flax.files import write_directory
 from eca_flax.layers import attention_choice
-from eca_flax.registry import arch_of, count_params, create_model, list_models, resolve_k_size
-
-if TYPE_CHECKING:
-    import orbax.checkpoint as ocp
+from eca_flax.registry import (
+    WEIGHTS,
+    abstract_model,
+    abstract_paths,
+    arch_of,
+    count_params,
+    empty_model,
+    list_models,
+    resolve_k_size,
+    weight_paths,
+)
 
 FORMAT = "eca_flax.pretrained/1"
 MODEL_JSON = "model.json"
 STATE_DIR = "state"
 SAFETENSORS = ".safetensors"  # the suffix of single-file weights (safetensors_io)
 HINT = "(convert a .pth file with convert_torch_weights.py SRC DST)"
-WEIGHTS = (nnx.Param, nnx.BatchStat)  # what a pretrained model stores
 MODEL_KEYS = ("arch", "k_size", "num_classes", "attention")  # every weights file's description
 _CORE_KEYS = ("format", *MODEL_KEYS, "image_size", "resize_size", "params", "source",
               "checksum")  # fmt: skip
@@ -66,11 +70,6 @@ class PretrainedError(Exception):
 
 # --------------------------------------------------------------------------------------------
 # Models, their weights and their description.
-
-
-def weight_paths(model: nnx.Module) -> dict[tuple, nnx.Variable]:
-    """The model's weights and BN statistics by Flax path (the variables a checkpoint holds)."""
-    return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
 
 
 def num_classes_of(model: nnx.Module) -> int:
@@ -109,78 +108,6 @@ def differences(have: Mapping, want: Mapping, keys: Collection[str]) -> list[tup
         return value
 
     return [(k, norm(k, have), norm(k, want)) for k in keys if norm(k, have) != norm(k, want)]
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract(arch: str, k_size: tuple, num_classes: int, attention: str | None, dtype: str):
-    """``nnx.eval_shape(create_model(...))``: tracing ResNet-152's construction takes seconds,
-    and one process often builds a model repeatedly (convert, load, export). Callers clone it."""
-    return nnx.eval_shape(
-        lambda: create_model(
-            arch, k_size=k_size, num_classes=num_classes, attention=attention,
-            dtype=jnp.dtype(dtype)
-        )
-    )  # fmt: skip
-
-
-@functools.lru_cache(maxsize=16)
-def _initialised(key: tuple, seed: int, init: frozenset) -> tuple[nnx.State, Flat]:
-    """What ``create_model(*key, rngs=nnx.Rngs(seed))`` gives the non-weight state (dropout RNG)
-    and the weight paths in ``init``; under jit the unused initialisers are dropped."""
-    arch, k_size, num_classes, attention, dtype = key
-
-    def concrete() -> tuple[nnx.State, Flat]:
-        made = create_model(
-            arch,
-            k_size=k_size,
-            num_classes=num_classes,
-            attention=attention,
-            dtype=jnp.dtype(dtype),
-            rngs=nnx.Rngs(seed),
-        )
-        _, weights, others = nnx.split(made, WEIGHTS, ...)
-        return others, {p: v.get_value() for p, v in nnx.to_flat_state(weights) if p in init}
-
-    return jax.jit(concrete)()
-
-
-def empty_model(
-    arch: str,
-    *,
-    k_size: Any = None,
-    num_classes: int = 1000,
-    attention: str | None = "eca",
-    dtype: Any = jnp.float32,
-    seed: int = 0,
-    init: Collection[tuple] = (),
-) -> nnx.Module:
-    """``create_model(arch, ...)`` without the cost of random initialisation.
-
-    Weights and BN statistics are left as abstract ``jax.ShapeDtypeStruct`` placeholders for
-    the caller to fill (``convert.load_state_dict`` or a checkpoint); everything else (the
-    dropout RNG of MobileNetV2) and the weight paths listed in ``init`` (a new head) get exactly
-    the values ``create_model(..., rngs=nnx.Rngs(seed))`` would give them.
-    """
-    key = (arch, resolve_k_size(arch, k_size), int(num_classes), attention_choice(attention),
-           jnp.dtype(dtype).name)  # fmt: skip
-    model = nnx.clone(_abstract(*key))
-    _, _, rest = nnx.split(model, WEIGHTS, ...)
-    if init or jax.tree.leaves(rest):
-        others, fresh = _initialised(key, seed, frozenset(map(tuple, init)))
-        nnx.update(model, others)
-        variables = weight_paths(model)
-        for path, value in fresh.items():
-            variables[tuple(path)].set_value(value)
-    return model
-
-
-def abstract_paths(model: nnx.Module) -> list[str]:
-    """Weight paths of ``model`` still holding placeholders (empty when fully loaded)."""
-    return [
-        "/".join(map(str, p))
-        for p, v in weight_paths(model).items()
-        if isinstance(v.get_value(), jax.ShapeDtypeStruct)
-    ]
 
 
 def abstract(tree: Any, sharding: Any = None) -> Any:
@@ -233,13 +160,13 @@ def _weight_shapes(
     arch: str, *, k_size: Any, num_classes: int, attention: str | None
 ) -> dict[tuple, jax.ShapeDtypeStruct]:
     """Shape and dtype of every weight of that model, without building it."""
-    model = _abstract(arch, resolve_k_size(arch, k_size), num_classes,
+    model = abstract_model(arch, resolve_k_size(arch, k_size), num_classes,
                       attention_choice(attention), "float32")  # fmt: skip
     return {p: v.get_value() for p, v in weight_paths(model).items()}
 
 
 # --------------------------------------------------------------------------------------------
-# Orbax: reading and writing the weights as one pure dict.
+# The weights as one pure dict: paths, checksums, checks shared by orbax_io and safetensors_io.
 
 
 def flatten(tree: Any) -> Flat:
@@ -247,18 +174,6 @@ def flatten(tree: Any) -> Flat:
     flat = traverse_util.flatten_dict(dict(tree), is_leaf=lambda _, v: not hasattr(v, "items"))
     return {tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p): v
             for p, v in flat.items()}  # fmt: skip
-
-
-def _checkpointer() -> ocp.StandardCheckpointer:
-    """An Orbax checkpointer for this process alone: in a multi-process job, pretrained
-    directories are written by one process and read by each process independently."""
-    import orbax.checkpoint as ocp  # not at the top: .safetensors files load without Orbax
-
-    if jax.process_count() == 1:
-        return ocp.StandardCheckpointer()
-    me = jax.process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    return ocp.StandardCheckpointer(multiprocessing_options=options)
 
 
 def checksum(tree: Any) -> str:
@@ -272,41 +187,6 @@ def checksum(tree: Any) -> str:
         crc = zlib.crc32(f"{path}{array.dtype}{array.shape}".encode(), crc)
         crc = zlib.crc32(array.reshape(-1).view(np.uint8), crc)
     return f"crc32:{crc:08x}"
-
-
-def read_weights(
-    state_dir: Path_, target: Flat, *, what: str = MODEL_JSON, expected: str | None = None
-) -> Flat:
-    """Read the Orbax checkpoint ``state_dir`` into arrays shaped like ``target``; one-line errors.
-
-    The stored shapes are checked against ``target`` first, from the checkpoint's metadata: a
-    description (``what``) that does not match the stored arrays gets a message naming the array.
-    With ``expected`` (what ``checksum`` gave when they were written), the arrays must match it.
-    """
-    state_dir = Path(state_dir).absolute()
-    checkpointer = _checkpointer()
-    try:
-        try:
-            metadata = checkpointer.metadata(state_dir)
-        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged checkpoints
-            raise PretrainedError(
-                f"{state_dir}: not a readable checkpoint ({one_line(e)})"
-            ) from None
-        tree = getattr(metadata, "item_metadata", metadata)
-        if not hasattr(tree, "items"):
-            raise PretrainedError(f"{state_dir}: not a readable checkpoint (no array metadata)")
-        check_stored(state_dir, flatten(tree), target, what)
-        try:
-            restored = checkpointer.restore(state_dir, traverse_util.unflatten_dict(target))
-        except Exception as e:  # noqa: BLE001
-            raise PretrainedError(
-                f"{state_dir}: cannot restore the checkpoint ({one_line(e)})"
-            ) from None
-    finally:
-        with contextlib.suppress(Exception):
-            checkpointer.close()
-    check_checksum(state_dir, restored, expected)
-    return flatten(restored)
 
 
 def check_stored(where: Path_, stored: Flat, target: Flat, what: str = MODEL_JSON) -> None:
@@ -388,7 +268,9 @@ def save_pretrained(
 
         safetensors_io.write_model(path, flatten(state), text)
     else:
-        write_directory(path, lambda tmp: _write_directory(tmp, state, text), PretrainedError)
+        from eca_flax import orbax_io
+
+        write_directory(path, lambda tmp: orbax_io.write_state(tmp, state, text), PretrainedError)
 
 
 def is_safetensors(path: Path_) -> bool:
@@ -447,17 +329,6 @@ def _description(
         **extra,
         "converter_version": eca_flax.__version__,
     }
-
-
-def _write_directory(tmp: Path, state: dict, text: str) -> None:
-    """A pretrained directory's contents: Orbax ``state/``, then model.json."""
-    checkpointer = _checkpointer()
-    try:
-        checkpointer.save(tmp / STATE_DIR, state)
-        checkpointer.wait_until_finished()
-    finally:
-        checkpointer.close()
-    (tmp / MODEL_JSON).write_text(text)
 
 
 def check_destination(path: Path_, overwrite: bool) -> None:
@@ -553,6 +424,8 @@ def load_pretrained(
         state_dir = Path(path).expanduser() / STATE_DIR
         if not state_dir.is_dir():
             raise PretrainedError(f"{path}: no {STATE_DIR}/ checkpoint beside {MODEL_JSON}")
-        read = lambda target: read_weights(state_dir, target, expected=expected)
+        from eca_flax import orbax_io
+
+        read = lambda target: orbax_io.read_weights(state_dir, target, expected=expected)
         where = str(Path(path) / MODEL_JSON)
     return restore_model(meta, read, num_classes=num_classes, dtype=dtype, seed=seed, where=where)

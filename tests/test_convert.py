@@ -507,7 +507,7 @@ def test_load_pretrained_errors(small, tmp_path, capsys):
 
 
 def test_save_pretrained_checks_the_model(small, tmp_path):
-    model = pretrained.empty_model("eca_resnet18")
+    model = eca_flax.registry.empty_model("eca_resnet18")
     with pytest.raises(pretrained.PretrainedError, match="unloaded weights"):
         pretrained.save_pretrained(model, tmp_path / "a", arch="eca_resnet18", attention="eca")
     model = convert.convert_file(small[2], tmp_path / "first", log=lambda _: None)

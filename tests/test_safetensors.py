@@ -51,7 +51,7 @@ def small(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
 
 
 def weights(model) -> dict[tuple, np.ndarray]:
-    return {p: np.asarray(v.get_value()) for p, v in pretrained.weight_paths(model).items()}
+    return {p: np.asarray(v.get_value()) for p, v in eca_flax.registry.weight_paths(model).items()}
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -122,7 +122,7 @@ def test_save_pretrained_format(small, tmp_path):
             pretrained.save_pretrained(tuned, tmp_path / name, format=fmt, **kw)
 
     # bfloat16 weights are stored as BF16 and come back as float32 holding the same values.
-    for var in pretrained.weight_paths(tuned).values():
+    for var in eca_flax.registry.weight_paths(tuned).values():
         var.set_value(var.get_value().astype(jnp.bfloat16))
     pretrained.save_pretrained(tuned, tmp_path / "bf16.safetensors", **kw)
     with safe_open(tmp_path / "bf16.safetensors", framework="np") as f:
@@ -215,7 +215,7 @@ import eca_flax
 from eca_flax import predict, pretrained
 model = eca_flax.load_pretrained(sys.argv[1])
 np.savez(sys.argv[2], **{"/".join(map(str, p)): np.asarray(v.get_value())
-                         for p, v in pretrained.weight_paths(model).items()})
+                         for p, v in eca_flax.registry.weight_paths(model).items()})
 predict.main(["--weights", sys.argv[1], "--top", "2", sys.argv[3]])
 print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"orbax", "torch",
       "tensorstore", "tensorflow", "safetensors"}))

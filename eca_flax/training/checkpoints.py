@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 import eca_flax
-from eca_flax import pretrained, registry
+from eca_flax import files, orbax_io, pretrained, registry
 from eca_flax.training.config import ConfigError, TrainingError
 from eca_flax.training.reporting import logger
 
@@ -197,9 +197,9 @@ class Checkpoints:
         for tmp in os.listdir(self.root) if os.path.isdir(self.root) else []:
             if ".orbax-checkpoint-tmp" in tmp:  # the unfinished save: never a good checkpoint
                 shutil.rmtree(os.path.join(self.root, tmp), ignore_errors=True)
-        full = pretrained.disk_full(error)
+        full = files.disk_full(error)
         what = "no space left on the disk of" if full else "could not write to"
-        reason = "" if full else f" ({pretrained.one_line(error)})"
+        reason = "" if full else f" ({files.one_line(error)})"
         saving = f" while saving checkpoint {step}" if step is not None else " while saving"
         raise TrainingError(
             f"{what} {self.workdir}{saving}{reason}; the last good checkpoint is "
@@ -215,13 +215,13 @@ class Checkpoints:
             try:
                 saved = read_meta(step_dir)
             except Exception as e:  # noqa: BLE001 - a damaged meta item
-                self._set_aside(step_dir, f"unreadable metadata: {pretrained.one_line(e)}")
+                self._set_aside(step_dir, f"unreadable metadata: {files.one_line(e)}")
                 continue
             check_resume(step_dir, saved, meta)
             try:
                 return step, self._restore(step, like, saved.get("checksums", {}))
             except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
-                self._set_aside(step_dir, pretrained.one_line(e))
+                self._set_aside(step_dir, files.one_line(e))
         return 0, like
 
     def _restore(self, step: int, like: dict, sums: dict) -> dict:
@@ -331,7 +331,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn
     _check_source(config, meta, path, num_classes)
     model = pretrained.restore_model(
         meta,
-        lambda target: pretrained.read_weights(weights, target, expected=expected),
+        lambda target: orbax_io.read_weights(weights, target, expected=expected),
         num_classes=num_classes,
         dtype=dtype,
         seed=config.seed,
