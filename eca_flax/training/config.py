@@ -92,6 +92,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.lr_decay_factor = 0.1
     c.warmup_epochs = 0  # Linear warmup (cosine schedule).
     c.label_smoothing = 0.0
+    # Exponential moving average (EMA) of the weights: params and BatchNorm statistics.
+    c.ema_decay = 0.0  # 0: off; e.g. 0.9998 (timm's ResNet recipes). Evaluated beside the raw
+    # weights every epoch; the EMA is what pretrained/ and best/ receive.
+    c.ema_warmup = False  # Decay min(ema_decay, (1 + t) / (10 + t)) at update t (0-based).
     # Checkpoints, logging, hosts.
     c.checkpoint_every_steps = 1000  # Also at every epoch end and at the end.
     c.keep_checkpoints = 3  # The latest few; the best by top-1 is kept as well.
@@ -152,6 +156,10 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             f"eval_resize_size={c.eval_resize_size} is below image_size={c.image_size}: the "
             "center crop would not fit (-1 gives the original's 256/224 ratio)"
         )
+    if not 0.0 <= c.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1) (0: no EMA), got {c.ema_decay}")
+    if c.ema_warmup and not c.ema_decay:
+        raise ConfigError("ema_warmup=True needs an ema_decay > 0")
     for name in ("data_threads", "data_workers"):
         if c[name] < 0:
             raise ConfigError(f"{name} must be >= 0, got {c[name]}")

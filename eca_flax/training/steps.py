@@ -1,7 +1,8 @@
 """The optimizer, the learning-rate schedule and the jitted train and eval steps.
 
-State is a dict of arrays: step, params, batch_stats, opt_state, rng. params and batch_stats
-are pure nested dicts (``nnx.to_pure_dict``: checkpoint keys like params/layer1/0/conv1/kernel,
+State is a dict of arrays: step, params, batch_stats, opt_state, rng, and with an EMA of the
+weights (``ema_decay`` > 0) ema = {params, batch_stats}. params and batch_stats are pure nested
+dicts (``nnx.to_pure_dict``: checkpoint keys like params/layer1/0/conv1/kernel,
 independent of Flax's Variable classes). The steps are pure functions over arrays (``nnx.split``
 once, ``nnx.merge`` inside the traced function), compiled once with ``jax.jit`` over the mesh.
 Batches arrive as uint8 and are normalized here, on the device. This module needs no input
@@ -77,6 +78,33 @@ def _rng_streams(model: nnx.Module) -> tuple[str, ...]:
     return tuple(sorted({n.tag for _, n in nnx.iter_graph(model) if isinstance(n, nnx.RngStream)}))
 
 
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay of update ``step`` (0-based): ``decay``, or with ``warmup``
+    min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with
+    num_updates), so that the average soon forgets the random initialisation."""
+    d = jnp.float32(decay)
+    if warmup:
+        t = jnp.asarray(step, jnp.float32)
+        d = jnp.minimum(d, (1 + t) / (10 + t))
+    return d
+
+
+def update_ema(state: dict, new: dict, decay: float, warmup: bool) -> dict:
+    """The EMA after the update from ``state`` to ``new``: d * ema + (1 - d) * new weights, leaf
+    by leaf (params and batch_stats), d = ``ema_decay_at(state's step)``."""
+    d = ema_decay_at(state["step"], decay, warmup)
+    weights = {k: new[k] for k in state["ema"]}
+    return jax.tree.map(lambda e, w: (d * e + (1 - d) * w).astype(e.dtype), state["ema"], weights)
+
+
+def copy_weights(state: dict) -> dict:
+    """{params, batch_stats} of ``state`` in new buffers placed like them: the EMA's start (the
+    train step donates the state, so the EMA cannot share the weights' buffers)."""
+    weights = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    shardings = jax.tree.map(lambda x: x.sharding, weights)
+    return jax.jit(lambda w: jax.tree.map(jnp.copy, w), out_shardings=shardings)(weights)
+
+
 def make_train_step(
     model: nnx.Module,
     tx: optax.GradientTransformation,
@@ -86,10 +114,13 @@ def make_train_step(
     num_classes: int,
     label_smoothing: float,
     debug_nan_step: int = -1,
+    ema_decay: float = 0.0,
+    ema_warmup: bool = False,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """One SGD step over a global batch: ``state, metrics = train_step(state, batch)``.
 
     ``batch``: uint8 'image' (B, S, S, 3), int32 'label' (and 'damaged' counts, optional).
+    With ``ema_decay`` > 0 the state's EMA moves towards the new weights (``ema_decay_at``).
     Compiled once with ``jax.jit`` over the mesh; the state is donated. Metrics (loss, batch
     top-1, learning rate, damaged files replaced) are replicated scalars.
     """
@@ -117,13 +148,10 @@ def make_train_step(
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (logits, batch_stats)), grads = grad_fn(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {
-            "step": step + 1,
-            "params": optax.apply_updates(state["params"], updates),
-            "batch_stats": batch_stats,
-            "opt_state": opt_state,
-            "rng": state["rng"],
-        }
+        new_state = dict(state, step=step + 1, batch_stats=batch_stats, opt_state=opt_state)
+        new_state["params"] = optax.apply_updates(state["params"], updates)
+        if ema_decay:
+            new_state["ema"] = update_ema(state, new_state, ema_decay, ema_warmup)
         top1 = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         damaged = jnp.sum(batch["damaged"]) if "damaged" in batch else jnp.int32(0)
         return new_state, {"loss": loss, "top1": top1, "lr": schedule(step), "damaged": damaged}
@@ -169,9 +197,15 @@ def make_eval_step(
 
 
 def init_state(
-    model: nnx.Module, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    seed: int,
+    mesh: jax.sharding.Mesh,
+    *,
+    ema: bool = False,
 ) -> dict:
-    """The train state at step 0, replicated on the mesh."""
+    """The train state at step 0, replicated on the mesh; with ``ema``, an EMA of the weights
+    starting at them."""
     params, batch_stats = split_weights(model)
     host = {
         "step": np.int32(0),
@@ -181,4 +215,6 @@ def init_state(
     }
     state = put_replicated(host, mesh)
     state["opt_state"] = jax.jit(tx.init, out_shardings=replicated(mesh))(state["params"])
+    if ema:
+        state["ema"] = copy_weights(state)
     return state
