@@ -326,11 +326,11 @@ def read_ema(path: str, model: nnx.Module) -> nnx.Module | None:
     if expected is None:
         return None
     ema = nnx.clone(model)
-    variables = pretrained.weight_paths(ema)
+    variables = registry.weight_paths(ema)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = pretrained.abstract({p: v.get_value() for p, v in variables.items()}, device)
-    weights = pretrained.read_weights(os.path.join(step_dir, "ema"), target,
-                                      what=f"{step_dir}/meta", expected=expected)  # fmt: skip
+    weights = orbax_io.read_weights(os.path.join(step_dir, "ema"), target,
+                                    what=f"{step_dir}/meta", expected=expected)  # fmt: skip
     for p, var in variables.items():
         var.set_value(weights[p])
     return ema
