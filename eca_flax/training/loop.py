@@ -32,6 +32,7 @@ from eca_flax.training.config import (
     resolve_config,
 )
 from eca_flax.training.mesh import make_mesh, prefetch_to_mesh, put_replicated
+from eca_flax.training.mixing import Mixing
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import (
     init_state,
@@ -83,7 +84,7 @@ def evaluate(
         config.dataset,
         config.data_dir or None,
         global_batch_size=plan.eval_batch_size,
-        image_size=config.image_size,
+        image_size=config.eval_image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
         skip_damaged=config.skip_damaged_images,
         threads=config.data_threads or None,
@@ -180,7 +181,7 @@ def export_pretrained(
         path,
         arch=pretrained.describe(model)["arch"],
         attention=model.attention,
-        image_size=config.image_size,
+        image_size=config.eval_image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
         extra={
             "epoch": step // plan.steps_per_epoch,
@@ -214,6 +215,7 @@ def _train_batches(
         area_range=(config.min_crop_area, 1.0),
         augment=config.augment,
         hflip=config.hflip,
+        randaugment=config.randaugment,
         skip_damaged=config.skip_damaged_images,
         threads=config.data_threads or None,
         workers=config.data_workers,
@@ -275,7 +277,9 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
     tx = make_optimizer(config, schedule)
     train_step = make_train_step(model, tx, schedule, mesh, num_classes=plan.num_classes,
                                  label_smoothing=config.label_smoothing,
-                                 debug_nan_step=config.debug_nan_step)  # fmt: skip
+                                 debug_nan_step=config.debug_nan_step, loss=config.loss,
+                                 bce_target_thresh=config.bce_target_thresh,
+                                 mixing=Mixing.from_config(config))  # fmt: skip
     ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     step, state = ckpt.restore_latest(init_state(model, tx, config.seed, mesh), meta)
     logger.info(f"resuming from {ckpt.root}/{step} (step {step})" if step else
