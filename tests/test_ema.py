@@ -43,8 +43,7 @@ def run():
     plan = cfg.Plan(10, 100, 100, 10, 8, 8, config.learning_rate)
     schedule = steps.make_schedule(config, plan)
     tx = steps.make_optimizer(config, schedule)
-    train_step = steps.make_train_step(model, tx, schedule, mesh, num_classes=10,
-                                       label_smoothing=0.0, ema_decay=DECAY)  # fmt: skip
+    train_step = steps.make_train_step(model, tx, schedule, mesh, config, num_classes=10)
     rng = np.random.default_rng(0)
     batches = [
         {

@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -507,6 +508,31 @@ def test_sigterm_sigkill_resume_equals_uninterrupted(
     again = loop.train_and_evaluate(config, str(workdir), mesh=make_mesh(jax.devices()[:1]))
     assert SUMMARY.search(again.eval.summary()).groups() == raw
     assert SUMMARY.search(again.eval_ema.summary()).groups() == ema
+
+
+def test_rsb_a3_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli_cache) -> None:
+    """train.py with recipe=rsb_a3 on the digits (train at 12 px, evaluate at 16): LAMB, BCE,
+    Mixup/CutMix on the device, RandAugment in the pipeline. A run that lost its last checkpoint
+    (as after a SIGKILL) resumes from the one before and ends with exactly the uninterrupted
+    run's weights and metrics: mixing keys, augmentation seeds and LAMB's moments follow the
+    step. (The second process reuses the first one's compiled programs: JAX's cache.)"""
+    fields = dict(recipe="rsb_a3", image_size=12, eval_image_size=16, num_train_steps=6,
+                  checkpoint_every_steps=3, keep_checkpoints=5, log_every_steps=1)  # fmt: skip
+    env, workdir = cli_env(cli_cache, devices=1), tmp_path / "run"
+    outputs = []
+    for _ in range(2):
+        out, err = train_cli(workdir, env, **fields).communicate(timeout=600)
+        assert "final step=6 " in out, f"{out}\n{err}"
+        outputs.append(out)
+        if len(outputs) == 1:
+            assert checkpoint_steps(workdir) == [3, 6]
+            want = final_weights(workdir)
+            shutil.rmtree(workdir / checkpoints.CHECKPOINT_DIR / "6")
+    assert "(step 3)" in outputs[1] and "peak lr 0.00025" in outputs[0]  # 8e-3 * 64 / 2048
+    losses = [re.findall(r"step (\d+)/6 .* loss ([0-9.]+)", out) for out in outputs]
+    assert [s for s, _ in losses[1]] == ["4", "5", "6"] and losses[1] == losses[0][3:]
+    assert SUMMARY.findall(outputs[1])[-1] == SUMMARY.findall(outputs[0])[-1]
+    assert_weights_close(final_weights(workdir), want, rtol=1e-6, atol=1e-7)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: pathlib.Path, cli_cache) -> None:

@@ -112,7 +112,7 @@ def evaluate(
         config.dataset,
         config.data_dir or None,
         global_batch_size=plan.eval_batch_size,
-        image_size=config.image_size,
+        image_size=config.eval_image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
         skip_damaged=config.skip_damaged_images,
         threads=config.data_threads or None,
@@ -221,7 +221,7 @@ def export_pretrained(
         path,
         arch=pretrained.describe(model)["arch"],
         attention=model.attention,
-        image_size=config.image_size,
+        image_size=config.eval_image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
         extra={
             "epoch": step // plan.steps_per_epoch,
@@ -256,6 +256,7 @@ def _train_batches(
         area_range=(config.min_crop_area, 1.0),
         augment=config.augment,
         hflip=config.hflip,
+        randaugment=config.randaugment,
         skip_damaged=config.skip_damaged_images,
         threads=config.data_threads or None,
         workers=config.data_workers,
@@ -317,10 +318,7 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
     eval_step = make_eval_step(model, mesh, keep_logits=keep_logits)
     schedule = make_schedule(config, plan)
     tx = make_optimizer(config, schedule)
-    train_step = make_train_step(model, tx, schedule, mesh, num_classes=plan.num_classes,
-                                 label_smoothing=config.label_smoothing,
-                                 debug_nan_step=config.debug_nan_step, ema_decay=config.ema_decay,
-                                 ema_warmup=config.ema_warmup)  # fmt: skip
+    train_step = make_train_step(model, tx, schedule, mesh, config, num_classes=plan.num_classes)
     ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     fresh = init_state(model, tx, config.seed, mesh, ema=config.ema_decay > 0)
     step, state = ckpt.restore_latest(fresh, meta)
