@@ -6,7 +6,8 @@
   input pipeline); ``mixing``: Mixup / CutMix inside the train step.
 - ``checkpoints``: Orbax checkpoints of the train state and the weights a run starts from.
 - ``reporting``: log lines, progress bar, TensorBoard scalars, profiler trace.
-- ``loop``: ``train_and_evaluate``, the loop itself, and evaluation.
+- ``evaluation``: one pass over the validation split (raw weights and EMA).
+- ``loop``: ``train_and_evaluate``, the loop itself, and ``eval_only``.
 
 Parallelism is plain data parallelism with XLA SPMD: one ``jax.jit`` over a mesh of every
 device of every process, parameters replicated, the batch sharded; BatchNorm statistics are

@@ -1,4 +1,5 @@
-"""The training loop (``train_and_evaluate``, what train.py runs) and evaluation.
+"""The training loop: ``train_and_evaluate``, what train.py runs (``_train``, on one screen, with
+``_Run`` holding what it uses), and ``eval_only``.
 
 Runs resume exactly: a checkpoint holds the step, parameters, BatchNorm statistics, optimizer
 state, RNG and (``ema_decay`` > 0) the EMA of the weights, and the input pipeline is
@@ -15,11 +16,10 @@ import dataclasses
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -34,6 +34,7 @@ from eca_flax.training.config import (
     make_plan,
     resolve_config,
 )
+from eca_flax.training.evaluation import EvalResult, Evaluation, evaluate_all
 from eca_flax.training.mesh import make_mesh, prefetch_to_mesh, put_replicated
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import (
@@ -47,47 +48,6 @@ from eca_flax.training.steps import (
 
 
 @dataclasses.dataclass
-class EvalResult:
-    """Validation metrics; ``logits`` and ``labels`` (dataset order) only when asked for."""
-
-    top1: float
-    top5: float
-    images: int
-    skipped: int = 0  # damaged images left out (skip_damaged_images)
-    logits: np.ndarray | None = None
-    labels: np.ndarray | None = None
-
-    def summary(self) -> str:
-        skipped = f" skipped={self.skipped}" if self.skipped else ""
-        return f"top1={self.top1:.4f} top5={self.top5:.4f} images={self.images}{skipped}"
-
-
-@dataclasses.dataclass
-class Evaluation:
-    """One evaluation of a run: the raw weights and, with ``ema_decay`` > 0, the EMA's."""
-
-    raw: EvalResult
-    ema: EvalResult | None = None
-
-    @property
-    def exported(self) -> EvalResult:
-        """The result of the weights a run exports: the EMA's when there is one."""
-        return self.raw if self.ema is None else self.ema
-
-    def log(self, prefix: str) -> None:
-        logger.info(f"{prefix} {self.raw.summary()}")
-        if self.ema is not None:
-            logger.info(f"{prefix} ema {self.ema.summary()}")
-
-    def scalars(self) -> dict[str, float]:
-        """TensorBoard scalars: eval/top1, eval/top5 (and eval/top1_ema, eval/top5_ema)."""
-        out = {"eval/top1": self.raw.top1, "eval/top5": self.raw.top5}
-        if self.ema is not None:
-            out.update({"eval/top1_ema": self.ema.top1, "eval/top5_ema": self.ema.top5})
-        return out
-
-
-@dataclasses.dataclass
 class RunResult:
     """How a run ended: its last step, the last evaluation, and whether SIGTERM stopped it."""
 
@@ -96,55 +56,6 @@ class RunResult:
     preempted: bool = False
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # Log lines.
     eval_ema: EvalResult | None = None  # The EMA's evaluation (ema_decay > 0).
-
-
-def evaluate(
-    eval_step: Callable,
-    state: dict,
-    config: ml_collections.ConfigDict,
-    plan: Plan,
-    mesh: jax.sharding.Mesh,
-    *,
-    keep_logits: bool = False,
-) -> EvalResult:
-    """One pass over the validation split, every image counted exactly once."""
-    batches = data.eval_iterator(
-        config.dataset,
-        config.data_dir or None,
-        global_batch_size=plan.eval_batch_size,
-        image_size=config.eval_image_size,
-        resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
-        skip_damaged=config.skip_damaged_images,
-        threads=config.data_threads or None,
-    )
-    totals, kept = None, []
-    with reporting.progress(plan.num_eval, "eval") as bar:
-        for batch in prefetch_to_mesh(batches, mesh, plan.eval_batch_size):
-            out = eval_step(state["params"], state["batch_stats"], batch)
-            if keep_logits:
-                host = jax.device_get({k: out[k] for k in ("logits", "labels", "mask")})
-                kept.append((host["logits"][host["mask"] > 0], host["labels"][host["mask"] > 0]))
-            sums = {k: out[k] for k in ("top1", "top5", "count", "damaged")}
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-            bar.update(min(plan.eval_batch_size, plan.num_eval - bar.n))
-    if totals is None:
-        raise data.DataError(f"{config.dataset}: the validation split yielded no batches")
-    totals = jax.device_get(totals)
-    images = int(round(float(totals["count"])))
-    if not images:
-        raise data.DataError(f"{config.dataset}: no readable validation image")
-    result = EvalResult(float(totals["top1"]) / images, float(totals["top5"]) / images, images,
-                        skipped=int(totals["damaged"]))  # fmt: skip
-    if keep_logits:
-        result.logits = np.concatenate([k[0] for k in kept])
-        result.labels = np.concatenate([k[1] for k in kept])
-    return result
-
-
-def _evaluate_all(eval_step, state: dict, config, plan: Plan, mesh, keep_logits: bool):
-    """The raw weights of ``state`` and, when it has one, its EMA, on the validation split."""
-    run = lambda weights: evaluate(eval_step, weights, config, plan, mesh, keep_logits=keep_logits)
-    return Evaluation(run(state), run(state["ema"]) if "ema" in state else None)
 
 
 class Preemption:
@@ -284,7 +195,7 @@ def _evaluate_only(config, workdir: str, plan: Plan, mesh, keep_logits: bool) ->
         f"{config.dataset} ({plan.num_eval} images, {mesh.devices.size} devices)"
     )
     eval_step = make_eval_step(model, mesh, keep_logits=keep_logits)
-    evals = _evaluate_all(eval_step, put_replicated(host, mesh), config, plan, mesh, keep_logits)
+    evals = evaluate_all(eval_step, put_replicated(host, mesh), config, plan, mesh, keep_logits)
     evals.log("eval")
     return RunResult(0, evals.raw, eval_ema=evals.ema)
 
@@ -306,94 +217,153 @@ def train_and_evaluate(
     plan = make_plan(config, mesh)
     if config.eval_only:
         return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, keep_logits)
+    created = not os.path.exists(workdir)
     workdir = checkpoints.prepare_workdir(workdir)
-    with checkpoints.WorkdirLock(workdir):
-        return _train(config, workdir, plan, mesh, keep_logits)
+    try:
+        with checkpoints.WorkdirLock(workdir):
+            return _train(config, workdir, plan, mesh, keep_logits)
+    except ConfigError:  # refused before training: leave no empty workdir behind
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)
+        raise
 
 
 def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResult:
-    """The training loop, in a locked workdir."""
-    model, source = checkpoints.build_model(config, plan.num_classes)
-    meta = checkpoints.model_meta(model, config, plan.num_classes)
-    eval_step = make_eval_step(model, mesh, keep_logits=keep_logits)
-    schedule = make_schedule(config, plan)
-    tx = make_optimizer(config, schedule)
-    train_step = make_train_step(model, tx, schedule, mesh, config, num_classes=plan.num_classes)
-    ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-    fresh = init_state(model, tx, config.seed, mesh, ema=config.ema_decay > 0)
-    step, state = ckpt.restore_latest(fresh, meta)
-    logger.info(f"resuming from {ckpt.root}/{step} (step {step})" if step else
-                f"starting from {source}")  # fmt: skip
-    reporting.save_config(workdir, config, plan, meta, source)
-    logger.info(
-        f"training {config.model} on {config.dataset} with {mesh.devices.size} devices "
-        f"({jax.process_count()} processes): {plan.total_steps} steps of {plan.batch_size} "
-        f"images ({plan.steps_per_epoch} per epoch), peak lr {plan.learning_rate:g}"
-    )
-    board, profiler = reporting.TensorBoard(workdir), reporting.Profiler(config, workdir)
-    metrics = reporting.StepMetrics(plan.batch_size)
-    batches = _train_batches(config, plan, step, mesh)
-    bar = reporting.progress(plan.total_steps * plan.batch_size, "train", step * plan.batch_size)
-    best = os.path.join(workdir, "best")
-    evals, history, damaged, best_top1 = None, [], 0, _best_top1(best)
-    evaluate_now = lambda: _evaluate_all(eval_step, state, config, plan, mesh, keep_logits)
+    """The training loop, in a locked workdir: step, log, save, evaluate; then export."""
+    run, step, evals = _Run(config, workdir, plan, mesh, keep_logits), 0, None
     try:
+        step, state = run.restore()
+        batches = _train_batches(config, plan, step, mesh)
         with Preemption() as preemption:
             while step < plan.total_steps:
-                profiler.before_step(step + 1)
-                state, step_metrics = train_step(state, next(batches))
+                run.profiler.before_step(step + 1)
+                state, step_metrics = run.train_step(state, next(batches))
                 step += 1
-                profiler.after_step(step, step_metrics)
-                metrics.add(step, step_metrics)
-                bar.update(plan.batch_size)
+                run.after_step(step, step_metrics)
                 epoch, into_epoch = divmod(step, plan.steps_per_epoch)
                 last = step == plan.total_steps
                 do_eval = last or (into_epoch == 0 and epoch % config.eval_every_epochs == 0)
                 do_save = last or into_epoch == 0 or step % config.checkpoint_every_steps == 0
                 stop = preemption.requested(step)
-                if step % config.log_every_steps == 0 or do_eval or do_save or stop:
-                    history.append(_log_train(step, plan, metrics.flush(), board))
-                    damaged += history[-1]["damaged"]
-                if into_epoch == 0 and damaged:
-                    logger.warning(f"epoch {epoch}: {damaged} damaged training images skipped")
-                    damaged = 0
+                run.log(step, force=do_eval or do_save or stop, epoch_end=into_epoch == 0)
                 if do_save or stop:  # first: a failing evaluation cannot cost the epoch
-                    ckpt.save(state, meta)
+                    run.ckpt.save(state, run.meta)
                 if stop:
-                    ckpt.wait()
-                    logger.info(f"{preemption.signal}: saved checkpoint {ckpt.root}/{step}; run "
-                                "the same command to resume")  # fmt: skip
-                    return RunResult(step, None, preempted=True, history=history)
-                evals = evaluate_now() if do_eval else None
-                if evals is not None:
-                    evals.log(f"eval step={step}")
-                    board.scalars(step, evals.scalars())
-                    if 100 * evals.exported.top1 > best_top1:  # the EMA's, when there is one
-                        best_top1 = 100 * evals.exported.top1
-                        export_pretrained(model, state, config, plan, best, evals)
-        ckpt.wait()
-        if evals is None:  # Resumed a finished run: evaluate the final state again.
-            evals = evaluate_now()
-        export_pretrained(model, state, config, plan, os.path.join(workdir, "pretrained"), evals)
-        evals.log(f"final step={step}")
-        return RunResult(step, evals.raw, history=history, eval_ema=evals.ema)
-    except TrainingError as e:
+                    return run.stop(step, preemption.signal)
+                evals = run.evaluate(step, state) if do_eval else None
+        return run.finish(step, state, evals)
+    except (TrainingError, data.DataError, pretrained.PretrainedError) as e:
         with contextlib.suppress(TrainingError):
-            ckpt.wait()  # the saves started before the bad step are good
+            run.ckpt.wait()  # the saves started before the bad step are good
         if "the last good checkpoint" in str(e):
             raise
-        raise TrainingError(
-            f"{e}; stopped, the last good checkpoint is {ckpt.last_good()}"
-        ) from None
+        raise type(e)(f"{e}; stopped, the last good checkpoint is {run.ckpt.last_good()}") from None
+    except Interrupted:
+        raise
     except KeyboardInterrupt:  # the second Ctrl-C
-        ckpt.close()
-        raise Interrupted(f"stopped at step {step} without saving it; the last good checkpoint "
-                          f"is {ckpt.last_good()}") from None  # fmt: skip
+        run.ckpt.close()
+        raise Interrupted(f"stopped at step {step}; the last good checkpoint is "
+                          f"{run.ckpt.last_good()}") from None  # fmt: skip
     finally:
-        bar.close()
-        profiler.stop()
-        ckpt.close()
-        board.close()
+        run.close()
+
+
+class _Run:
+    """Everything the loop uses besides the state: the model, its jitted steps, the workdir's
+    checkpoints, the log, TensorBoard, progress bar and profiler, and the best top-1 so far."""
+
+    def __init__(self, config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> None:
+        self.config, self.workdir, self.plan, self.mesh = config, workdir, plan, mesh
+        self.model, self.source = checkpoints.build_model(config, plan.num_classes)
+        self.meta = checkpoints.model_meta(self.model, config, plan.num_classes)
+        eval_step = make_eval_step(self.model, mesh, keep_logits=keep_logits)
+        self.evaluate_all = lambda state: evaluate_all(
+            eval_step, state, config, plan, mesh, keep_logits
+        )
+        schedule = make_schedule(config, plan)
+        self.tx = make_optimizer(config, schedule)
+        self.train_step = make_train_step(self.model, self.tx, schedule, mesh, config,
+                                          num_classes=plan.num_classes)  # fmt: skip
+        self.ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+        self.board = reporting.TensorBoard(workdir)
+        self.profiler = reporting.Profiler(config, workdir)
+        self.metrics = reporting.StepMetrics(plan.batch_size)
+        self.best = os.path.join(workdir, "best")
+        self.best_top1 = _best_top1(self.best)
+        self.history: list[dict[str, float]] = []
+        self.damaged = 0  # damaged training images skipped this epoch
+        self.bar = None
+
+    def restore(self) -> tuple[int, dict]:
+        """(step, state): the workdir's newest good checkpoint, or a fresh state at step 0."""
+        c, plan = self.config, self.plan
+        fresh = init_state(self.model, self.tx, c.seed, self.mesh, ema=c.ema_decay > 0)
+        step, state = self.ckpt.restore_latest(fresh, self.meta)
+        logger.info(f"resuming from {self.ckpt.root}/{step} (step {step})" if step else
+                    f"starting from {self.source}")  # fmt: skip
+        reporting.save_config(self.workdir, c, plan, self.meta, self.source)
+        logger.info(
+            f"training {c.model} on {c.dataset} with {self.mesh.devices.size} devices "
+            f"({jax.process_count()} processes): {plan.total_steps} steps of {plan.batch_size} "
+            f"images ({plan.steps_per_epoch} per epoch), peak lr {plan.learning_rate:g}"
+        )
+        total = plan.total_steps * plan.batch_size
+        self.bar = reporting.progress(total, "train", step * plan.batch_size)
+        return step, state
+
+    def after_step(self, step: int, step_metrics: dict) -> None:
+        self.profiler.after_step(step, step_metrics)
+        self.metrics.add(step, step_metrics)
+        self.bar.update(self.plan.batch_size)
+
+    def log(self, step: int, *, force: bool, epoch_end: bool) -> None:
+        """The train log line every ``log_every_steps`` (and when ``force``); at an epoch's end,
+        how many damaged images it skipped."""
+        if force or step % self.config.log_every_steps == 0:
+            self.history.append(_log_train(step, self.plan, self.metrics.flush(), self.board))
+            self.damaged += self.history[-1]["damaged"]
+        if epoch_end and self.damaged:
+            epoch = step // self.plan.steps_per_epoch
+            logger.warning(f"epoch {epoch}: {self.damaged} damaged training images skipped")
+            self.damaged = 0
+
+    def stop(self, step: int, signal_name: str) -> RunResult:
+        """After SIGTERM or Ctrl-C: waits for the checkpoint of ``step``; Ctrl-C raises."""
+        self.ckpt.wait()
+        saved = f"saved checkpoint {self.ckpt.root}/{step}; run the same command to resume"
+        if signal_name == "Ctrl-C":
+            raise Interrupted(saved)
+        logger.info(f"{signal_name}: {saved}")
+        return RunResult(step, None, preempted=True, history=self.history)
+
+    def evaluate(self, step: int, state: dict) -> Evaluation:
+        """Evaluates ``state`` (and its EMA), logs it, and exports it to best/ if it is."""
+        evals = self.evaluate_all(state)
+        evals.log(f"eval step={step}")
+        self.board.scalars(step, evals.scalars())
+        if 100 * evals.exported.top1 > self.best_top1:  # the EMA's, when there is one
+            self.best_top1 = 100 * evals.exported.top1
+            self.ckpt.wait()  # a failed save is reported before anything else
+            export_pretrained(self.model, state, self.config, self.plan, self.best, evals)
+        return evals
+
+    def finish(self, step: int, state: dict, evals: Evaluation | None) -> RunResult:
+        """The end of the run: the last save finished, the final weights in pretrained/."""
+        self.ckpt.wait()
+        if evals is None:  # Resumed a finished run: evaluate the final state again.
+            evals = self.evaluate_all(state)
+        path = os.path.join(self.workdir, "pretrained")
+        export_pretrained(self.model, state, self.config, self.plan, path, evals)
+        evals.log(f"final step={step}")
+        return RunResult(step, evals.raw, history=self.history, eval_ema=evals.ema)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.profiler.stop()
+        self.ckpt.close()
+        self.board.close()
 
 
 def _log_train(step: int, plan: Plan, scalars: dict, board: reporting.TensorBoard) -> dict:
