@@ -1,14 +1,17 @@
 """Convert the authors' PyTorch ECA-Net checkpoints to eca_flax, check them, and export back.
 
     python convert_torch_weights.py SRC DST [--verify] [--arch NAME] [--k-size 3557]
-    python convert_torch_weights.py --to-torch DST OUT.pth
+    python convert_torch_weights.py SRC DST.safetensors
+    python convert_torch_weights.py --to-torch DST OUT.pth   (or OUT.safetensors)
 
 SRC is a released file (eca_resnet50_k3557.pth.tar, ...) or a checkpoint of the original
 training script, in torch.save's legacy or zip format, with or without 'module.'. The
 architecture, ECA kernel sizes and number of classes are read from the tensors; --arch and
---k-size only confirm them. DST becomes a directory (model.json + Orbax state/) for
+--k-size only confirm them. DST becomes a directory (model.json + Orbax state/) or, for a
+name ending in .safetensors, one safetensors file (model.json in its metadata), for
 ``eca_flax.load_pretrained(DST)``; it is written atomically and never half-written.
---to-torch writes DST's weights as a state_dict the original PyTorch model loads strictly.
+--to-torch writes DST's weights as a state_dict the original PyTorch model loads strictly
+(torch.load, or safetensors.torch.load_file for OUT.safetensors).
 """
 
 from __future__ import annotations
@@ -27,11 +30,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "weights/eca_resnet50 --verify",
     )
     parser.add_argument("src", metavar="SRC", help=".pth / .pth.tar file (DST with --to-torch)")
-    parser.add_argument("dst", metavar="DST", help="output directory (OUT.pth with --to-torch)")
+    parser.add_argument(
+        "dst",
+        metavar="DST",
+        help="output directory, or a .safetensors file (OUT.pth / OUT.safetensors with --to-torch)",
+    )
     parser.add_argument(
         "--to-torch",
         action="store_true",
-        help="export the converted directory SRC=DST back to a PyTorch state_dict file",
+        help="export the converted model SRC=DST back to a PyTorch state_dict file",
     )
     parser.add_argument("--arch", help="confirm the architecture (an error if the file differs)")
     parser.add_argument(

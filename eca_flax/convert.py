@@ -8,9 +8,9 @@ their rank: conv OIHW -> HWIO, 1-D conv (O, I, k) -> (k, I, O), linear (out, in)
 
 On top of that rule, everything ``convert_torch_weights.py`` does: inferring the
 architecture, kernel sizes and classes from the tensors alone (``infer_arch``), converting a
-``.pth`` file (read by ``eca_flax.pth``) to a pretrained directory (``convert_file``), checking
-the result against the PyTorch reference (``verify_with_torch``) and exporting back
-(``export_torch``). torch is imported inside the functions that need it only, so
+``.pth`` file (read by ``eca_flax.pth``) to a pretrained directory or .safetensors file
+(``convert_file``), checking the result against the PyTorch reference (``verify_with_torch``)
+and exporting back (``export_torch``). torch is imported inside the functions that need it only, so
 ``import eca_flax`` never needs torch.
 """
 
@@ -28,15 +28,17 @@ import numpy as np
 from flax import nnx
 
 from eca_flax import mobilenetv2, pth, resnet
-from eca_flax.pretrained import (
-    check_destination,
+from eca_flax.pretrained import check_destination, load_pretrained, save_pretrained
+from eca_flax.pth import PREFIX, ConversionError, list_keys, strip_prefix
+from eca_flax.registry import (
+    KSize,
+    count_params,
     empty_model,
-    load_pretrained,
-    save_pretrained,
+    list_models,
+    model_info,
+    resolve_k_size,
     weight_paths,
 )
-from eca_flax.pth import PREFIX, ConversionError, list_keys, strip_prefix
-from eca_flax.registry import KSize, count_params, list_models, model_info, resolve_k_size
 
 VERIFY_TOLERANCE = 1e-4  # max |delta logit| relative to max |logit|
 _LEAF = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
@@ -407,7 +409,8 @@ def convert_file(
     allow_unsafe_pickle: bool = False,
     log: Callable[[str], None] = print,
 ) -> nnx.Module:
-    """Convert a PyTorch ECA-Net checkpoint to a pretrained directory; returns the model.
+    """Convert a PyTorch ECA-Net checkpoint to a pretrained directory (a single file for a
+    ``dst`` ending in .safetensors: ``save_pretrained``); returns the model.
 
     Everything is inferred from the tensors; ``arch`` / ``k_size`` only confirm. With
     ``verify``, the PyTorch reference and the converted model must agree (``LogitComparison``)
@@ -459,11 +462,13 @@ def export_torch(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Write a pretrained directory's weights as a PyTorch state_dict file (zip format).
+    """Write a pretrained model's weights as a PyTorch state_dict file: torch.save's zip format,
+    or safetensors for an ``out`` ending in .safetensors (``pth.save_state_dict``).
 
     The keys are exactly the original model's (num_batches_tracked included, as 0), without
-    'module.', so ``model.load_state_dict(torch.load(out), strict=True)`` works on the
-    original architecture. Written to a temporary file and renamed: no partial ``out``.
+    'module.', so ``model.load_state_dict(torch.load(out), strict=True)`` (or
+    ``safetensors.torch.load_file(out)``) works on the original architecture. Written to a
+    temporary file and renamed: no partial ``out``.
     """
     out = Path(out).expanduser()
     pth.check_output(out, overwrite)

@@ -3,11 +3,12 @@
     python -m eca_flax.predict --weights DST IMAGE [IMAGE ...]
 
 DST is a pretrained directory (``convert_torch_weights.py SRC DST`` or a training workdir's
-``pretrained/``). Images go through the original eval preprocessing at the size the model was
-evaluated at (model.json; released models: shorter side to 256 bilinear with antialiasing,
-center crop 224, ImageNet mean/std; ``eca_flax.data.preprocess_for_eval``). The 1000 ImageNet
-class names ship with the package (``imagenet_classes.txt``: synset id and name, in
-class-index order), so this works offline.
+``pretrained/``) or .safetensors file (``convert_torch_weights.py SRC DST.safetensors``).
+Images go through the original eval preprocessing at the size the model was evaluated at
+(model.json; released models: shorter side to 256 bilinear with antialiasing, center crop 224,
+ImageNet mean/std; ``eca_flax.data.preprocess_for_eval``). The 1000 ImageNet class names ship
+with the package (``imagenet_classes.txt``: synset id and name, in class-index order), so this
+works offline.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m eca_flax.predict", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
-    parser.add_argument("--weights", required=True, help="pretrained directory (model.json)")
+    parser.add_argument(
+        "--weights", required=True, help="pretrained directory or .safetensors file"
+    )
     parser.add_argument("--top", type=int, default=5, help="classes to show per image")
     parser.add_argument(
         "--image-size",

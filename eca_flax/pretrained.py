@@ -11,44 +11,50 @@ exports)::
     state/       an Orbax checkpoint of the weights and BatchNorm statistics as one pure dict
                  (``nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat)))``)
 
-Training checkpoints store their weights in the same layout and describe their model with the
-same keys (``MODEL_KEYS``), so ``restore_model`` (head replacement, compute dtype, placement)
-and ``read_weights`` (checked Orbax reading) serve both. Loading needs jax, flax and orbax only
-(no torch). Models are built without random initialisation (``empty_model``) and filled from
-the checkpoint, which makes loading ResNet-152 take seconds rather than the half minute its
-random init costs on a CPU.
+or one ``NAME.safetensors`` file holding the same arrays and model.json (``safetensors_io``);
+the suffix tells them apart. Training checkpoints store their weights in the layout of
+``state/`` and describe their model with the same keys (``MODEL_KEYS``), so ``restore_model``
+(head replacement, compute dtype, placement) and ``orbax_io.read_weights`` (checked reading) serve
+both. Loading needs jax, flax and orbax (safetensors for a file), never torch. Models are built
+without random initialisation (``registry.empty_model``) and filled from the checkpoint, which makes
+loading ResNet-152 take seconds rather than the half minute its random init costs on a CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import json
 import os
-import shutil
-import signal
-import tempfile
-import threading
 import zlib
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 from eca_flax.data.transforms import default_resize_size
+from eca_flax.files import write_directory
 from eca_flax.layers import attention_choice
-from eca_flax.registry import arch_of, count_params, create_model, list_models, resolve_k_size
+from eca_flax.registry import (
+    WEIGHTS,
+    abstract_model,
+    abstract_paths,
+    arch_of,
+    count_params,
+    empty_model,
+    list_models,
+    resolve_k_size,
+    weight_paths,
+)
 
 FORMAT = "eca_flax.pretrained/1"
 MODEL_JSON = "model.json"
 STATE_DIR = "state"
-WEIGHTS = (nnx.Param, nnx.BatchStat)  # what a pretrained model stores
+SAFETENSORS = ".safetensors"  # the suffix of single-file weights (safetensors_io)
+HINT = "(convert a .pth file with convert_torch_weights.py SRC DST)"
 MODEL_KEYS = ("arch", "k_size", "num_classes", "attention")  # every weights file's description
 _CORE_KEYS = ("format", *MODEL_KEYS, "image_size", "resize_size", "params", "source",
               "checksum")  # fmt: skip
@@ -64,11 +70,6 @@ class PretrainedError(Exception):
 
 # --------------------------------------------------------------------------------------------
 # Models, their weights and their description.
-
-
-def weight_paths(model: nnx.Module) -> dict[tuple, nnx.Variable]:
-    """The model's weights and BN statistics by Flax path (the variables a checkpoint holds)."""
-    return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
 
 
 def num_classes_of(model: nnx.Module) -> int:
@@ -107,78 +108,6 @@ def differences(have: Mapping, want: Mapping, keys: Collection[str]) -> list[tup
         return value
 
     return [(k, norm(k, have), norm(k, want)) for k in keys if norm(k, have) != norm(k, want)]
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract(arch: str, k_size: tuple, num_classes: int, attention: str | None, dtype: str):
-    """``nnx.eval_shape(create_model(...))``: tracing ResNet-152's construction takes seconds,
-    and one process often builds a model repeatedly (convert, load, export). Callers clone it."""
-    return nnx.eval_shape(
-        lambda: create_model(
-            arch, k_size=k_size, num_classes=num_classes, attention=attention,
-            dtype=jnp.dtype(dtype)
-        )
-    )  # fmt: skip
-
-
-@functools.lru_cache(maxsize=16)
-def _initialised(key: tuple, seed: int, init: frozenset) -> tuple[nnx.State, Flat]:
-    """What ``create_model(*key, rngs=nnx.Rngs(seed))`` gives the non-weight state (dropout RNG)
-    and the weight paths in ``init``; under jit the unused initialisers are dropped."""
-    arch, k_size, num_classes, attention, dtype = key
-
-    def concrete() -> tuple[nnx.State, Flat]:
-        made = create_model(
-            arch,
-            k_size=k_size,
-            num_classes=num_classes,
-            attention=attention,
-            dtype=jnp.dtype(dtype),
-            rngs=nnx.Rngs(seed),
-        )
-        _, weights, others = nnx.split(made, WEIGHTS, ...)
-        return others, {p: v.get_value() for p, v in nnx.to_flat_state(weights) if p in init}
-
-    return jax.jit(concrete)()
-
-
-def empty_model(
-    arch: str,
-    *,
-    k_size: Any = None,
-    num_classes: int = 1000,
-    attention: str | None = "eca",
-    dtype: Any = jnp.float32,
-    seed: int = 0,
-    init: Collection[tuple] = (),
-) -> nnx.Module:
-    """``create_model(arch, ...)`` without the cost of random initialisation.
-
-    Weights and BN statistics are left as abstract ``jax.ShapeDtypeStruct`` placeholders for
-    the caller to fill (``convert.load_state_dict`` or a checkpoint); everything else (the
-    dropout RNG of MobileNetV2) and the weight paths listed in ``init`` (a new head) get exactly
-    the values ``create_model(..., rngs=nnx.Rngs(seed))`` would give them.
-    """
-    key = (arch, resolve_k_size(arch, k_size), int(num_classes), attention_choice(attention),
-           jnp.dtype(dtype).name)  # fmt: skip
-    model = nnx.clone(_abstract(*key))
-    _, _, rest = nnx.split(model, WEIGHTS, ...)
-    if init or jax.tree.leaves(rest):
-        others, fresh = _initialised(key, seed, frozenset(map(tuple, init)))
-        nnx.update(model, others)
-        variables = weight_paths(model)
-        for path, value in fresh.items():
-            variables[tuple(path)].set_value(value)
-    return model
-
-
-def abstract_paths(model: nnx.Module) -> list[str]:
-    """Weight paths of ``model`` still holding placeholders (empty when fully loaded)."""
-    return [
-        "/".join(map(str, p))
-        for p, v in weight_paths(model).items()
-        if isinstance(v.get_value(), jax.ShapeDtypeStruct)
-    ]
 
 
 def abstract(tree: Any, sharding: Any = None) -> Any:
@@ -231,13 +160,13 @@ def _weight_shapes(
     arch: str, *, k_size: Any, num_classes: int, attention: str | None
 ) -> dict[tuple, jax.ShapeDtypeStruct]:
     """Shape and dtype of every weight of that model, without building it."""
-    model = _abstract(arch, resolve_k_size(arch, k_size), num_classes,
+    model = abstract_model(arch, resolve_k_size(arch, k_size), num_classes,
                       attention_choice(attention), "float32")  # fmt: skip
     return {p: v.get_value() for p, v in weight_paths(model).items()}
 
 
 # --------------------------------------------------------------------------------------------
-# Orbax: reading and writing the weights as one pure dict.
+# The weights as one pure dict: paths, checksums, checks shared by orbax_io and safetensors_io.
 
 
 def flatten(tree: Any) -> Flat:
@@ -245,21 +174,6 @@ def flatten(tree: Any) -> Flat:
     flat = traverse_util.flatten_dict(dict(tree), is_leaf=lambda _, v: not hasattr(v, "items"))
     return {tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p): v
             for p, v in flat.items()}  # fmt: skip
-
-
-def _checkpointer() -> ocp.StandardCheckpointer:
-    """An Orbax checkpointer for this process alone: in a multi-process job, pretrained
-    directories are written by one process and read by each process independently."""
-    if jax.process_count() == 1:
-        return ocp.StandardCheckpointer()
-    me = jax.process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    return ocp.StandardCheckpointer(multiprocessing_options=options)
-
-
-def one_line(error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [""])[0][:300]
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def checksum(tree: Any) -> str:
@@ -275,87 +189,29 @@ def checksum(tree: Any) -> str:
     return f"crc32:{crc:08x}"
 
 
-def disk_full(error: BaseException | None) -> bool:
-    """Whether ``error`` (or what caused it) is a full disk, however Orbax / TensorStore wrap it."""
-    while error is not None:
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C inside the block waits for its end, so writes are never cut half-way: the block
-    gets a function saying whether one came (to undo its work), and it is raised after it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    hits: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda *_: hits.append(1))
-    try:
-        yield lambda: bool(hits)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if hits:
-        raise KeyboardInterrupt
-
-
-def private_to_umask(path: Path_) -> None:
-    """A directory or file made private by mkdtemp / mkstemp gets the umask's usual mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
-
-
-def read_weights(
-    state_dir: Path_, target: Flat, *, what: str = MODEL_JSON, expected: str | None = None
-) -> Flat:
-    """Read the Orbax checkpoint ``state_dir`` into arrays shaped like ``target``; one-line errors.
-
-    The stored shapes are checked against ``target`` first, from the checkpoint's metadata: a
-    description (``what``) that does not match the stored arrays gets a message naming the array.
-    With ``expected`` (what ``checksum`` gave when they were written), the arrays must match it.
-    """
-    state_dir = Path(state_dir).absolute()
-    checkpointer = _checkpointer()
-    try:
-        try:
-            metadata = checkpointer.metadata(state_dir)
-        except Exception as e:  # noqa: BLE001 - Orbax raises many types for damaged checkpoints
-            raise PretrainedError(
-                f"{state_dir}: not a readable checkpoint ({one_line(e)})"
-            ) from None
-        tree = getattr(metadata, "item_metadata", metadata)
-        if not hasattr(tree, "items"):
-            raise PretrainedError(f"{state_dir}: not a readable checkpoint (no array metadata)")
-        stored = flatten(tree)
-        if set(stored) != set(target):
-            diff = sorted("/".join(map(str, p)) for p in set(stored) ^ set(target))
-            raise PretrainedError(
-                f"{state_dir}: the arrays do not match {what} (e.g. {', '.join(diff[:3])})"
-            )
-        for p, leaf in sorted(stored.items(), key=lambda kv: str(kv[0])):
-            if tuple(leaf.shape) != tuple(target[p].shape):
-                raise PretrainedError(
-                    f"{state_dir}: {'/'.join(map(str, p))} is stored with shape "
-                    f"{tuple(leaf.shape)} but {what} implies {tuple(target[p].shape)}"
-                )
-        try:
-            restored = checkpointer.restore(state_dir, traverse_util.unflatten_dict(target))
-        except Exception as e:  # noqa: BLE001
-            raise PretrainedError(
-                f"{state_dir}: cannot restore the checkpoint ({one_line(e)})"
-            ) from None
-    finally:
-        with contextlib.suppress(Exception):
-            checkpointer.close()
-    if expected is not None and checksum(restored) != expected:
+def check_stored(where: Path_, stored: Flat, target: Flat, what: str = MODEL_JSON) -> None:
+    """Stored arrays (anything with a shape, by path) must have ``target``'s paths and shapes:
+    PretrainedError naming an array that differs from what the description ``what`` implies."""
+    if set(stored) != set(target):
+        diff = sorted("/".join(map(str, p)) for p in set(stored) ^ set(target))
         raise PretrainedError(
-            f"{state_dir}: the arrays do not match the checksum recorded when they were written "
+            f"{where}: the arrays do not match {what} (e.g. {', '.join(diff[:3])})"
+        )
+    for p, leaf in sorted(stored.items(), key=lambda kv: str(kv[0])):
+        if tuple(leaf.shape) != tuple(target[p].shape):
+            raise PretrainedError(
+                f"{where}: {'/'.join(map(str, p))} is stored with shape {tuple(leaf.shape)} but "
+                f"{what} implies {tuple(target[p].shape)}"
+            )
+
+
+def check_checksum(where: Path_, tree: Any, expected: str | None) -> None:
+    """With ``expected`` (what ``checksum`` gave when they were written), ``tree`` must match."""
+    if expected is not None and checksum(tree) != expected:
+        raise PretrainedError(
+            f"{where}: the arrays do not match the checksum recorded when they were written "
             "(a damaged or changed file)"
         )
-    return flatten(restored)
 
 
 def host_array(x: Any) -> np.ndarray:
@@ -368,7 +224,7 @@ def host_array(x: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Pretrained directories.
+# Pretrained directories and .safetensors files.
 
 
 def save_pretrained(
@@ -382,22 +238,68 @@ def save_pretrained(
     overwrite: bool = False,
     image_size: int = 224,
     resize_size: int | None = None,
+    format: str | None = None,
 ) -> None:
-    """Write ``model`` as a pretrained directory (model.json + Orbax ``state/``), atomically.
+    """Write ``model`` as a pretrained directory (model.json + Orbax ``state/``), or with
+    ``format="safetensors"`` as one ``.safetensors`` file (model.json in its metadata).
 
-    Everything is written into a temporary directory beside ``path`` and renamed into place
-    at the end, so a failure leaves no ``path`` (or the previous one, untouched). An existing
-    ``path`` is refused unless ``overwrite``, and even then only a pretrained directory (one
-    with a model.json) or an empty directory is replaced. ``arch`` / ``attention`` must be what
-    the model is. ``source`` is {"file", "sha256"} of a converted file; ``extra`` adds keys to
-    model.json (``epoch`` and ``best_prec1`` default to null). ``image_size`` / ``resize_size``
-    record the eval preprocessing the model expects (center crop after resizing the shorter
-    side; default the 256/224 ratio): predict uses them. In a multi-process job, call it on
-    process 0 only.
+    ``format`` defaults to "safetensors" for a path ending in .safetensors and "orbax" (the
+    directory) otherwise; ``load_pretrained`` tells them apart by that suffix. Either is written
+    beside ``path`` and renamed into place at the end, so a failure leaves no ``path`` (or the
+    previous one, untouched). An existing ``path`` is refused unless ``overwrite``, and even then
+    only a pretrained directory (one with a model.json), an empty directory or, for a
+    .safetensors path, a file is replaced. ``arch`` / ``attention`` must be what the model is.
+    ``source`` is {"file", "sha256"} of a converted file; ``extra`` adds keys to model.json
+    (``epoch`` and ``best_prec1`` default to null). ``image_size`` / ``resize_size`` record the
+    eval preprocessing the model expects (center crop after resizing the shorter side; default
+    the 256/224 ratio): predict uses them. In a multi-process job, call it on process 0 only.
     """
     path = Path(path).expanduser().absolute()
     if jax.process_index() != 0:  # Orbax writes host arrays from process 0 only
         raise PretrainedError("save_pretrained runs on process 0 of a multi-process job")
+    single_file = _single_file(path, format)
+    meta = _description(model, arch, attention, source, extra, image_size, resize_size)
+    state = jax.tree.map(host_array, nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
+    meta["checksum"] = checksum(state)
+    text = json.dumps(meta, indent=2) + "\n"  # fails here, before anything is written
+    check_destination(path, overwrite)
+    if single_file:
+        from eca_flax import safetensors_io
+
+        safetensors_io.write_model(path, flatten(state), text)
+    else:
+        from eca_flax import orbax_io
+
+        write_directory(path, lambda tmp: orbax_io.write_state(tmp, state, text), PretrainedError)
+
+
+def is_safetensors(path: Path_) -> bool:
+    """Whether ``path`` names a single .safetensors file rather than a pretrained directory."""
+    return Path(path).suffix.lower() == SAFETENSORS
+
+
+def _single_file(path: Path, format: str | None) -> bool:
+    """Whether ``save_pretrained(..., format)`` writes ``path`` as one .safetensors file."""
+    if format not in (None, "orbax", "safetensors") or (
+        format is not None and (format == "safetensors") != is_safetensors(path)
+    ):
+        raise PretrainedError(
+            f"{path}: format={format!r}; 'safetensors' writes a file named *{SAFETENSORS}, "
+            "'orbax' a directory with any other name"
+        )
+    return is_safetensors(path)
+
+
+def _description(
+    model: nnx.Module,
+    arch: str,
+    attention: str | None,
+    source: Mapping[str, str] | None,
+    extra: Mapping[str, Any] | None,
+    image_size: int,
+    resize_size: int | None,
+) -> dict:
+    """model.json for ``save_pretrained``, after checking ``model`` is what the caller says."""
     if arch not in list_models():
         raise PretrainedError(f"unknown arch {arch!r}; choices: {', '.join(list_models())}")
     try:
@@ -416,7 +318,7 @@ def save_pretrained(
         raise PretrainedError(f"extra may not set {', '.join(clash)}")
     import eca_flax  # the package is fully imported by the time this runs
 
-    meta = {
+    return {
         "format": FORMAT,
         **have,
         "image_size": int(image_size),
@@ -427,57 +329,11 @@ def save_pretrained(
         **extra,
         "converter_version": eca_flax.__version__,
     }
-    state = jax.tree.map(host_array, nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
-    meta["checksum"] = checksum(state)
-    text = json.dumps(meta, indent=2) + "\n"  # fails here, before anything is written
-    check_destination(path, overwrite)
-    existed = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with deferred_interrupt() as interrupted:
-            _write_atomically(path, state, text, interrupted)
-    except (KeyboardInterrupt, PretrainedError):
-        raise
-    except Exception as e:  # noqa: BLE001 - OSError, or Orbax / TensorStore wrapping one
-        reason = "no space left on the device" if disk_full(e) else one_line(e)
-        kept = f"; the previous {path} is untouched" if existed else ""
-        raise PretrainedError(
-            f"{path}: could not write it ({reason}); nothing written{kept}"
-        ) from None
-
-
-def _write_atomically(path: Path, state: dict, text: str, interrupted: Callable) -> None:
-    """state/ and model.json into a temporary directory beside ``path``, renamed into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = None
-    try:
-        private_to_umask(tmp)  # others may read what they could read of any file here
-        checkpointer = _checkpointer()
-        try:
-            checkpointer.save(tmp / STATE_DIR, state)
-            checkpointer.wait_until_finished()
-        finally:
-            checkpointer.close()
-        (tmp / MODEL_JSON).write_text(text)
-        if interrupted():  # Ctrl-C came while writing: undo, then let it through
-            raise KeyboardInterrupt
-        if path.exists():
-            old = tmp.with_suffix(".old")
-            os.rename(path, old)
-        os.rename(tmp, path)
-    except BaseException:
-        if old is not None and not path.exists():
-            os.rename(old, path)
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def check_destination(path: Path_, overwrite: bool) -> None:
-    """Refuse an existing ``path`` unless ``overwrite`` and it is a pretrained or empty dir."""
+    """Refuse an existing ``path`` unless ``overwrite`` and it is a pretrained or empty dir (a
+    file, for a .safetensors path)."""
     path = Path(path).expanduser()
     if not path.exists() and not path.is_symlink():
         return
@@ -485,6 +341,10 @@ def check_destination(path: Path_, overwrite: bool) -> None:
         raise PretrainedError(
             f"{path} already exists; pass --overwrite (overwrite=True) to replace it"
         )
+    if is_safetensors(path):
+        if not path.is_file() or path.is_symlink():
+            raise PretrainedError(f"{path} exists and is not a file; not replacing it")
+        return
     if not path.is_dir() or path.is_symlink():
         raise PretrainedError(f"{path} exists and is not a directory; not replacing it")
     if not (path / MODEL_JSON).is_file() and any(path.iterdir()):
@@ -494,24 +354,37 @@ def check_destination(path: Path_, overwrite: bool) -> None:
 
 
 def read_model_json(path: Path_) -> dict:
-    """The model.json of a pretrained directory, checked: raises PretrainedError otherwise."""
+    """The model.json of a pretrained directory (or the metadata of a .safetensors file),
+    checked: raises PretrainedError otherwise."""
     path = Path(path).expanduser()
-    hint = "(convert a .pth file with convert_torch_weights.py SRC DST)"
+    if is_safetensors(path):
+        from eca_flax import safetensors_io
+
+        return safetensors_io.read_description(path)
     if not path.exists():
-        raise PretrainedError(f"{path}: no such directory {hint}")
+        raise PretrainedError(f"{path}: no such directory {HINT}")
     if not path.is_dir():
-        raise PretrainedError(f"{path}: not a pretrained model directory {hint}")
+        raise PretrainedError(f"{path}: not a pretrained model directory {HINT}")
     file = path / MODEL_JSON
     if not file.is_file():
-        raise PretrainedError(f"{path}: no {MODEL_JSON}, not a pretrained model directory {hint}")
+        raise PretrainedError(f"{path}: no {MODEL_JSON}, not a pretrained model directory {HINT}")
     try:
-        meta = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
         raise PretrainedError(f"{file}: unreadable ({e})") from None
+    return parse_description(text, file)
+
+
+def parse_description(text: str, where: Path_) -> dict:
+    """model.json's text as a dict, checked: our format, a known model (``check_description``)."""
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PretrainedError(f"{where}: unreadable ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise PretrainedError(f"{file}: format {got!r}, expected {FORMAT!r}")
-    check_description(meta, file)
+        raise PretrainedError(f"{where}: format {got!r}, expected {FORMAT!r}")
+    check_description(meta, where)
     return meta
 
 
@@ -534,20 +407,25 @@ def load_pretrained(
     num_classes: int | None = None,
     seed: int = 0,
 ) -> nnx.Module:
-    """The model saved in ``path``, ready for inference (eval mode); no torch needed.
+    """The model saved in ``path`` (a pretrained directory or .safetensors file), ready for
+    inference (eval mode); no torch needed, and no Orbax for a .safetensors file.
 
     ``dtype`` is the compute dtype (parameters stay float32). A ``num_classes`` other than the
     file's replaces the classifier by a freshly initialised one (``seed``), for fine-tuning.
     """
     meta = read_model_json(path)
-    state_dir = Path(path).expanduser() / STATE_DIR
-    if not state_dir.is_dir():
-        raise PretrainedError(f"{path}: no {STATE_DIR}/ checkpoint beside {MODEL_JSON}")
-    return restore_model(
-        meta,
-        lambda target: read_weights(state_dir, target, expected=meta.get("checksum")),
-        num_classes=num_classes,
-        dtype=dtype,
-        seed=seed,
-        where=str(Path(path) / MODEL_JSON),
-    )
+    expected = meta.get("checksum")
+    if is_safetensors(path):
+        from eca_flax import safetensors_io
+
+        read = lambda target: safetensors_io.read_weights(path, target, expected=expected)
+        where = str(path)
+    else:
+        state_dir = Path(path).expanduser() / STATE_DIR
+        if not state_dir.is_dir():
+            raise PretrainedError(f"{path}: no {STATE_DIR}/ checkpoint beside {MODEL_JSON}")
+        from eca_flax import orbax_io
+
+        read = lambda target: orbax_io.read_weights(state_dir, target, expected=expected)
+        where = str(Path(path) / MODEL_JSON)
+    return restore_model(meta, read, num_classes=num_classes, dtype=dtype, seed=seed, where=where)

@@ -13,13 +13,14 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from eca_flax.files import write_file
 
 PREFIX = "module."
 MAX_LISTED_KEYS = 10  # error messages list this many keys, then say how many more
@@ -204,30 +205,17 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], out: Path) -> None:
-    """torch.save a state_dict of numpy arrays (zip format) to ``out``, atomically: written to a
-    temporary file beside it and renamed, so there is never a partial ``out`` (a full disk or
-    Ctrl-C leave the old one, if any, and nothing else)."""
+    """Write a state_dict of numpy arrays to ``out`` with torch.save (zip format) or, for a name
+    ending in .safetensors, as a safetensors file with metadata {"format": "pt"}; atomically:
+    written to a temporary file beside it and renamed, so there is never a partial ``out`` (a
+    full disk or Ctrl-C leave the old one, if any, and nothing else)."""
+    if out.suffix.lower() == ".safetensors":
+        from eca_flax import safetensors_io
+
+        metadata = {"format": safetensors_io.TORCH_FORMAT}
+        safetensors_io.write_tensors(out, state_dict, metadata, ConversionError)
+        return
     import torch
 
-    from eca_flax.pretrained import deferred_interrupt, disk_full, private_to_umask
-
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-    except OSError as e:
-        raise ConversionError(f"{out}: cannot write there ({e.strerror or e})") from None
-    try:
-        with deferred_interrupt() as interrupted:
-            torch.save(tensors, tmp)
-            private_to_umask(tmp)
-            if interrupted():
-                raise KeyboardInterrupt
-            os.replace(tmp, out)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        reason = "no space left on the device" if disk_full(e) else f"{type(e).__name__}: {e}"
-        raise ConversionError(f"{out}: could not write it ({reason}); nothing written") from None
+    write_file(out, lambda tmp: torch.save(tensors, tmp), ConversionError)

@@ -8,10 +8,12 @@ ImageNet accuracy (single 224 centre crop).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -21,6 +23,7 @@ from eca_flax.layers import adaptive_kernel_size, attention_choice
 KSize = None | str | int | Sequence[int]
 # Compute dtypes by config name (parameters stay float32).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+WEIGHTS = (nnx.Param, nnx.BatchStat)  # what checkpoints and pretrained files store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,3 +172,80 @@ def arch_of(model: nnx.Module) -> str:
 def count_params(model: nnx.Module) -> int:
     """Learnable parameters (nnx.Param); BN running statistics are not counted."""
     return sum(int(v.size) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def weight_paths(model: nnx.Module) -> dict[tuple, nnx.Variable]:
+    """The model's weights and BN statistics by Flax path (the variables a checkpoint holds)."""
+    return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_model(arch: str, k_size: tuple, num_classes: int, attention: str | None, dtype: str):
+    """``nnx.eval_shape(create_model(...))``: tracing ResNet-152's construction takes seconds,
+    and one process often builds a model repeatedly (convert, load, export). Callers clone it."""
+    return nnx.eval_shape(
+        lambda: create_model(
+            arch, k_size=k_size, num_classes=num_classes, attention=attention,
+            dtype=jnp.dtype(dtype)
+        )
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def _initialised(key: tuple, seed: int, init: frozenset) -> tuple[nnx.State, dict]:
+    """What ``create_model(*key, rngs=nnx.Rngs(seed))`` gives the non-weight state (dropout RNG)
+    and the weight paths in ``init``; under jit the unused initialisers are dropped."""
+    arch, k_size, num_classes, attention, dtype = key
+
+    def concrete() -> tuple[nnx.State, dict]:
+        made = create_model(
+            arch,
+            k_size=k_size,
+            num_classes=num_classes,
+            attention=attention,
+            dtype=jnp.dtype(dtype),
+            rngs=nnx.Rngs(seed),
+        )
+        _, weights, others = nnx.split(made, WEIGHTS, ...)
+        return others, {p: v.get_value() for p, v in nnx.to_flat_state(weights) if p in init}
+
+    return jax.jit(concrete)()
+
+
+def empty_model(
+    arch: str,
+    *,
+    k_size: Any = None,
+    num_classes: int = 1000,
+    attention: str | None = "eca",
+    dtype: Any = jnp.float32,
+    seed: int = 0,
+    init: Collection[tuple] = (),
+) -> nnx.Module:
+    """``create_model(arch, ...)`` without the cost of random initialisation.
+
+    Weights and BN statistics are left as abstract ``jax.ShapeDtypeStruct`` placeholders for
+    the caller to fill (``convert.load_state_dict`` or a checkpoint); everything else (the
+    dropout RNG of MobileNetV2) and the weight paths listed in ``init`` (a new head) get exactly
+    the values ``create_model(..., rngs=nnx.Rngs(seed))`` would give them.
+    """
+    key = (arch, resolve_k_size(arch, k_size), int(num_classes), attention_choice(attention),
+           jnp.dtype(dtype).name)  # fmt: skip
+    model = nnx.clone(abstract_model(*key))
+    _, _, rest = nnx.split(model, WEIGHTS, ...)
+    if init or jax.tree.leaves(rest):
+        others, fresh = _initialised(key, seed, frozenset(map(tuple, init)))
+        nnx.update(model, others)
+        variables = weight_paths(model)
+        for path, value in fresh.items():
+            variables[tuple(path)].set_value(value)
+    return model
+
+
+def abstract_paths(model: nnx.Module) -> list[str]:
+    """Weight paths of ``model`` still holding placeholders (empty when fully loaded)."""
+    return [
+        "/".join(map(str, p))
+        for p, v in weight_paths(model).items()
+        if isinstance(v.get_value(), jax.ShapeDtypeStruct)
+    ]

@@ -1,8 +1,10 @@
-"""Run eca_flax's commands in a fresh Python where TensorFlow cannot be imported.
+"""Run eca_flax's commands in a fresh Python where TensorFlow (or other packages) cannot be
+imported.
 
 The hook makes ``tensorflow`` look uninstalled (its finders answer None), which is what a
 machine without TensorFlow looks like to TFDS and etils; raising ImportError from the finder
-instead breaks their ``importlib.util.find_spec`` probes.
+instead breaks their ``importlib.util.find_spec`` probes. ``hook(*names)`` does the same for
+other top-level packages (orbax, torch, ...).
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-HOOK = """
+_HOOK = """
 import sys
 
-class _NoTensorFlow:
+class _Uninstalled:
     def __init__(self, inner):
         self._inner = inner
 
     def find_spec(self, name, path=None, target=None):
-        if name == "tensorflow" or name.startswith("tensorflow."):
+        if name.split(".")[0] in BLOCKED:
             return None
         find = getattr(self._inner, "find_spec", None)
         return find(name, path, target) if find else None
@@ -30,8 +32,16 @@ class _NoTensorFlow:
     def invalidate_caches(self):
         getattr(self._inner, "invalidate_caches", lambda: None)()
 
-sys.meta_path[:] = [_NoTensorFlow(f) for f in sys.meta_path]
+sys.meta_path[:] = [_Uninstalled(f) for f in sys.meta_path]
 """
+
+
+def hook(*names: str) -> str:
+    """Python code that makes the top-level packages ``names`` look uninstalled from then on."""
+    return _HOOK.replace("BLOCKED", repr(frozenset(names)))
+
+
+HOOK = hook("tensorflow")
 
 RUN = """
 import atexit, runpy, sys

@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,12 +53,17 @@ def small_config(**overrides):
     return c
 
 
-def final_weights(workdir: pathlib.Path | str) -> dict[str, np.ndarray]:
-    """Params and BN statistics of a workdir's latest checkpoint, by path."""
+def final_weights(workdir: pathlib.Path | str, ema: bool = False) -> dict[str, np.ndarray]:
+    """Params and BN statistics (or their EMA) of a workdir's latest checkpoint, by path."""
     step_dir = checkpoints.find_checkpoint(str(workdir))
     meta = checkpoints.read_meta(step_dir)
     config = cfg.resolve_config(small_config(model=meta["arch"], init_from=step_dir))
     model, _ = checkpoints.build_model(config, meta["num_classes"])  # What init_from loads.
+    return model_weights(checkpoints.read_ema(step_dir, model) if ema else model)
+
+
+def model_weights(model) -> dict[str, np.ndarray]:
+    """Params and BN statistics of a model, by path."""
     params, batch_stats = steps.split_weights(model)
     return flat({"params": params, "batch_stats": batch_stats})
 
@@ -77,8 +83,7 @@ def assert_weights_close(a: dict, b: dict, rtol: float, atol: float) -> None:
 def initial_weights(config, num_classes: int) -> dict[str, np.ndarray]:
     """The weights every run of ``config`` starts from (fresh init with its seed)."""
     model, _ = checkpoints.build_model(cfg.resolve_config(config), num_classes)
-    params, batch_stats = steps.split_weights(model)
-    return flat({"params": params, "batch_stats": batch_stats})
+    return model_weights(model)
 
 
 # How closely two correct float32 runs of the same training agree, when only the summation order
@@ -434,9 +439,13 @@ def test_two_processes_train_like_one(tmp_path: pathlib.Path, cli_cache, monkeyp
 # Faults: SIGTERM, SIGKILL, resume; NaN.
 
 
-def test_sigterm_sigkill_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli_cache) -> None:
+def test_sigterm_sigkill_resume_equals_uninterrupted(
+    tmp_path: pathlib.Path, cli_cache, monkeypatch
+) -> None:
     """SIGTERM saves and exits 0; SIGKILL loses only unsaved steps; resuming twice ends
-    with exactly the weights of an uninterrupted run."""
+    with exactly the weights, EMA and metrics of an uninterrupted run. With an EMA (its warmup
+    decay depends on the step) at no extra cost: the raw weights train as without one, and
+    tests/test_ema.py checks checkpoints without EMA bit for bit."""
     steps = 60
     fields = dict(
         num_train_steps=steps,
@@ -444,6 +453,8 @@ def test_sigterm_sigkill_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli
         eval_batch_size=72,
         log_every_steps=1,
         checkpoint_every_steps=4,
+        ema_decay=0.9,
+        ema_warmup=True,
     )
     env = cli_env(cli_cache, devices=1)
     workdir = tmp_path / "run"
@@ -481,10 +492,52 @@ def test_sigterm_sigkill_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli
     assert f"(step {killed})" in out and f"final step={steps}" in out
     ref_out, ref_err = reference.communicate(timeout=300)
     assert reference.returncode == 0, f"{ref_out}\n{ref_err}"
-    assert SUMMARY.findall(out)[-1] == SUMMARY.findall(ref_out)[-1]
-    assert_weights_close(
-        final_weights(workdir), final_weights(tmp_path / "reference"), rtol=1e-6, atol=1e-7
-    )
+    finals = re.findall(r"final step=.*", out)  # the raw weights' and the EMA's
+    assert len(finals) == 2 and " ema top1=" in finals[1]
+    assert finals == re.findall(r"final step=.*", ref_out)
+    for ema in (False, True):
+        want = final_weights(tmp_path / "reference", ema)
+        assert_weights_close(final_weights(workdir, ema), want, rtol=1e-6, atol=1e-7)
+
+    # The EMA is exported, and evaluated by eval_only beside the raw weights.
+    exported = json.loads((workdir / "pretrained" / "model.json").read_text())
+    about = {k: exported[k] for k in ("weights", "ema_decay", "ema_warmup")}
+    assert about == {"weights": "ema", "ema_decay": 0.9, "ema_warmup": True}
+    ema_weights = model_weights(pretrained.load_pretrained(workdir / "pretrained"))
+    assert_weights_close(ema_weights, final_weights(workdir, ema=True), rtol=0, atol=0)
+    raw, ema = (SUMMARY.search(line).groups() for line in finals)
+    assert float(ema[0]) == pytest.approx(exported["top1"] / 100, abs=5e-5)  # 4 decimals
+    assert tensorboard_scalars(workdir, "eval/top1_ema") == [pytest.approx(float(ema[0]), abs=1e-4)]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cli_cache / "xdg"))  # the same digits folder
+    config = quickstart_config(**fields, eval_only=True)
+    again = loop.train_and_evaluate(config, str(workdir), mesh=make_mesh(jax.devices()[:1]))
+    assert SUMMARY.search(again.eval.summary()).groups() == raw
+    assert SUMMARY.search(again.eval_ema.summary()).groups() == ema
+
+
+def test_rsb_a3_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli_cache) -> None:
+    """train.py with recipe=rsb_a3 on the digits (train at 12 px, evaluate at 16): LAMB, BCE,
+    Mixup/CutMix on the device, RandAugment in the pipeline. A run that lost its last checkpoint
+    (as after a SIGKILL) resumes from the one before and ends with exactly the uninterrupted
+    run's weights and metrics: mixing keys, augmentation seeds and LAMB's moments follow the
+    step. (The second process reuses the first one's compiled programs: JAX's cache.)"""
+    fields = dict(recipe="rsb_a3", image_size=12, eval_image_size=16, num_train_steps=6,
+                  checkpoint_every_steps=3, keep_checkpoints=5, log_every_steps=1)  # fmt: skip
+    env, workdir = cli_env(cli_cache, devices=1), tmp_path / "run"
+    outputs = []
+    for _ in range(2):
+        out, err = train_cli(workdir, env, **fields).communicate(timeout=600)
+        assert "final step=6 " in out, f"{out}\n{err}"
+        outputs.append(out)
+        if len(outputs) == 1:
+            assert checkpoint_steps(workdir) == [3, 6]
+            want = final_weights(workdir)
+            shutil.rmtree(workdir / checkpoints.CHECKPOINT_DIR / "6")
+    assert "(step 3)" in outputs[1] and "peak lr 0.00025" in outputs[0]  # 8e-3 * 64 / 2048
+    losses = [re.findall(r"step (\d+)/6 .* loss ([0-9.]+)", out) for out in outputs]
+    assert [s for s, _ in losses[1]] == ["4", "5", "6"] and losses[1] == losses[0][3:]
+    assert SUMMARY.findall(outputs[1])[-1] == SUMMARY.findall(outputs[0])[-1]
+    assert_weights_close(final_weights(workdir), want, rtol=1e-6, atol=1e-7)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: pathlib.Path, cli_cache) -> None:

@@ -67,9 +67,7 @@ def train_step_fn(model: Any, num_classes: int) -> tuple[Callable, dict, Any]:
     defaults = config.default_config()  # SGD momentum 0.9, weight decay 1e-4 on everything
     schedule = optax.constant_schedule(LEARNING_RATE)
     tx = steps.make_optimizer(defaults, schedule)
-    step = steps.make_train_step(
-        model, tx, schedule, on_one, num_classes=num_classes, label_smoothing=0.0
-    )
+    step = steps.make_train_step(model, tx, schedule, on_one, defaults, num_classes=num_classes)
     return step, steps.init_state(model, tx, 0, on_one), on_one
 
 

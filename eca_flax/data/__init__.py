@@ -3,6 +3,7 @@
 - ``sources``: the datasets (TFDS ``imagenet2012`` in ArrayRecord, ``folder:PATH``,
   ``digits:SIZE``) as random-access records, their sizes, and ``prepare``.
 - ``transforms``: the original's torchvision transforms on PIL images, in uint8.
+- ``randaugment``: timm's RandAugment on PIL images (the "ResNet strikes back" recipes).
 - ``pipeline``: deterministic, resumable, per-process train / eval batches on grain.
 
 ``python -m eca_flax.data prepare --data_dir DIR`` prepares TFDS imagenet2012 (the one step that

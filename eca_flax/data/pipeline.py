@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from eca_flax.data import randaugment as ra
 from eca_flax.data import sources, transforms
 from eca_flax.data.sources import DataError
 
@@ -176,6 +177,7 @@ def train_iterator(
     area_range: tuple[float, float] = (0.08, 1.0),
     augment: str = "inception_crop",
     hflip: bool = True,
+    randaugment: str = "",
     skip_damaged: bool = False,
     threads: int | None = None,
     workers: int = 0,
@@ -184,6 +186,7 @@ def train_iterator(
 
     Epoch e is a permutation seeded by (seed, e), cut to whole global batches; starting at
     ``start_step`` gives exactly the batches an uninterrupted run sees from that step.
+    ``randaugment``: a timm-style spec such as "rand-m6-mstd0.5-inc1" ("" for none).
     """
     index, count, per_process = _process_layout(global_batch_size, process_index, process_count)
     _check_positive("image_size", image_size)
@@ -203,6 +206,7 @@ def train_iterator(
         area_range=tuple(area_range),
         augment=augment,
         hflip=hflip,
+        randaugment=ra.parse(randaugment),
     )
     forever = range(2**40 * per_process)
     return _batches(forever, load, per_process, threads or default_threads(), workers)

@@ -15,6 +15,8 @@ import math
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from eca_flax.data import randaugment as ra
+
 MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
 RATIO_RANGE = (3 / 4, 4 / 3)
@@ -125,12 +127,14 @@ def train_transform(
     area_range: tuple[float, float] = (0.08, 1.0),
     augment: str = "inception_crop",
     hflip: bool = True,
+    randaugment: ra.RandAugment | None = None,
 ) -> np.ndarray:
     """Train augmentation of one encoded image: uint8 (S, S, 3).
 
     "inception_crop": RandomResizedCrop(image_size, scale=area_range) bilinear; "pad_crop:N":
     fit to image_size as eval does (no zoom), then a random shift of up to N px (zero fill),
-    for small images. Then a horizontal flip with probability 0.5 if ``hflip``.
+    for small images. Then a horizontal flip with probability 0.5 if ``hflip``, then
+    ``randaugment`` (data/randaugment.py) if given, as in timm's train transform.
     """
     pad = parse_augment(augment)
     image = decode(data)
@@ -147,4 +151,6 @@ def train_transform(
         out = padded[dy : dy + image_size, dx : dx + image_size]
     if hflip and rng.random() < 0.5:
         out = out[:, ::-1]
+    if randaugment is not None:
+        out = np.asarray(ra.apply(Image.fromarray(np.ascontiguousarray(out)), randaugment, rng))
     return np.ascontiguousarray(out)

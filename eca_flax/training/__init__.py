@@ -2,7 +2,8 @@
 
 - ``config``: every field (``default_config``), the recipes, the checks, the derived ``Plan``.
 - ``mesh``: hosts, the device mesh, shardings, host <-> device transfers.
-- ``steps``: optimizer, schedule and the jitted train / eval steps (no input pipeline).
+- ``steps``: optimizer (SGD, LAMB), schedule, loss and the jitted train / eval steps (no
+  input pipeline); ``mixing``: Mixup / CutMix inside the train step.
 - ``checkpoints``: Orbax checkpoints of the train state and the weights a run starts from.
 - ``reporting``: log lines, progress bar, TensorBoard scalars, profiler trace.
 - ``loop``: ``train_and_evaluate``, the loop itself, and evaluation.

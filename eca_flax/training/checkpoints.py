@@ -1,11 +1,12 @@
-"""The workdir: its lock, its checkpoints (checkpoints/<step>/{model, train, meta}), and the
-weights a run starts from.
+"""The workdir: its lock, its checkpoints (checkpoints/<step>/{model, train, meta, [ema]}), and
+the weights a run starts from.
 
 ``model`` holds the weights in the pretrained directories' layout (one pure dict of parameters
-and BatchNorm statistics), ``train`` the rest of the train state, ``meta`` the model
-description (``pretrained.MODEL_KEYS``), the run's data layout and a CRC-32 of each item's
-arrays. So ``init_from`` reads a converter output, a training workdir or one of its step
-directories through the same ``pretrained.restore_model``.
+and BatchNorm statistics), ``ema`` (runs with ``ema_decay`` > 0) their moving average in the same
+layout, ``train`` the rest of the train state, ``meta`` the model description
+(``pretrained.MODEL_KEYS``), the run's data layout and a CRC-32 of each item's arrays. So
+``init_from`` reads a converter output, a training workdir or one of its step directories
+(their raw weights, not the EMA) through the same ``pretrained.restore_model``.
 
 Checkpoints cannot cost a run: a latest checkpoint that does not restore, or whose arrays do
 not match their checksum (Orbax itself checks no bytes), is reported in one line, moved to
@@ -30,9 +31,10 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 import eca_flax
-from eca_flax import pretrained, registry
+from eca_flax import files, orbax_io, pretrained, registry
 from eca_flax.training.config import ConfigError, TrainingError
 from eca_flax.training.reporting import logger
+from eca_flax.training.steps import copy_weights
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints.damaged"
@@ -147,6 +149,23 @@ def _weights(state: Mapping) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+def _split(weights: dict, like: Mapping) -> dict:
+    """The inverse of ``_weights``: {params, batch_stats} with the paths of ``like``'s."""
+    flat = traverse_util.flatten_dict(weights)
+    part = lambda name: traverse_util.unflatten_dict(
+        {p: flat[p] for p in traverse_util.flatten_dict(like[name])}
+    )
+    return {"params": part("params"), "batch_stats": part("batch_stats")}
+
+
+def _items(state: Mapping) -> dict:
+    """The array items of a checkpoint of ``state``: model, train and (EMA on) ema."""
+    items = {"model": _weights(state), "train": {k: state[k] for k in STATE_KEYS}}
+    if "ema" in state:
+        items["ema"] = _weights(state["ema"])
+    return items
+
+
 class Checkpoints:
     """The workdir's Orbax checkpoints: async saves with checksums, restores that check them."""
 
@@ -171,15 +190,14 @@ class Checkpoints:
     def save(self, state: dict, meta: dict) -> int:
         """Starts an async save of ``state`` at its step (device->host copy happens now)."""
         step = int(jax.device_get(state["step"]))
-        weights, train = _weights(state), {k: state[k] for k in STATE_KEYS}
-        sums = {"model": pretrained.checksum(weights), "train": pretrained.checksum(train)}
+        items = _items(state)
+        sums = {k: pretrained.checksum(v) for k, v in items.items()}
+        args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
         try:
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    model=ocp.args.StandardSave(weights),
-                    train=ocp.args.StandardSave(train),
-                    meta=ocp.args.JsonSave({**meta, "step": step, "checksums": sums}),
+                    **args, meta=ocp.args.JsonSave({**meta, "step": step, "checksums": sums})
                 ),
             )
         except Exception as e:  # noqa: BLE001 - the previous async save's error surfaces here
@@ -197,9 +215,9 @@ class Checkpoints:
         for tmp in os.listdir(self.root) if os.path.isdir(self.root) else []:
             if ".orbax-checkpoint-tmp" in tmp:  # the unfinished save: never a good checkpoint
                 shutil.rmtree(os.path.join(self.root, tmp), ignore_errors=True)
-        full = pretrained.disk_full(error)
+        full = files.disk_full(error)
         what = "no space left on the disk of" if full else "could not write to"
-        reason = "" if full else f" ({pretrained.one_line(error)})"
+        reason = "" if full else f" ({files.one_line(error)})"
         saving = f" while saving checkpoint {step}" if step is not None else " while saving"
         raise TrainingError(
             f"{what} {self.workdir}{saving}{reason}; the last good checkpoint is "
@@ -215,32 +233,33 @@ class Checkpoints:
             try:
                 saved = read_meta(step_dir)
             except Exception as e:  # noqa: BLE001 - a damaged meta item
-                self._set_aside(step_dir, f"unreadable metadata: {pretrained.one_line(e)}")
+                self._set_aside(step_dir, f"unreadable metadata: {files.one_line(e)}")
                 continue
             check_resume(step_dir, saved, meta)
             try:
                 return step, self._restore(step, like, saved.get("checksums", {}))
             except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
-                self._set_aside(step_dir, pretrained.one_line(e))
+                self._set_aside(step_dir, files.one_line(e))
         return 0, like
 
     def _restore(self, step: int, like: dict, sums: dict) -> dict:
-        target = pretrained.abstract(like)
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(_weights(target)),
-                train=ocp.args.StandardRestore({k: target[k] for k in STATE_KEYS}),
-            ),
-        )
-        for item in ("model", "train"):
+        """The state at ``step``. Its EMA is restored when ``like`` has one: a checkpoint of a
+        run without EMA starts it at the restored weights; one with an EMA restores into a run
+        without (the EMA is dropped)."""
+        items = _items(pretrained.abstract(like))
+        if "ema" in items and "ema" not in sums:
+            del items["ema"]
+            logger.warning(f"checkpoint {step} has no EMA (saved with ema_decay=0): the EMA "
+                           "starts at its weights")  # fmt: skip
+        args = {k: ocp.args.StandardRestore(v) for k, v in items.items()}
+        out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        for item in items:
             if pretrained.checksum(out[item]) != sums.get(item):
                 raise ValueError(f"its {item} arrays do not match the checksum saved with them")
-        flat = traverse_util.flatten_dict(out["model"])
-        split = lambda part: traverse_util.unflatten_dict(
-            {p: flat[p] for p in traverse_util.flatten_dict(like[part])}
-        )
-        return {"params": split("params"), "batch_stats": split("batch_stats"), **out["train"]}
+        state = {**_split(out["model"], like), **out["train"]}
+        if "ema" in like:
+            state["ema"] = _split(out["ema"], like) if "ema" in items else copy_weights(state)
+        return state
 
     def _set_aside(self, step_dir: str, problem: str) -> None:
         """Moves a damaged checkpoint to checkpoints.damaged/ (process 0) and says so."""
@@ -296,6 +315,27 @@ def read_meta(step_dir: str) -> dict:
     return meta
 
 
+def read_ema(path: str, model: nnx.Module) -> nnx.Module | None:
+    """A copy of ``model`` holding the EMA weights of the training checkpoint ``path`` (a workdir:
+    its latest; a step dir), or None for a converter output or a run without EMA."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(os.path.join(path, pretrained.MODEL_JSON)):
+        return None
+    step_dir = find_checkpoint(path)
+    expected = read_meta(step_dir).get("checksums", {}).get("ema")
+    if expected is None:
+        return None
+    ema = nnx.clone(model)
+    variables = registry.weight_paths(ema)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = pretrained.abstract({p: v.get_value() for p, v in variables.items()}, device)
+    weights = orbax_io.read_weights(os.path.join(step_dir, "ema"), target,
+                                    what=f"{step_dir}/meta", expected=expected)  # fmt: skip
+    for p, var in variables.items():
+        var.set_value(weights[p])
+    return ema
+
+
 # --------------------------------------------------------------------------------------------
 # The model a run starts from.
 
@@ -331,7 +371,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn
     _check_source(config, meta, path, num_classes)
     model = pretrained.restore_model(
         meta,
-        lambda target: pretrained.read_weights(weights, target, expected=expected),
+        lambda target: orbax_io.read_weights(weights, target, expected=expected),
         num_classes=num_classes,
         dtype=dtype,
         seed=config.seed,

@@ -1,8 +1,11 @@
 """The training loop (``train_and_evaluate``, what train.py runs) and evaluation.
 
 Runs resume exactly: a checkpoint holds the step, parameters, BatchNorm statistics, optimizer
-state and RNG, and the input pipeline is deterministic given (seed, step), so the step number
-is the data position.
+state, RNG and (``ema_decay`` > 0) the EMA of the weights, and the input pipeline is
+deterministic given (seed, step), so the step number is the data position.
+
+With an EMA, each evaluation covers the raw weights and the EMA (both logged, TensorBoard
+eval/top1 and eval/top1_ema); the EMA is what is exported (pretrained/, and best/ by its top-1).
 """
 
 from __future__ import annotations
@@ -60,6 +63,31 @@ class EvalResult:
 
 
 @dataclasses.dataclass
+class Evaluation:
+    """One evaluation of a run: the raw weights and, with ``ema_decay`` > 0, the EMA's."""
+
+    raw: EvalResult
+    ema: EvalResult | None = None
+
+    @property
+    def exported(self) -> EvalResult:
+        """The result of the weights a run exports: the EMA's when there is one."""
+        return self.raw if self.ema is None else self.ema
+
+    def log(self, prefix: str) -> None:
+        logger.info(f"{prefix} {self.raw.summary()}")
+        if self.ema is not None:
+            logger.info(f"{prefix} ema {self.ema.summary()}")
+
+    def scalars(self) -> dict[str, float]:
+        """TensorBoard scalars: eval/top1, eval/top5 (and eval/top1_ema, eval/top5_ema)."""
+        out = {"eval/top1": self.raw.top1, "eval/top5": self.raw.top5}
+        if self.ema is not None:
+            out.update({"eval/top1_ema": self.ema.top1, "eval/top5_ema": self.ema.top5})
+        return out
+
+
+@dataclasses.dataclass
 class RunResult:
     """How a run ended: its last step, the last evaluation, and whether SIGTERM stopped it."""
 
@@ -67,6 +95,7 @@ class RunResult:
     eval: EvalResult | None
     preempted: bool = False
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # Log lines.
+    eval_ema: EvalResult | None = None  # The EMA's evaluation (ema_decay > 0).
 
 
 def evaluate(
@@ -83,7 +112,7 @@ def evaluate(
         config.dataset,
         config.data_dir or None,
         global_batch_size=plan.eval_batch_size,
-        image_size=config.image_size,
+        image_size=config.eval_image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
         skip_damaged=config.skip_damaged_images,
         threads=config.data_threads or None,
@@ -110,6 +139,12 @@ def evaluate(
         result.logits = np.concatenate([k[0] for k in kept])
         result.labels = np.concatenate([k[1] for k in kept])
     return result
+
+
+def _evaluate_all(eval_step, state: dict, config, plan: Plan, mesh, keep_logits: bool):
+    """The raw weights of ``state`` and, when it has one, its EMA, on the validation split."""
+    run = lambda weights: evaluate(eval_step, weights, config, plan, mesh, keep_logits=keep_logits)
+    return Evaluation(run(state), run(state["ema"]) if "ema" in state else None)
 
 
 class Preemption:
@@ -162,10 +197,11 @@ def export_pretrained(
     config: ml_collections.ConfigDict,
     plan: Plan,
     path: str,
-    result: EvalResult,
+    evals: Evaluation,
 ) -> None:
     """The weights of ``state`` as a pretrained directory (model.json + state/), for
     load_pretrained and predict: workdir/pretrained at the end, workdir/best at each new best.
+    With an EMA, the EMA (model.json: "weights": "ema", its decay, and the raw top-1 beside).
 
     Single-process runs only: save_pretrained writes from one process, which Orbax does not
     allow in a multi-process job (there, ``init_from`` takes the workdir itself).
@@ -173,20 +209,26 @@ def export_pretrained(
     if jax.process_count() > 1:
         return
     host = lambda tree: jax.tree.map(np.asarray, tree)
-    nnx.update(model, host(state["params"]), host(state["batch_stats"]))
+    weights, result = state.get("ema", state), evals.exported
+    nnx.update(model, host(weights["params"]), host(weights["batch_stats"]))
     step = int(host(state["step"]))
+    about = {"weights": "raw"}
+    if evals.ema is not None:
+        about = {"weights": "ema", "ema_decay": config.ema_decay, "ema_warmup": config.ema_warmup,
+                 "raw_top1": 100 * evals.raw.top1}  # fmt: skip
     pretrained.save_pretrained(
         model,
         path,
         arch=pretrained.describe(model)["arch"],
         attention=model.attention,
-        image_size=config.image_size,
+        image_size=config.eval_image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
         extra={
             "epoch": step // plan.steps_per_epoch,
             "step": step,
             "top1": 100 * result.top1,
             "top5": 100 * result.top5,
+            **about,
         },
         overwrite=True,
     )
@@ -214,6 +256,7 @@ def _train_batches(
         area_range=(config.min_crop_area, 1.0),
         augment=config.augment,
         hflip=config.hflip,
+        randaugment=config.randaugment,
         skip_damaged=config.skip_damaged_images,
         threads=config.data_threads or None,
         workers=config.data_workers,
@@ -232,16 +275,18 @@ def _evaluate_only(config, workdir: str, plan: Plan, mesh, keep_logits: bool) ->
         with config.unlocked():  # our own resolved copy
             config.init_from = workdir
     model, source = checkpoints.build_model(config, plan.num_classes)
-    params, batch_stats = split_weights(model)
-    state = put_replicated({"params": params, "batch_stats": batch_stats}, mesh)
+    host = {}
+    host["params"], host["batch_stats"] = split_weights(model)
+    if ema := checkpoints.read_ema(config.init_from, model):  # a training checkpoint's EMA too
+        host["ema"] = dict(zip(("params", "batch_stats"), split_weights(ema)))
     logger.info(
-        f"evaluating {config.model} from {source} on {config.dataset} "
-        f"({plan.num_eval} images, {mesh.devices.size} devices)"
+        f"evaluating {config.model} from {source}{' and its EMA' if ema else ''} on "
+        f"{config.dataset} ({plan.num_eval} images, {mesh.devices.size} devices)"
     )
     eval_step = make_eval_step(model, mesh, keep_logits=keep_logits)
-    result = evaluate(eval_step, state, config, plan, mesh, keep_logits=keep_logits)
-    logger.info(f"eval {result.summary()}")
-    return RunResult(0, result)
+    evals = _evaluate_all(eval_step, put_replicated(host, mesh), config, plan, mesh, keep_logits)
+    evals.log("eval")
+    return RunResult(0, evals.raw, eval_ema=evals.ema)
 
 
 def train_and_evaluate(
@@ -273,11 +318,10 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
     eval_step = make_eval_step(model, mesh, keep_logits=keep_logits)
     schedule = make_schedule(config, plan)
     tx = make_optimizer(config, schedule)
-    train_step = make_train_step(model, tx, schedule, mesh, num_classes=plan.num_classes,
-                                 label_smoothing=config.label_smoothing,
-                                 debug_nan_step=config.debug_nan_step)  # fmt: skip
+    train_step = make_train_step(model, tx, schedule, mesh, config, num_classes=plan.num_classes)
     ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-    step, state = ckpt.restore_latest(init_state(model, tx, config.seed, mesh), meta)
+    fresh = init_state(model, tx, config.seed, mesh, ema=config.ema_decay > 0)
+    step, state = ckpt.restore_latest(fresh, meta)
     logger.info(f"resuming from {ckpt.root}/{step} (step {step})" if step else
                 f"starting from {source}")  # fmt: skip
     reporting.save_config(workdir, config, plan, meta, source)
@@ -291,8 +335,8 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
     batches = _train_batches(config, plan, step, mesh)
     bar = reporting.progress(plan.total_steps * plan.batch_size, "train", step * plan.batch_size)
     best = os.path.join(workdir, "best")
-    result, history, damaged, best_top1 = None, [], 0, _best_top1(best)
-    evaluate_now = lambda: evaluate(eval_step, state, config, plan, mesh, keep_logits=keep_logits)
+    evals, history, damaged, best_top1 = None, [], 0, _best_top1(best)
+    evaluate_now = lambda: _evaluate_all(eval_step, state, config, plan, mesh, keep_logits)
     try:
         with Preemption() as preemption:
             while step < plan.total_steps:
@@ -320,19 +364,19 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
                     logger.info(f"{preemption.signal}: saved checkpoint {ckpt.root}/{step}; run "
                                 "the same command to resume")  # fmt: skip
                     return RunResult(step, None, preempted=True, history=history)
-                result = evaluate_now() if do_eval else None
-                if result is not None:
-                    logger.info(f"eval step={step} {result.summary()}")
-                    board.scalars(step, {"eval/top1": result.top1, "eval/top5": result.top5})
-                    if 100 * result.top1 > best_top1:
-                        best_top1 = 100 * result.top1
-                        export_pretrained(model, state, config, plan, best, result)
+                evals = evaluate_now() if do_eval else None
+                if evals is not None:
+                    evals.log(f"eval step={step}")
+                    board.scalars(step, evals.scalars())
+                    if 100 * evals.exported.top1 > best_top1:  # the EMA's, when there is one
+                        best_top1 = 100 * evals.exported.top1
+                        export_pretrained(model, state, config, plan, best, evals)
         ckpt.wait()
-        if result is None:  # Resumed a finished run: evaluate the final state again.
-            result = evaluate_now()
-        export_pretrained(model, state, config, plan, os.path.join(workdir, "pretrained"), result)
-        logger.info(f"final step={step} {result.summary()}")
-        return RunResult(step, result, history=history)
+        if evals is None:  # Resumed a finished run: evaluate the final state again.
+            evals = evaluate_now()
+        export_pretrained(model, state, config, plan, os.path.join(workdir, "pretrained"), evals)
+        evals.log(f"final step={step}")
+        return RunResult(step, evals.raw, history=history, eval_ema=evals.ema)
     except TrainingError as e:
         with contextlib.suppress(TrainingError):
             ckpt.wait()  # the saves started before the bad step are good

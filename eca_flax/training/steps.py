@@ -1,7 +1,8 @@
 """The optimizer, the learning-rate schedule and the jitted train and eval steps.
 
-State is a dict of arrays: step, params, batch_stats, opt_state, rng. params and batch_stats
-are pure nested dicts (``nnx.to_pure_dict``: checkpoint keys like params/layer1/0/conv1/kernel,
+State is a dict of arrays: step, params, batch_stats, opt_state, rng, and with an EMA of the
+weights (``ema_decay`` > 0) ema = {params, batch_stats}. params and batch_stats are pure nested
+dicts (``nnx.to_pure_dict``: checkpoint keys like params/layer1/0/conv1/kernel,
 independent of Flax's Variable classes). The steps are pure functions over arrays (``nnx.split``
 once, ``nnx.merge`` inside the traced function), compiled once with ``jax.jit`` over the mesh.
 Batches arrive as uint8 and are normalized here, on the device. This module needs no input
@@ -23,6 +24,9 @@ from flax import nnx
 from eca_flax.data.transforms import MEAN_RGB, STD_RGB
 from eca_flax.training.config import Plan
 from eca_flax.training.mesh import batch_sharded, put_replicated, replicated
+from eca_flax.training.mixing import Mixing, mix_batch
+
+MIXING_STREAM = 1  # fold_in tag of the mixing key (dropout takes the step key itself)
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
@@ -53,17 +57,76 @@ def make_schedule(config: ml_collections.ConfigDict, plan: Plan) -> optax.Schedu
     )
 
 
+def _decayed(params: Any) -> Any:
+    """The parameters weight decay applies to without decay_bn_bias: the >= 2-D ones (conv and
+    fc kernels), not BatchNorm scales/biases and biases."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def make_optimizer(
     config: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-    """PyTorch's SGD(momentum, weight_decay): decay added to the gradient before momentum."""
-    mask = None
-    if not config.decay_bn_bias:  # No decay on 1-D parameters: BatchNorm scale/bias, biases.
-        mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    """``optimizer="sgd"``: PyTorch's SGD(momentum, weight_decay), the decay added to the
+    gradient before momentum. ``"lamb"``: ``lamb`` below."""
+    mask = None if config.decay_bn_bias else _decayed
+    if config.optimizer == "lamb":
+        return lamb(schedule, config.weight_decay, mask)
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=mask),
         optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
     )
+
+
+LAMB_BETAS = (0.9, 0.999)
+LAMB_EPS = 1e-6
+LAMB_MAX_GRAD_NORM = 1.0
+
+
+def lamb(
+    learning_rate: optax.ScalarOrSchedule, weight_decay: float, mask: Any = None
+) -> optax.GradientTransformation:
+    """LAMB (You et al. 2020) as timm's ``Lamb`` (NVIDIA's FusedLAMB), which "ResNet strikes
+    back" trains with. Per step, for gradients g of the parameters p:
+
+        g <- g / max(1, ||g||_global / 1.0)                  (global norm clipped to 1)
+        m, v: Adam moments (0.9, 0.999); u = m_hat / (sqrt(v_hat) + 1e-6)
+        decayed p:   u <- u + wd p;  u <- u * ||p|| / ||u||  (trust ratio per tensor; 1 if a
+                                                              norm is 0)
+        p <- p - lr u
+
+    Parameters outside ``mask`` (BatchNorm and biases when ``decay_bn_bias=False``) take the
+    plain Adam step, without decay or trust ratio, as in timm; with ``weight_decay=0`` every
+    parameter does. Built from optax's pieces (``optax.lamb`` applies the trust ratio to every
+    parameter and does not clip).
+    """
+    parts = [
+        optax.clip_by_global_norm(LAMB_MAX_GRAD_NORM),
+        optax.scale_by_adam(*LAMB_BETAS, eps=LAMB_EPS),
+    ]
+    if weight_decay:
+        decayed = (lambda params: jax.tree.map(lambda _: True, params)) if mask is None else mask
+        parts += [
+            optax.add_decayed_weights(weight_decay, mask=decayed),
+            optax.masked(optax.scale_by_trust_ratio(), decayed),
+        ]
+    return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+
+
+def classification_loss(
+    logits: jax.Array, targets: jax.Array, loss: str = "softmax_ce", bce_target_thresh: float = -1.0
+) -> jax.Array:
+    """Mean loss of a batch against (B, K) targets (one-hot, smoothed or mixed).
+
+    "softmax_ce": cross-entropy of the softmax. "bce": binary cross-entropy of each class's
+    sigmoid, averaged over the B x K entries (timm's BinaryCrossEntropy); with
+    ``bce_target_thresh >= 0`` targets above it become 1 and the others 0 (RSB: 0.2, so both
+    classes of a mixed image count as present).
+    """
+    if loss == "bce":
+        if bce_target_thresh >= 0:
+            targets = (targets > bce_target_thresh).astype(logits.dtype)
+        return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+    return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def split_weights(model: nnx.Module) -> tuple[dict, dict]:
@@ -77,56 +140,102 @@ def _rng_streams(model: nnx.Module) -> tuple[str, ...]:
     return tuple(sorted({n.tag for _, n in nnx.iter_graph(model) if isinstance(n, nnx.RngStream)}))
 
 
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay of update ``step`` (0-based): ``decay``, or with ``warmup``
+    min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with
+    num_updates), so that the average soon forgets the random initialisation."""
+    d = jnp.float32(decay)
+    if warmup:
+        t = jnp.asarray(step, jnp.float32)
+        d = jnp.minimum(d, (1 + t) / (10 + t))
+    return d
+
+
+def update_ema(state: dict, new: dict, decay: float, warmup: bool) -> dict:
+    """The EMA after the update from ``state`` to ``new``: d * ema + (1 - d) * new weights, leaf
+    by leaf (params and batch_stats), d = ``ema_decay_at(state's step)``."""
+    d = ema_decay_at(state["step"], decay, warmup)
+    weights = {k: new[k] for k in state["ema"]}
+    return jax.tree.map(lambda e, w: (d * e + (1 - d) * w).astype(e.dtype), state["ema"], weights)
+
+
+def copy_weights(state: dict) -> dict:
+    """{params, batch_stats} of ``state`` in new buffers placed like them: the EMA's start (the
+    train step donates the state, so the EMA cannot share the weights' buffers)."""
+    weights = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    shardings = jax.tree.map(lambda x: x.sharding, weights)
+    return jax.jit(lambda w: jax.tree.map(jnp.copy, w), out_shardings=shardings)(weights)
+
+
+def make_inputs(
+    config: ml_collections.ConfigDict, num_classes: int
+) -> Callable[[dict, jax.Array], tuple[jax.Array, jax.Array]]:
+    """``inputs(batch, key) -> (images, targets)`` for the train step: normalized images and
+    one-hot targets, label-smoothed and Mixup / CutMix-ed (with ``key``) as the config asks."""
+    mixing = Mixing.from_config(config)
+
+    def inputs(batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        images = normalize_images(batch["image"])
+        targets = jax.nn.one_hot(batch["label"], num_classes)
+        if config.label_smoothing:
+            targets = optax.smooth_labels(targets, config.label_smoothing)
+        if mixing is not None:
+            images, targets, _ = mix_batch(key, images, targets, mixing)
+        return images, targets
+
+    return inputs
+
+
 def make_train_step(
     model: nnx.Module,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     mesh: jax.sharding.Mesh,
+    config: ml_collections.ConfigDict,
     *,
     num_classes: int,
-    label_smoothing: float,
-    debug_nan_step: int = -1,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """One SGD step over a global batch: ``state, metrics = train_step(state, batch)``.
+    """One optimizer step over a global batch: ``state, metrics = train_step(state, batch)``.
 
     ``batch``: uint8 'image' (B, S, S, 3), int32 'label' (and 'damaged' counts, optional).
+    From ``config``: the targets (``label_smoothing``; Mixup / CutMix of the normalized batch,
+    training/mixing.py), the loss (``loss``, ``bce_target_thresh``: ``classification_loss``),
+    the EMA of the weights (``ema_decay`` > 0: ``ema_decay_at``) and ``debug_nan_step``.
     Compiled once with ``jax.jit`` over the mesh; the state is donated. Metrics (loss, batch
-    top-1, learning rate, damaged files replaced) are replicated scalars.
+    top-1 against the unmixed labels, learning rate, damaged files replaced) are replicated.
     """
+    c = config
     model.train()
     graphdef, _, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     streams = _rng_streams(model)
+    inputs = make_inputs(c, num_classes)
 
     def step_fn(state: dict, batch: dict) -> tuple[dict, dict]:
         step = state["step"]
+        # Dropout and mixing keys depend on (seed, step) only: resumes are exact.
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        images, targets = inputs(batch, jax.random.fold_in(key, MIXING_STREAM))
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
             m = nnx.merge(graphdef, params, state["batch_stats"], rest, copy=True)
-            if streams:  # Dropout keys depend on (seed, step) only: resumes are exact.
-                key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+            if streams:
                 nnx.reseed(m, **{s: key for s in streams})
-            logits = m(normalize_images(batch["image"]))
-            targets = jax.nn.one_hot(batch["label"], num_classes)
-            if label_smoothing:
-                targets = optax.smooth_labels(targets, label_smoothing)
-            loss = optax.softmax_cross_entropy(logits, targets).mean()
-            if debug_nan_step >= 0:
-                loss = loss * jnp.where(step + 1 == debug_nan_step, jnp.nan, 1.0)
-            return loss, (logits, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)))
+            logits = m(images)
+            value = classification_loss(logits, targets, c.loss, c.bce_target_thresh)
+            if c.debug_nan_step >= 0:
+                value = value * jnp.where(step + 1 == c.debug_nan_step, jnp.nan, 1.0)
+            return value, (logits, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits, batch_stats)), grads = grad_fn(state["params"])
+        (value, (logits, batch_stats)), grads = grad_fn(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {
-            "step": step + 1,
-            "params": optax.apply_updates(state["params"], updates),
-            "batch_stats": batch_stats,
-            "opt_state": opt_state,
-            "rng": state["rng"],
-        }
+        new_state = dict(state, step=step + 1, batch_stats=batch_stats, opt_state=opt_state)
+        new_state["params"] = optax.apply_updates(state["params"], updates)
+        if c.ema_decay:
+            new_state["ema"] = update_ema(state, new_state, c.ema_decay, c.ema_warmup)
         top1 = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         damaged = jnp.sum(batch["damaged"]) if "damaged" in batch else jnp.int32(0)
-        return new_state, {"loss": loss, "top1": top1, "lr": schedule(step), "damaged": damaged}
+        return new_state, {"loss": value, "top1": top1, "lr": schedule(step), "damaged": damaged}
 
     repl = replicated(mesh)
     return jax.jit(
@@ -169,9 +278,15 @@ def make_eval_step(
 
 
 def init_state(
-    model: nnx.Module, tx: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    seed: int,
+    mesh: jax.sharding.Mesh,
+    *,
+    ema: bool = False,
 ) -> dict:
-    """The train state at step 0, replicated on the mesh."""
+    """The train state at step 0, replicated on the mesh; with ``ema``, an EMA of the weights
+    starting at them."""
     params, batch_stats = split_weights(model)
     host = {
         "step": np.int32(0),
@@ -181,4 +296,6 @@ def init_state(
     }
     state = put_replicated(host, mesh)
     state["opt_state"] = jax.jit(tx.init, out_shardings=replicated(mesh))(state["params"])
+    if ema:
+        state["ema"] = copy_weights(state)
     return state
