@@ -147,13 +147,15 @@ class ArchSpec:
     arch: str
     k_size: tuple[int, ...]  # per stage (ResNet) or per inverted residual block (MobileNetV2)
     num_classes: int
-    attention: str | None  # "eca", "eca_ns" or None (no ECA layers: the plain baseline)
+    attention: str | None  # "eca", "eca_ns", "se" or None (no ECA layers: the plain baseline)
 
     def describe(self) -> str:
         """E.g. 'eca_resnet50, k=3,5,5,7, 1000 classes'."""
         classes = f"{self.num_classes} classes"
         if self.attention is None:
             return f"{self.arch} without ECA layers (attention=None, the plain baseline), {classes}"
+        if self.attention == "se":
+            return f"{self.arch} with SE blocks instead of ECA (attention='se'), {classes}"
         ns = " with non-shared ECA (eca_ns)" if self.attention == "eca_ns" else ""
         return f"{self.arch}{ns}, k={format_k_size(self.k_size)}, {classes}"
 
@@ -171,6 +173,7 @@ def format_k_size(k_size: Sequence[int]) -> str:
     return ",".join(f"{k}x{n}" for k, n in runs)
 
 
+_SE_KEY = re.compile(r"layer[1-4]\.\d+\.se\.fc1\.weight")
 _ECA_KEY = {
     "resnet": re.compile(r"layer([1-4])\.(\d+)\.eca\.conv\.weight"),
     "mobilenet_v2": re.compile(r"features\.(\d+)\.conv\.\d+\.conv\.weight"),
@@ -222,8 +225,9 @@ def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
     """Architecture, ECA kernel sizes, attention kind and classes, from the tensors alone.
 
     ResNet depth and block type come from the ``layerS.B.*`` keys, MobileNetV2 from
-    ``features.*``; each ECA kernel size from its ``eca.conv.weight`` shape; num_classes from
-    the classifier. Nothing else (in particular not the file's 'arch' entry) is consulted.
+    ``features.*``; each ECA kernel size from its ``eca.conv.weight`` shape (SE ResNets:
+    ``se.fc1.weight`` keys); num_classes from the classifier. Nothing else (in particular not
+    the file's 'arch' entry) is consulted.
     """
     sd = strip_prefix(state_dict)
     if any(re.search(r"(^|\.)se\.conv\.weight$", k) for k in sd):
@@ -264,6 +268,8 @@ def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
             per_group.setdefault(group, set()).add(k)
     if len(kinds) > 1:
         raise ConversionError("the state_dict mixes shared ECA (1, 1, k) and ECA-NS (C, 1, k)")
+    if not kinds and family == "resnet" and any(_SE_KEY.fullmatch(k) for k in sd):
+        kinds = {"se"}  # SE fc shapes and any stray keys: load_state_dict names them
     for group, ks in per_group.items():
         if len(ks) > 1:
             raise ConversionError(
@@ -285,7 +291,7 @@ def confirm_arch(spec: ArchSpec, *, arch: str | None = None, k_size: KSize = Non
         )
     if k_size is None:
         return
-    if spec.attention is None:
+    if spec.attention in (None, "se"):
         raise ConversionError(f"--k-size given, but the file has no ECA layers: {spec.describe()}")
     try:
         want = resolve_k_size(spec.arch, k_size)

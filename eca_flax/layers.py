@@ -172,14 +172,47 @@ class ECA(nnx.Module):
         return x * gate[:, None, None, :]
 
 
-# --------------------------------------------------------------------------------------------
-# The attention choices, spelled one way everywhere: "eca", "eca_ns", or None (the baseline).
+class SE(nnx.Module):
+    """Squeeze-and-Excitation (Hu et al.), the paper's baseline: x * sigmoid(fc2(relu(fc1(gap)))).
 
-ATTENTIONS = ("eca", "eca_ns", None)
+    fc1: C -> C // reduction and fc2: C // reduction -> C, both Linear with bias, PyTorch's
+    default init (keys ``se.fc1.weight/bias``, ``se.fc2.weight/bias``). Reduction 16 gives
+    SE-ResNet-50's 28,088,024 parameters (the paper's 28.09M).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        hidden = channels // reduction
+        if hidden < 1:
+            raise ValueError(f"SE needs channels >= reduction, got {channels} and {reduction}")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = nnx.Linear(channels, hidden, kernel_init=torch_default_init(channels),
+                              bias_init=torch_default_init(channels), **kw)  # fmt: skip
+        self.fc2 = nnx.Linear(hidden, channels, kernel_init=torch_default_init(hidden),
+                              bias_init=torch_default_init(hidden), **kw)  # fmt: skip
+
+    def __call__(self, x: Array) -> Array:
+        # Pool and gate in float32 as ECA does; the fc layers compute in the model's dtype.
+        y = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # (B, C)
+        gate = jax.nn.sigmoid(self.fc2(nnx.relu(self.fc1(y))).astype(jnp.float32))
+        return x * gate.astype(x.dtype)[:, None, None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# The attention choices, spelled one way everywhere: "eca", "eca_ns", "se", or None (baseline).
+
+ATTENTIONS = ("eca", "eca_ns", "se", None)
 
 
 def attention_choice(value: Any) -> str | None:
-    """The canonical attention choice: "eca", "eca_ns", or None ("none" and None: no attention).
+    """The canonical attention choice: "eca", "eca_ns", "se", or None ("none" and None: none).
 
     Raises ValueError naming the choices for anything else.
     """
@@ -191,13 +224,21 @@ def attention_choice(value: Any) -> str | None:
     return value
 
 
+def attention_attribute(attention: str | None) -> str:
+    """The attribute (= PyTorch module name) a block keeps its attention layer in: "se" for SE
+    (``layerS.B.se.fc1``), "eca" otherwise (``layerS.B.eca.conv``, as the original)."""
+    return "se" if attention == "se" else "eca"
+
+
 def make_attention(
     attention: str | None, channels: int, k_size: int, *, dtype: Dtype, param_dtype: Dtype, rngs
-) -> ECA | None:
-    """A block's attention layer: ECA, ECA-NS, or nothing (the paper's baselines)."""
+) -> ECA | SE | None:
+    """A block's attention layer: ECA, ECA-NS, SE (``k_size`` unused), or nothing (baseline)."""
     attention = attention_choice(attention)
     if attention is None:
         return None
+    if attention == "se":
+        return SE(channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     return ECA(
         channels,
         k_size,

@@ -116,6 +116,14 @@ def resolve_k_size(name: str, k_size: KSize = None) -> tuple[int, ...]:
     return ks
 
 
+def model_attention(name: str, attention: Any) -> str | None:
+    """``attention_choice(attention)``, checked against ``name``: SE is built for the ResNets."""
+    attention = attention_choice(attention)
+    if attention == "se" and model_info(name).family != "resnet":
+        raise ValueError(f"attention 'se' (the SE baseline) is built for the ResNets, not {name}")
+    return attention
+
+
 def create_model(
     name: str,
     *,
@@ -129,12 +137,13 @@ def create_model(
 ) -> resnet.ECAResNet | mobilenetv2.ECAMobileNetV2:
     """Build a model by name, initialised as the original for training from scratch.
 
-    ``attention`` is "eca" (the paper), "eca_ns" (non-shared ablation) or None (baseline).
+    ``attention`` is "eca" (the paper), "eca_ns" (non-shared ablation), "se" (the SE baseline,
+    ResNets only) or None (plain baseline).
     ``dtype`` is the compute dtype (e.g. jnp.bfloat16); parameters stay ``param_dtype``.
     Extra keyword arguments go to the model class (e.g. ``width_mult`` for MobileNetV2).
     """
     info = model_info(name)
-    attention = attention_choice(attention)
+    attention = model_attention(name, attention)
     ks = resolve_k_size(name, k_size)
     rngs = nnx.Rngs(0) if rngs is None else rngs
     common = dict(

@@ -2,7 +2,8 @@
 
 The whole network is here: its blocks, the depth table (``LAYOUTS``) and the stem and head.
 Attribute names follow the PyTorch state_dict of the original (``conv1``, ``bn1``,
-``layer1[0].conv2``, ``layer1[0].eca.conv``, ``layer2[0].downsample[0]``, ``fc``).
+``layer1[0].conv2``, ``layer1[0].eca.conv``, ``layer2[0].downsample[0]``, ``fc``); the SE
+baseline keeps its layer in the same place as ``layer1[0].se.fc1`` / ``.fc2``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flax import nnx
 
 from eca_flax.layers import (
     Sequential,
+    attention_attribute,
     attention_choice,
     batch_norm,
     conv2d,
@@ -28,7 +30,24 @@ Array = jax.Array
 Dtype = Any
 
 
-class BasicBlock(nnx.Module):
+class _Block(nnx.Module):
+    """What both blocks share: the attention layer after the last BN, then the residual add."""
+
+    def _attach_attention(self, attention: str | None, channels: int, k_size: int, **kw) -> None:
+        """Keep the attention layer as ``self.eca`` (ECA, ECA-NS, none) or ``self.se`` (SE)."""
+        self.attention_attr = attention_attribute(attention)
+        setattr(self, self.attention_attr, make_attention(attention, channels, k_size, **kw))
+
+    def _attend_and_add(self, out: Array, x: Array) -> Array:
+        """attention(out) + shortcut(x), ReLU."""
+        attention = getattr(self, self.attention_attr)
+        if attention is not None:
+            out = attention(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return nnx.relu(out + shortcut)
+
+
+class BasicBlock(_Block):
     """conv3x3(stride)-BN-ReLU-conv3x3-BN-ECA, + shortcut, ReLU (ResNet-18/34)."""
 
     expansion = 1
@@ -50,19 +69,16 @@ class BasicBlock(nnx.Module):
         self.bn1 = batch_norm(planes, **kw)
         self.conv2 = conv2d(planes, planes, 3, **kw)
         self.bn2 = batch_norm(planes, **kw)
-        self.eca = make_attention(attention, planes, k_size, **kw)
+        self._attach_attention(attention, planes, k_size, **kw)
         self.downsample = _downsample(inplanes, planes * self.expansion, stride, **kw)
 
     def __call__(self, x: Array) -> Array:
         out = nnx.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.eca is not None:
-            out = self.eca(out)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return nnx.relu(out + shortcut)
+        return self._attend_and_add(out, x)
 
 
-class Bottleneck(nnx.Module):
+class Bottleneck(_Block):
     """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(x4)-BN-ECA, + shortcut, ReLU."""
 
     expansion = 4
@@ -87,17 +103,14 @@ class Bottleneck(nnx.Module):
         self.bn2 = batch_norm(planes, **kw)
         self.conv3 = conv2d(planes, out_ch, 1, **kw)
         self.bn3 = batch_norm(out_ch, **kw)
-        self.eca = make_attention(attention, out_ch, k_size, **kw)
+        self._attach_attention(attention, out_ch, k_size, **kw)
         self.downsample = _downsample(inplanes, out_ch, stride, **kw)
 
     def __call__(self, x: Array) -> Array:
         out = nnx.relu(self.bn1(self.conv1(x)))
         out = nnx.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        if self.eca is not None:
-            out = self.eca(out)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return nnx.relu(out + shortcut)
+        return self._attend_and_add(out, x)
 
 
 def _downsample(inplanes: int, out_ch: int, stride: int, **kw) -> Sequential | None:
@@ -126,7 +139,8 @@ def depth_of(block: type, layers: Sequence[int]) -> int | None:
 class ECAResNet(nnx.Module):
     """ECA-ResNet for NHWC images normalized with the ImageNet mean/std; returns float32 logits.
 
-    ``k_size`` gives one ECA kernel size per stage; ``attention`` is "eca", "eca_ns" or None.
+    ``k_size`` gives one ECA kernel size per stage; ``attention`` is "eca", "eca_ns", "se"
+    (Squeeze-and-Excitation, reduction 16; ``k_size`` unused) or None.
     Use ``model.eval()`` for inference (running BN statistics) and ``model.train()`` to train.
     """
 

@@ -5,7 +5,8 @@ tests (``random_reference``, ``randomize``) and state_dicts as numpy. Used by
 ``convert_torch_weights.py --verify``, the benchmark's ``--torch`` and the tests; nothing else
 imports it, so eca_flax itself needs no torch. Module names reproduce the original state_dict
 keys: ResNet ``conv1``/``bn1``/``layerS.B.{conv,bn}N``/``layerS.B.eca.conv``/``downsample``/
-``fc``, MobileNetV2 ``features.i.conv.j``/``classifier.1``.
+``fc``, MobileNetV2 ``features.i.conv.j``/``classifier.1``. The SE baseline (``attention="se"``,
+ResNets) names its layer ``layerS.B.se`` with Linear ``fc1`` / ``fc2``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from eca_flax import resnet
-from eca_flax.registry import KSize, model_info, resolve_k_size
+from eca_flax.layers import attention_attribute
+from eca_flax.registry import KSize, model_attention, model_info, resolve_k_size
 
 
 class ECALayer(nn.Module):
@@ -55,17 +57,54 @@ class ECANSLayer(nn.Module):
         return x * self.sigmoid(y).expand_as(x)
 
 
+class SELayer(nn.Module):
+    """Squeeze-and-Excitation (Hu et al.): GAP -> Linear(C, C // 16) -> ReLU -> Linear -> sigmoid.
+
+    Both Linear layers have a bias; their names give the keys ``se.fc1.*`` and ``se.fc2.*``.
+    """
+
+    def __init__(self, channel: int, reduction: int = 16):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(channel, channel // reduction)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(channel // reduction, channel)
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        y = torch.flatten(self.avg_pool(x), 1)
+        y = self.sigmoid(self.fc2(self.relu(self.fc1(y))))
+        return x * y[:, :, None, None]
+
+
 def _attention(attention, channels, k):
     if attention is None:
         return None
+    if attention == "se":
+        return SELayer(channels)
     return (ECALayer if attention == "eca" else ECANSLayer)(channels, k)
+
+
+class _Block(nn.Module):
+    """The attention layer after the block's last BN: module ``eca`` (ECA, ECA-NS) or ``se``."""
+
+    def _attach_attention(self, attention, channels, k_size):
+        self.attention_attr = attention_attribute(attention)
+        setattr(self, self.attention_attr, _attention(attention, channels, k_size))
+
+    def _attend_and_add(self, out, x):
+        attention = getattr(self, self.attention_attr)
+        if attention is not None:
+            out = attention(out)
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + residual)
 
 
 def conv3x3(inp, out, stride=1):
     return nn.Conv2d(inp, out, 3, stride=stride, padding=1, bias=False)
 
 
-class ECABasicBlock(nn.Module):
+class ECABasicBlock(_Block):
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, k_size=3, attention="eca"):
@@ -75,21 +114,16 @@ class ECABasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes, 1)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.eca = _attention(attention, planes, k_size)
+        self._attach_attention(attention, planes, k_size)
         self.downsample = downsample
 
     def forward(self, x):
-        residual = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        if self.eca is not None:
-            out = self.eca(out)
-        if self.downsample is not None:
-            residual = self.downsample(x)
-        return self.relu(out + residual)
+        return self._attend_and_add(out, x)
 
 
-class ECABottleneck(nn.Module):
+class ECABottleneck(_Block):
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, k_size=3, attention="eca"):
@@ -101,19 +135,14 @@ class ECABottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, planes * 4, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
-        self.eca = _attention(attention, planes * 4, k_size)
+        self._attach_attention(attention, planes * 4, k_size)
         self.downsample = downsample
 
     def forward(self, x):
-        residual = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        if self.eca is not None:
-            out = self.eca(out)
-        if self.downsample is not None:
-            residual = self.downsample(x)
-        return self.relu(out + residual)
+        return self._attend_and_add(out, x)
 
 
 class ResNet(nn.Module):
@@ -255,6 +284,7 @@ def build(
     """
     ks = resolve_k_size(name, k_size)
     info = model_info(name)
+    attention = model_attention(name, attention)
     if info.family == "mobilenet_v2":
         return ECAMobileNetV2(num_classes, attention=attention, block_k_sizes=ks)
     block, layers = resnet.LAYOUTS[info.depth]

@@ -84,14 +84,26 @@ def test_benchmark_against_torch_end_to_end():
     assert float(ratio.group(2)) == pytest.approx(want_ratio, abs=0.006)
 
 
-def test_benchmark_eca_overhead_row():
-    results, out = run_tool(*TINY, "--mode", "infer")
-    assert [r.variant for r in results] == ["eca_flax", "eca_flax, attention=None"]
-    ours, plain = results
+def test_benchmark_eca_and_se_overhead_rows():
+    results, out = run_tool(*TINY, "--mode", "infer", "--se")
+    variants = ["eca_flax", "eca_flax, attention=None", "eca_flax, attention=se"]
+    assert [r.variant for r in results] == variants
+    ours, plain, se = results
     assert plain.params == ours.params - eca_flax.model_info("eca_resnet18").eca_params
+    se_model = nnx.eval_shape(lambda: eca_flax.create_model("eca_resnet18", attention="se"))
+    assert se.params == eca_flax.count_params(se_model) == plain.params + 89_080
     assert ours.train is None and 0 < plain.flops < ours.flops
-    overhead = plain.images_per_s("infer") / ours.images_per_s("infer")
-    assert f"| eca_resnet18 | ECA overhead: time with ECA / without | {overhead:.2f}x | - |" in out
+    for label, r, added in (("ECA", ours, "44"), ("SE", se, "89,080")):
+        overhead = plain.images_per_s("infer") / r.images_per_s("infer")
+        row = f"| eca_resnet18 | {label} overhead (+{added} params): time with {label} / without |"
+        assert f"{row} {overhead:.2f}x | - |" in out
+
+
+def test_se_needs_the_plain_run_and_a_resnet(capsys):
+    for argv in (["--se", "--no-plain"], ["--se", "--models", "eca_mobilenet_v2"]):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(argv)
+        assert "--se compares SE with the plain network" in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_with_one_line(capsys):

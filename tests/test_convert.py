@@ -8,6 +8,7 @@ training dict ('epoch', 'arch' = 'se_resnet50' as in the release, 'state_dict' w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -278,7 +279,7 @@ def test_bare_zip_state_dict_infers_everything(small, tmp_path, capsys):
     assert convert.compare_logits(torch_logits(ref, x), np.asarray(model(x))).ok
 
 
-@pytest.mark.parametrize("attention", [None, "eca_ns"])
+@pytest.mark.parametrize("attention", [None, "eca_ns", "se"])
 def test_attention_variants(attention, tmp_path, capsys):
     ref = reference("eca_resnet18", seed=3, attention=attention)
     src = write(tmp_path / "plain.pth", ref.state_dict(), legacy=True)
@@ -286,12 +287,22 @@ def test_attention_variants(attention, tmp_path, capsys):
     assert rc == 0, err
     if attention is None:
         assert "without ECA layers (attention=None" in out and "note: no ECA layers" in out
+    elif attention == "se":
+        assert out.startswith("eca_resnet18 with SE blocks instead of ECA (attention='se'), ")
+        assert f"{sum(p.numel() for p in ref.parameters()):,} params" in out
+        assert_error(*run(capsys, src, tmp_path / "k", "--k-size", "3577")[::2], "no ECA layers")
     else:
         assert out.startswith("eca_resnet18 with non-shared ECA (eca_ns), k=3,5,7,7")
     model = eca_flax.load_pretrained(tmp_path / "out")
     assert pretrained.read_model_json(tmp_path / "out")["attention"] == attention
     x = images(1, 32)
     assert convert.compare_logits(torch_logits(ref, x), np.asarray(model(x))).ok
+    # Export back: the reference's own keys (for SE: layerS.B.se.fc1/fc2), loaded strictly.
+    rc, _, err = run(capsys, "--to-torch", tmp_path / "out", tmp_path / "back.pth")
+    assert rc == 0, err
+    fresh = tr.build("eca_resnet18", attention=attention).eval()
+    fresh.load_state_dict(torch.load(tmp_path / "back.pth", weights_only=True), strict=True)
+    np.testing.assert_array_equal(torch_logits(fresh, x), torch_logits(ref, x))
 
 
 def test_infer_arch_from_shapes_alone(released):
@@ -309,6 +320,20 @@ def test_infer_arch_from_shapes_alone(released):
     timm_like = {k.replace(".eca.", ".se."): v for k, v in r34.items()}
     with pytest.raises(convert.ConversionError, match="timm"):
         convert.infer_arch(timm_like)
+    # SE ResNets in our layout (layerS.B.se.fc1/fc2, Linear): attention="se", any depth.
+    se50 = {k: v.numpy() for k, v in tr.build("eca_resnet50", attention="se").state_dict().items()}
+    want = convert.ArchSpec("eca_resnet50", (3, 5, 5, 7), 1000, "se")
+    assert convert.infer_arch({"module." + k: v for k, v in se50.items()}) == want
+    # SE as 1x1 convs (timm / torchvision style): one error naming the key and both shapes
+    se18 = tr.numpy_state_dict(tr.build("eca_resnet18", attention="se"))
+    conv_like = {k: v[..., None, None] if ".se.fc" in k and v.ndim == 2 else v
+                 for k, v in se18.items()}  # fmt: skip
+    model = pretrained.empty_model(**dataclasses.asdict(convert.infer_arch(conv_like)))
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"shape mismatch for layer\d\.\d\.se\.fc\d\.weight: checkpoint \(\d+, \d+, 1, 1\)",
+    ):
+        convert.load_state_dict(model, conv_like)
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from flax import nnx
 
 import eca_flax
-from eca_flax import convert, layers
+from eca_flax import convert, layers, pretrained
 from eca_flax import torch_reference as tr
 from eca_flax.linen import ECANet
 
@@ -86,9 +86,18 @@ def test_eval_logits_match_reference(name, size):
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("attention", [None, "eca_ns"])
-def test_attention_variants_match_reference(attention):
-    ref, model = ported("eca_resnet18", attention=attention)
+@pytest.mark.parametrize(
+    "name,attention",
+    [
+        ("eca_resnet18", None),
+        ("eca_resnet18", "eca_ns"),
+        ("eca_resnet18", "se"),  # the SE baseline in the basic block ...
+        ("eca_resnet50", "se"),  # ... and in the bottleneck
+    ],
+)
+def test_attention_variants_match_reference(name, attention):
+    """Same tolerance as the ECA parity test above: 1e-4 of the largest logit."""
+    ref, model = ported(name, attention=attention)
     x = images(2, 48)
     with torch.no_grad():
         want = ref(to_nchw(x)).numpy()
@@ -179,6 +188,39 @@ def test_eca_layer_forward_and_gradients_match_reference(k, shared):
     np.testing.assert_allclose(np.asarray(dw.conv.kernel[...]), want_dw, rtol=1e-4, atol=1e-5)
 
 
+def test_se_layer_forward_gradients_and_init_match_reference():
+    c = 64  # hidden width c // 16 = 4, as in ResNet-18's first stage
+    ref = tr.SELayer(c)
+    se = layers.SE(c, rngs=nnx.Rngs(0))
+    assert (se.fc1.kernel.shape, se.fc2.kernel.shape) == ((64, 4), (4, 64))
+    # PyTorch's default Linear init: uniform(+-1/sqrt(fan_in)) for weight and bias
+    for fc, fan_in in ((se.fc1, 64), (se.fc2, 4)):
+        bound = 1 / math.sqrt(fan_in)
+        assert np.abs(fc.bias[...]).max() <= bound
+        assert 0.9 * bound < np.abs(fc.kernel[...]).max() <= bound  # 256 uniform draws
+    sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    assert sorted(sd) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    convert.load_state_dict(se, sd)
+    x = np.random.RandomState(1).randn(3, 5, 5, c).astype(np.float32)
+    tx = to_nchw(x).requires_grad_(True)
+    out = ref(tx)
+    out.pow(2).sum().backward()
+
+    def loss(se, x):
+        return jnp.sum(se(x) ** 2)
+
+    (dw, dx) = nnx.grad(loss, argnums=(0, 1))(se, jnp.asarray(x))
+    # float32 sums over <= 64 terms of O(1) values: 1e-5 / 1e-4 relative covers their rounding
+    want = out.detach().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(se(jnp.asarray(x))), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx, tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+    for fc in ("fc1", "fc2"):
+        got, ref_fc = getattr(dw, fc), getattr(ref, fc)
+        want_dw = convert.to_flax_layout(ref_fc.weight.grad.numpy())
+        np.testing.assert_allclose(got.kernel[...], want_dw, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.bias[...], ref_fc.bias.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_eca_is_cross_correlation_not_convolution():
     """An asymmetric kernel must not be flipped: the PyTorch Conv1d is a cross-correlation."""
     eca = layers.ECA(4, 3, rngs=nnx.Rngs(0))
@@ -212,6 +254,35 @@ def test_parameter_counts_equal_the_original(name):
     assert set(convert.state_dict(model)) == ref_keys
 
 
+SE_LAYOUT = {  # facts file: block output widths are 64/128/256/512 x expansion; blocks per stage
+    "eca_resnet18": (1, (2, 2, 2, 2)),
+    "eca_resnet34": (1, (3, 4, 6, 3)),
+    "eca_resnet50": (4, (3, 4, 6, 3)),
+    "eca_resnet101": (4, (3, 4, 23, 3)),
+    "eca_resnet152": (4, (3, 8, 36, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(SE_LAYOUT))
+def test_se_parameter_counts_follow_the_formula(name):
+    """SE (reduction 16) adds fc1 (C*C/16 + C/16) and fc2 (C/16*C + C) to every block."""
+    expansion, blocks = SE_LAYOUT[name]
+    se_params = sum(
+        n * (2 * c * (c // 16) + c // 16 + c)
+        for n, c in zip(blocks, (w * expansion for w in (64, 128, 256, 512)))
+    )
+    model = nnx.eval_shape(lambda: eca_flax.create_model(name, attention="se"))
+    assert eca_flax.count_params(model) == PLAIN_PARAMS[name] + se_params
+    if name == "eca_resnet50":
+        assert PLAIN_PARAMS[name] + se_params == 28_088_024  # the paper's 28.09M
+    keys = {convert.path_to_torch_key(p) for p in pretrained.weight_paths(model)}
+    assert "layer1.0.se.fc1.weight" in keys and not any(".eca." in k for k in keys)
+    if name in ("eca_resnet18", "eca_resnet50"):  # the reference, for each block type (fast)
+        ref = tr.build(name, attention="se")
+        assert sum(p.numel() for p in ref.parameters()) == PLAIN_PARAMS[name] + se_params
+        assert keys == {k for k in ref.state_dict() if not k.endswith("num_batches_tracked")}
+
+
 def test_reference_parameter_counts_match_the_table():
     for name, (params, _, _) in TABLE.items():
         assert sum(p.numel() for p in tr.build(name).parameters()) == params, name
@@ -236,7 +307,9 @@ def test_kernel_size_parsing():
     with pytest.raises(ValueError, match="choices"):
         eca_flax.create_model("resnet50")
     with pytest.raises(ValueError, match="attention"):
-        eca_flax.create_model("eca_resnet18", attention="se")
+        eca_flax.create_model("eca_resnet18", attention="sk")
+    with pytest.raises(ValueError, match="attention 'se' .* ResNets, not eca_mobilenet_v2"):
+        eca_flax.create_model("eca_mobilenet_v2", attention="se")
 
 
 def test_adaptive_kernel_formula():

@@ -307,6 +307,11 @@ def test_config_errors_name_the_problem() -> None:
         cfg.resolve_config(small_config(schedule="linear"))
     with pytest.raises(cfg.ConfigError, match="k_size"):
         cfg.resolve_config(small_config(k_size="35"))
+    assert cfg.resolve_config(small_config(attention="se")).attention == "se"  # the SE baseline
+    with pytest.raises(cfg.ConfigError, match="unknown attention 'sk'.*eca_ns, se, none"):
+        cfg.resolve_config(small_config(attention="sk"))
+    with pytest.raises(cfg.ConfigError, match="'se' .* ResNets, not eca_mobilenet_v2"):
+        cfg.resolve_config(small_config(attention="se", model="eca_mobilenet_v2"))
     config = cfg.resolve_config(small_config(batch_size=12))
     with pytest.raises(cfg.ConfigError, match="batch_size=12 is not divisible by the 8"):
         cfg.make_plan(config, make_mesh())

@@ -15,10 +15,11 @@ mode, and a train step of forward, cross-entropy, backward and SGD(momentum 0.9,
 1e-4). Runs alternate between the frameworks and the table gives medians after warm-up, so
 load from other processes hits both alike; the ratio is eca_flax / PyTorch throughput (> 1:
 eca_flax is faster). Every model is also run with ``attention=None`` (the plain network) for
-the time ECA adds. ``--dispatch`` shows the per-call cost outside the compiled program at
-batch 1. XLA flags go in ``--xla-flags`` (or the XLA_FLAGS environment variable); by default
-the benchmark adds ``eca_flax.xla_flags.recommended()``, the XLA:CPU flags train.py also sets
-(docs/benchmarks.md).
+the time and parameters ECA adds; ``--se`` adds the paper's SE baseline (``attention="se"``,
+ResNets) for the time and parameters SE adds (ResNet-50: 80 against 2,530,992).
+``--dispatch`` shows the per-call cost outside the compiled program at batch 1. XLA flags go in
+``--xla-flags`` (or the XLA_FLAGS environment variable); by default the benchmark adds
+``eca_flax.xla_flags.recommended()``, the XLA:CPU flags train.py also sets (docs/benchmarks.md).
 """
 
 from eca_flax.benchmark.cli import main, parse_args, run

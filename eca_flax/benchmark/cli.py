@@ -97,12 +97,15 @@ def format_table(results: Sequence[Result], *, image_size: int, peak: float) -> 
                 f"{_ratio(ours.images_per_s('infer'), theirs.images_per_s('infer'))} | "
                 f"{_ratio(ours.images_per_s('train'), theirs.images_per_s('train'))} |"
             )
-        if ours and plain:
-            lines.append(
-                f"| {model} | ECA overhead: time with ECA / without | "
-                f"{_ratio(plain.images_per_s('infer'), ours.images_per_s('infer'))} | "
-                f"{_ratio(plain.images_per_s('train'), ours.images_per_s('train'))} |"
-            )
+        for label, variant in (("ECA", "eca_flax"), ("SE", "eca_flax, attention=se")):
+            added = rows.get(variant)
+            if added and plain:
+                lines.append(
+                    f"| {model} | {label} overhead (+{added.params - plain.params:,} params): "
+                    f"time with {label} / without | "
+                    f"{_ratio(plain.images_per_s('infer'), added.images_per_s('infer'))} | "
+                    f"{_ratio(plain.images_per_s('train'), added.images_per_s('train'))} |"
+                )
     return "\n".join(lines)
 
 
@@ -126,6 +129,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-plain", action="store_true", help="skip the attention=None run (ECA overhead)"
     )
+    parser.add_argument(
+        "--se", action="store_true", help="also run the SE baseline (attention='se', ResNets)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed samples per figure")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
     parser.add_argument(
@@ -142,7 +148,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(default: eca_flax.xla_flags.recommended(), the flags train.py sets; '' for none)",
     )
     args = parser.parse_args(argv)
-    from eca_flax.registry import list_models
+    from eca_flax.registry import list_models, model_info
 
     unknown = [m for m in args.models if m not in list_models()]
     if unknown:
@@ -152,6 +158,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if args.se and (args.no_plain or any(model_info(m).family != "resnet" for m in args.models)):
+        parser.error("--se compares SE with the plain network of a ResNet: drop --no-plain and "
+                     "MobileNetV2")  # fmt: skip
     return args
 
 
@@ -177,7 +186,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Re
         images, labels = synthetic_batch(args.batch_size, args.image_size, 1000)
         timers: list[Timer] = []
         rows = []
-        variants: list[str | None] = ["eca"] + ([] if args.no_plain else [None])
+        variants = ["eca"] + ([] if args.no_plain else [None]) + (["se"] if args.se else [])
         for attention in variants:
             log(f"{name}: compiling eca_flax (attention={attention}) ...")
             result, t = build_jax(name, attention, images, labels, dtype=args.dtype, mode=args.mode)

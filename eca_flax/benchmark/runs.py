@@ -113,11 +113,11 @@ def build_jax(
         name, attention=attention, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)
     )
     model = make()
-    variant = "eca_flax" if attention else "eca_flax, attention=None"
+    variant = "eca_flax" if attention == "eca" else f"eca_flax, attention={attention}"
     result = Result(name, variant, eca_flax.count_params(model), batch_size=batch_size)
     timers = []
     infer = mode in ("infer", "both")
-    if infer or attention is not None:  # The ECA model's forward also gives the FLOPs.
+    if infer or attention == "eca":  # The ECA model's forward also gives the FLOPs.
         forward, weights = inference_fn(model)
         x = jax.device_put(normalized(images))
         start = time.perf_counter()

@@ -16,7 +16,6 @@ import ml_collections
 
 from eca_flax import registry
 from eca_flax.data import randaugment
-from eca_flax.layers import attention_choice
 
 
 class ConfigError(ValueError):
@@ -85,7 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Model.
     c.model = "eca_resnet50"  # One of eca_flax.list_models().
     c.k_size = ""  # "": released sizes (or init_from's); "adaptive"; "3557"; "3,5,5,7".
-    c.attention = "eca"  # "eca", "eca_ns" (non-shared ablation) or "none" (plain baseline).
+    c.attention = "eca"  # "eca", "eca_ns" (non-shared ablation), "se" (SE, ResNets) or "none".
     c.num_classes = -1  # -1: the dataset's number of classes.
     c.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params stay float32).
     c.init_from = ""  # A converter output dir, a training workdir or one of its checkpoints.
@@ -167,7 +166,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
     _choice("model", c.model, tuple(registry.list_models()))
     try:
-        attention_choice(c.attention)
+        registry.model_attention(c.model, c.attention)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _choice("dtype", c.dtype, tuple(registry.DTYPES))
