@@ -28,7 +28,7 @@ import torch
 from flax import nnx
 
 import eca_flax
-from eca_flax import convert, pretrained, pth
+from eca_flax import convert, pretrained, pth, verify
 from eca_flax import torch_reference as tr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_released_file_round_trip(name, released, tmp_path, capsys):
     # Eager ResNets share compiled ops across depths; MobileNetV2's many distinct layer shapes
     # compile faster as one program.
     forward = nnx.jit(lambda m, x: m(x)) if name == "eca_mobilenet_v2" else lambda m, x: m(x)
-    result = convert.compare_logits(want, np.asarray(forward(model, jnp.asarray(x))))
+    result = verify.compare_logits(want, np.asarray(forward(model, jnp.asarray(x))))
     assert result.ok and result.top1_agree == 2, result.describe()
 
     # Export back: exactly the original keys, bit-exact tensors, strict load, same logits.
@@ -251,14 +251,14 @@ def test_verify_with_real_photos(released, tmp_path, capsys):
 def test_compare_logits_catches_disagreement():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((3, 1000)) * 10
-    assert convert.compare_logits(ref, ref + 1e-5).ok
-    drift = convert.compare_logits(ref, ref + 2e-4 * np.abs(ref).max())
+    assert verify.compare_logits(ref, ref + 1e-5).ok
+    drift = verify.compare_logits(ref, ref + 2e-4 * np.abs(ref).max())
     assert not drift.ok and drift.relative == pytest.approx(2e-4)
     assert "FAILED" in drift.describe()
     swapped = ref.copy()
     top = ref.argmax(1)
     swapped[np.arange(3), top] = ref.min() - 1  # the top class drops to the bottom
-    flipped = convert.compare_logits(ref, swapped)
+    flipped = verify.compare_logits(ref, swapped)
     assert flipped.top1_agree == 0 and flipped.top5_agree == 0 and not flipped.ok
 
 
@@ -276,7 +276,7 @@ def test_bare_zip_state_dict_infers_everything(small, tmp_path, capsys):
     assert (meta["k_size"], meta["num_classes"], meta["epoch"]) == ([1, 3, 5, 9], 10, None)
     model = eca_flax.load_pretrained(dst)
     x = images(2, 48)
-    assert convert.compare_logits(torch_logits(ref, x), np.asarray(model(x))).ok
+    assert verify.compare_logits(torch_logits(ref, x), np.asarray(model(x))).ok
 
 
 @pytest.mark.parametrize("attention", [None, "eca_ns", "se"])
@@ -296,7 +296,7 @@ def test_attention_variants(attention, tmp_path, capsys):
     model = eca_flax.load_pretrained(tmp_path / "out")
     assert pretrained.read_model_json(tmp_path / "out")["attention"] == attention
     x = images(1, 32)
-    assert convert.compare_logits(torch_logits(ref, x), np.asarray(model(x))).ok
+    assert verify.compare_logits(torch_logits(ref, x), np.asarray(model(x))).ok
     # Export back: the reference's own keys (for SE: layerS.B.se.fc1/fc2), loaded strictly.
     rc, _, err = run(capsys, "--to-torch", tmp_path / "out", tmp_path / "back.pth")
     assert rc == 0, err

@@ -27,7 +27,7 @@ from sklearn.datasets import load_sample_images
 from test_convert import CLI, assert_error, images, run, torch_logits
 
 import eca_flax
-from eca_flax import convert, pretrained, safetensors_io
+from eca_flax import pretrained, safetensors_io, verify
 from eca_flax import torch_reference as tr
 
 SPEC = dict(k_size=(1, 3, 5, 9), num_classes=10)
@@ -92,7 +92,7 @@ def test_convert_to_safetensors_and_back_to_torch(small, tmp_path, capsys):
     x = images(2, 48)
     logits = np.asarray(from_file(jnp.asarray(x)))
     np.testing.assert_array_equal(logits, np.asarray(from_dir(jnp.asarray(x))))
-    assert convert.compare_logits(torch_logits(ref, x), logits).ok
+    assert verify.compare_logits(torch_logits(ref, x), logits).ok
 
     # PyTorch side: the original keys, bit-exact tensors, a strict load, the same logits.
     with safe_open(back, framework="np") as f:
