@@ -30,11 +30,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "weights/eca_resnet50 --verify",
     )
     parser.add_argument("src", metavar="SRC", help=".pth / .pth.tar file (DST with --to-torch)")
-    parser.add_argument(
-        "dst",
-        metavar="DST",
-        help="output directory, or a .safetensors file (OUT.pth / OUT.safetensors with --to-torch)",
-    )
+    dst = "output directory, or a .safetensors file (OUT.pth / OUT.safetensors with --to-torch)"
+    parser.add_argument("dst", metavar="DST", help=dst)
     parser.add_argument(
         "--to-torch",
         action="store_true",
