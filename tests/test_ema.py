@@ -171,8 +171,15 @@ def test_checkpoints_restore_the_ema_exactly(run, tmp_path, caplog) -> None:
     off = checkpoints.Checkpoints(str(tmp_path / "off"), 3)
     off.save(plain, meta)
     off.wait()
-    with caplog.at_level(logging.WARNING, logger="eca_flax"):
-        _, started = off.restore_latest(fresh_state(run), meta)
+    # The "eca_flax" logger does not propagate once train.py's logging is set up (an earlier
+    # test in this process may have done it), so caplog listens on it directly.
+    eca_logger = logging.getLogger("eca_flax")
+    eca_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="eca_flax"):
+            _, started = off.restore_latest(fresh_state(run), meta)
+    finally:
+        eca_logger.removeHandler(caplog.handler)
     off.close()
     assert "has no EMA" in caplog.text
     assert_same(host(started["ema"]), weights(started))
