@@ -39,6 +39,7 @@ from eca_flax.registry import (
     resolve_k_size,
     weight_paths,
 )
+from eca_flax.verify import verification_images, verify_with_torch
 
 _LEAF = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
 _TO_FLAX_AXES = {4: (2, 3, 1, 0), 3: (2, 1, 0), 2: (1, 0)}
@@ -354,8 +355,8 @@ def convert_file(
     if spec.attention is None:
         log("note: no ECA layers in this state_dict: converted as the plain model (attention=None)")
     if verify:
-        images, what = verify.verification_images()
-        result = verify.verify_with_torch(model, spec, checkpoint.state_dict, images)
+        images, what = verification_images()
+        result = verify_with_torch(model, spec, checkpoint.state_dict, images)
         log(f"verify ({what}): {result.describe()}")
         if not result.ok:
             raise ConversionError(f"verification failed: {result.describe()}; nothing written")
