@@ -23,7 +23,9 @@ import os
 import shutil
 import socket
 import time
+import zlib
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -42,7 +44,9 @@ LOCK_FILE = "train.lock"
 FORMAT = "eca_flax.training_checkpoint/2"
 STATE_KEYS = ("step", "opt_state", "rng")  # the train item; params and BN stats are the model
 # Changing these changes what a step number means (the data position) or the model itself.
-RESUME_KEYS = ("arch", "k_size", "attention", "num_classes", "batch_size", "image_size")
+# optimizer_state: the layout of the optimizer's state (optimizer, weight decay, its mask).
+RESUME_KEYS = ("arch", "k_size", "attention", "num_classes", "batch_size", "image_size",
+               "optimizer", "optimizer_state")  # fmt: skip
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
@@ -128,9 +132,19 @@ def prepare_workdir(workdir: str) -> str:
     return path
 
 
-def model_meta(model: nnx.Module, config: ml_collections.ConfigDict, num_classes: int) -> dict:
-    """What a checkpoint records besides the arrays: the model and the run's data layout."""
+def model_meta(
+    model: nnx.Module, config: ml_collections.ConfigDict, num_classes: int, opt_state: Any = None
+) -> dict:
+    """What a checkpoint records besides the arrays: the model, the run's data layout and (with
+    ``opt_state``) a fingerprint of its optimizer state's layout."""
+    layout = None
+    if opt_state is not None:
+        shapes = [(tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(opt_state)]
+        text = f"{jax.tree.structure(opt_state)}{shapes}"
+        layout = f"crc32:{zlib.crc32(text.encode()):08x}"
     return {
+        "optimizer": config.optimizer,
+        "optimizer_state": layout,
         "format": FORMAT,
         "arch": config.model,
         "k_size": list(model.k_size),
@@ -282,12 +296,13 @@ class Checkpoints:
 
 def check_resume(step_dir: str, saved: dict, meta: dict) -> None:
     """A workdir's checkpoints must be of this model and data layout (RESUME_KEYS)."""
-    keys = [k for k in RESUME_KEYS if k in saved]  # batch_size: checkpoints of eca_flax >= 0.2
+    keys = [k for k in RESUME_KEYS if saved.get(k) is not None]  # older checkpoints lack some
     if diff := pretrained.differences(saved, meta, keys):
         what = ", ".join(f"{k} {have} (checkpoint) vs {want} (config)" for k, have, want in diff)
         raise ConfigError(
             f"{step_dir} was trained with another configuration: {what}; the step number is the "
-            "data position of that run. Use another --workdir, or the checkpoint's values"
+            "data position of that run and its optimizer state fits only its optimizer settings. "
+            "Use another --workdir, or the checkpoint's values"
         )
 
 

@@ -276,7 +276,6 @@ class _Run:
     def __init__(self, config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> None:
         self.config, self.workdir, self.plan, self.mesh = config, workdir, plan, mesh
         self.model, self.source = checkpoints.build_model(config, plan.num_classes)
-        self.meta = checkpoints.model_meta(self.model, config, plan.num_classes)
         eval_step = make_eval_step(self.model, mesh, keep_logits=keep_logits)
         self.evaluate_all = lambda state: evaluate_all(
             eval_step, state, config, plan, mesh, keep_logits
@@ -299,6 +298,7 @@ class _Run:
         """(step, state): the workdir's newest good checkpoint, or a fresh state at step 0."""
         c, plan = self.config, self.plan
         fresh = init_state(self.model, self.tx, c.seed, self.mesh, ema=c.ema_decay > 0)
+        self.meta = checkpoints.model_meta(self.model, c, plan.num_classes, fresh["opt_state"])
         step, state = self.ckpt.restore_latest(fresh, self.meta)
         logger.info(f"resuming from {self.ckpt.root}/{step} (step {step})" if step else
                     f"starting from {self.source}")  # fmt: skip
