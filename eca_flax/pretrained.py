@@ -26,10 +26,12 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
@@ -258,7 +260,9 @@ def _checkpointer() -> ocp.StandardCheckpointer:
 
 
 def one_line(error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [""])[0][:300]
+    """'Type: first line of the message', without the spec dump TensorStore appends."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    first = re.split(r"\.? *(?:See full TensorStore details|\[tensorstore_spec)", first)[0][:300]
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
@@ -299,6 +303,16 @@ def deferred_interrupt() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
     if hits:
         raise KeyboardInterrupt
+
+
+def remove_unfinished(path: Path_, settle: float = 0.5) -> None:
+    """Removes what a failed Orbax save left: TensorStore writes still in flight may land after
+    a first removal, so it is removed again until the directory stays gone for ``settle`` s."""
+    for _ in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(settle)
+        if not os.path.lexists(path):
+            return
 
 
 def private_to_umask(path: Path_) -> None:
@@ -469,7 +483,7 @@ def _write_atomically(path: Path, state: dict, text: str, interrupted: Callable)
         if old is not None and not path.exists():
             os.rename(old, path)
             old = None
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_unfinished(tmp)
         raise
     finally:
         if old is not None:

@@ -220,7 +220,8 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], out: Path) -> None:
         raise ConversionError(f"{out}: cannot write there ({e.strerror or e})") from None
     try:
         with deferred_interrupt() as interrupted:
-            torch.save(tensors, tmp)
+            with open(tmp, "wb") as f:  # a file object: a full disk stays an OSError (cause)
+                torch.save(tensors, f)
             private_to_umask(tmp)
             if interrupted():
                 raise KeyboardInterrupt

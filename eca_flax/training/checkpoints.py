@@ -44,12 +44,11 @@ RESUME_KEYS = ("arch", "k_size", "attention", "num_classes", "batch_size", "imag
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
-    """Drops Orbax's warning about mid-epoch checkpoints without metrics (by design here) and
-    the tracebacks its background threads log for a failed save: the same error is raised in
-    the main thread, where it becomes one line."""
-    if "did not provide metrics" in record.getMessage():
-        return False
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    """Drops Orbax's warnings about mid-epoch checkpoints without metrics and about the items of
+    a step (``model``) having no _CHECKPOINT_METADATA of their own: both by design here (the
+    errors its threads log are dropped by eca_flax.unraisable)."""
+    message = record.getMessage()
+    return "did not provide metrics" not in message and "_CHECKPOINT_METADATA" not in message
 
 
 logging.getLogger("absl").addFilter(_quiet_orbax)
@@ -122,6 +121,9 @@ def prepare_workdir(workdir: str) -> str:
     path = os.path.abspath(os.path.expanduser(workdir))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--workdir {path} is a file, not a directory")
+    root = os.path.join(path, CHECKPOINT_DIR)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"{root} is a file; checkpoints go into a directory of that name")
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -159,6 +161,7 @@ class Checkpoints:
             cleanup_tmp_directories=True,  # what an interrupted save left
         )
         self.manager = ocp.CheckpointManager(self.root, options=options)
+        self.pending: int | None = None  # the step of the save in flight
 
     def good_steps(self) -> list[int]:
         """Steps whose save finished, on disk."""
@@ -173,6 +176,8 @@ class Checkpoints:
         step = int(jax.device_get(state["step"]))
         weights, train = _weights(state), {k: state[k] for k in STATE_KEYS}
         sums = {"model": pretrained.checksum(weights), "train": pretrained.checksum(train)}
+        self.wait()  # a failed previous save is reported as such, before this one starts
+        self.pending = step
         try:
             self.manager.save(
                 step,
@@ -182,7 +187,7 @@ class Checkpoints:
                     meta=ocp.args.JsonSave({**meta, "step": step, "checksums": sums}),
                 ),
             )
-        except Exception as e:  # noqa: BLE001 - the previous async save's error surfaces here
+        except Exception as e:  # noqa: BLE001 - OSError, or Orbax / TensorStore wrapping one
             self._failed(e, step)
         return step
 
@@ -191,19 +196,21 @@ class Checkpoints:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            self._failed(e, None)
+            self._failed(e, self.pending)
+        self.pending = None
 
     def _failed(self, error: Exception, step: int | None) -> None:
         for tmp in os.listdir(self.root) if os.path.isdir(self.root) else []:
             if ".orbax-checkpoint-tmp" in tmp:  # the unfinished save: never a good checkpoint
-                shutil.rmtree(os.path.join(self.root, tmp), ignore_errors=True)
+                pretrained.remove_unfinished(os.path.join(self.root, tmp))
         full = pretrained.disk_full(error)
         what = "no space left on the disk of" if full else "could not write to"
         reason = "" if full else f" ({pretrained.one_line(error)})"
         saving = f" while saving checkpoint {step}" if step is not None else " while saving"
         raise TrainingError(
             f"{what} {self.workdir}{saving}{reason}; the last good checkpoint is "
-            f"{self.last_good()}: free space and run the same command to resume"
+            f"{self.last_good()}: {'free space' if full else 'fix that'} and run the same "
+            "command to resume"
         ) from None
 
     def restore_latest(self, like: dict, meta: dict) -> tuple[int, dict]:
@@ -214,8 +221,8 @@ class Checkpoints:
             step_dir = os.path.join(self.root, str(step))
             try:
                 saved = read_meta(step_dir)
-            except Exception as e:  # noqa: BLE001 - a damaged meta item
-                self._set_aside(step_dir, f"unreadable metadata: {pretrained.one_line(e)}")
+            except ConfigError as e:  # a damaged meta item
+                self._set_aside(step_dir, str(e).removeprefix(f"{step_dir}: "))
                 continue
             check_resume(step_dir, saved, meta)
             try:
@@ -233,8 +240,8 @@ class Checkpoints:
                 train=ocp.args.StandardRestore({k: target[k] for k in STATE_KEYS}),
             ),
         )
-        for item in ("model", "train"):
-            if pretrained.checksum(out[item]) != sums.get(item):
+        for item in sums:  # none in checkpoints of eca_flax < 0.2
+            if pretrained.checksum(out[item]) != sums[item]:
                 raise ValueError(f"its {item} arrays do not match the checksum saved with them")
         flat = traverse_util.flatten_dict(out["model"])
         split = lambda part: traverse_util.unflatten_dict(
@@ -287,10 +294,13 @@ def find_checkpoint(path: str) -> str:
 
 
 def read_meta(step_dir: str) -> dict:
-    """The model description saved with a training checkpoint."""
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(os.path.join(step_dir, "meta"))
-    if meta.get("format") != FORMAT:
+    """The model description saved with a training checkpoint; ConfigError when unreadable."""
+    try:
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+            meta = ckptr.restore(os.path.join(step_dir, "meta"))
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for a damaged item
+        raise ConfigError(f"{step_dir}: unreadable metadata ({pretrained.one_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ConfigError(f"{step_dir}: not an eca_flax training checkpoint ({FORMAT})")
     pretrained.check_description(meta, step_dir)
     return meta
@@ -327,7 +337,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn
     else:
         step_dir = find_checkpoint(path)
         meta = read_meta(step_dir)
-        weights, expected = os.path.join(step_dir, "model"), meta["checksums"]["model"]
+        weights, expected = os.path.join(step_dir, "model"), meta.get("checksums", {}).get("model")
     _check_source(config, meta, path, num_classes)
     model = pretrained.restore_model(
         meta,

@@ -261,9 +261,16 @@ def train_and_evaluate(
     plan = make_plan(config, mesh)
     if config.eval_only:
         return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, keep_logits)
+    new = not os.path.lexists(os.path.abspath(os.path.expanduser(workdir)))
     workdir = checkpoints.prepare_workdir(workdir)
-    with checkpoints.WorkdirLock(workdir):
-        return _train(config, workdir, plan, mesh, keep_logits)
+    try:
+        with checkpoints.WorkdirLock(workdir):
+            return _train(config, workdir, plan, mesh, keep_logits)
+    except BaseException:
+        if new:  # a run that stopped before writing anything leaves no workdir behind
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)
+        raise
 
 
 def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResult:
@@ -317,8 +324,10 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
                     ckpt.save(state, meta)
                 if stop:
                     ckpt.wait()
-                    logger.info(f"{preemption.signal}: saved checkpoint {ckpt.root}/{step}; run "
-                                "the same command to resume")  # fmt: skip
+                    saved = f"saved checkpoint {ckpt.root}/{step}; run the same command to resume"
+                    if preemption.signal == "Ctrl-C":
+                        raise Interrupted(saved)
+                    logger.info(f"{preemption.signal}: {saved}")
                     return RunResult(step, None, preempted=True, history=history)
                 result = evaluate_now() if do_eval else None
                 if result is not None:
@@ -326,6 +335,7 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
                     board.scalars(step, {"eval/top1": result.top1, "eval/top5": result.top5})
                     if 100 * result.top1 > best_top1:
                         best_top1 = 100 * result.top1
+                        ckpt.wait()  # a failed save is reported before anything else
                         export_pretrained(model, state, config, plan, best, result)
         ckpt.wait()
         if result is None:  # Resumed a finished run: evaluate the final state again.
@@ -333,18 +343,18 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
         export_pretrained(model, state, config, plan, os.path.join(workdir, "pretrained"), result)
         logger.info(f"final step={step} {result.summary()}")
         return RunResult(step, result, history=history)
-    except TrainingError as e:
+    except (TrainingError, data.DataError, pretrained.PretrainedError) as e:
         with contextlib.suppress(TrainingError):
             ckpt.wait()  # the saves started before the bad step are good
         if "the last good checkpoint" in str(e):
             raise
-        raise TrainingError(
-            f"{e}; stopped, the last good checkpoint is {ckpt.last_good()}"
-        ) from None
+        raise type(e)(f"{e}; stopped, the last good checkpoint is {ckpt.last_good()}") from None
+    except Interrupted:
+        raise
     except KeyboardInterrupt:  # the second Ctrl-C
         ckpt.close()
-        raise Interrupted(f"stopped at step {step} without saving it; the last good checkpoint "
-                          f"is {ckpt.last_good()}") from None  # fmt: skip
+        raise Interrupted(f"stopped at step {step}; the last good checkpoint is "
+                          f"{ckpt.last_good()}") from None  # fmt: skip
     finally:
         bar.close()
         profiler.stop()
