@@ -67,9 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 error) instead of raising."""
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's progress chatter
-    from eca_flax.convert import ConversionError, convert_file, export_torch
-    from eca_flax.pretrained import PretrainedError
-
+    try:
+        from eca_flax.convert import ConversionError, convert_file, export_torch
+        from eca_flax.pretrained import PretrainedError
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
     try:
         if args.to_torch:
             export_torch(args.src, args.dst, overwrite=args.overwrite)

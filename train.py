@@ -17,13 +17,25 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import NoReturn
 
-from eca_flax import xla_flags
 
-xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); before jax starts
+def interrupted(error: BaseException) -> NoReturn:
+    """Ctrl-C: one line saying what is saved (the training loop's message), exit code 130."""
+    print(f"interrupted: {str(error) or 'before the first training step, no checkpoint written'}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    sys.stdout.flush()
+    os._exit(130)  # now: finalizing with JAX's threads cut mid-way can crash the interpreter
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+try:
+    from eca_flax import xla_flags
+
+    xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); first
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+except KeyboardInterrupt as e:
+    interrupted(e)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -99,11 +111,11 @@ def main(argv: list[str]) -> int:
         fail(e)
     except OSError as e:  # the workdir, the data: permissions, a full disk, ...
         fail(f"{e.filename or workdir}: {e.strerror or e}")
-    except KeyboardInterrupt as e:  # before the loop took over Ctrl-C, or a second Ctrl-C
-        print(f"interrupted{f': {e}' if str(e) else ''}", file=sys.stderr, flush=True)
-        return 130
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt as e:  # anywhere: loading the config, starting, training
+        interrupted(e)

@@ -10,18 +10,32 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
 def one_line(error: BaseException) -> str:
-    """'Type: first line of the message' (at most 300 characters), for one-line errors."""
-    first = (str(error).strip().splitlines() or [""])[0][:300]
+    """'Type: first line of the message' (at most 300 characters, without the spec dump
+    TensorStore appends), for one-line errors."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    first = re.split(r"\.? *(?:See full TensorStore details|\[tensorstore_spec)", first)[0][:300]
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def remove_unfinished(path: str | os.PathLike[str], settle: float = 0.5) -> None:
+    """Removes what a failed Orbax save left: TensorStore writes still in flight may land after
+    a first removal, so it is removed again until the directory stays gone for ``settle`` s."""
+    for _ in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(settle)
+        if not os.path.lexists(path):
+            return
 
 
 def disk_full(error: BaseException | None) -> bool:
@@ -121,7 +135,7 @@ def write_directory(path: Path, fill: Callable[[Path], None], error: type[Except
             if old is not None and not path.exists():
                 os.rename(old, path)
                 old = None
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_unfinished(tmp)
             raise
         finally:
             if old is not None:

@@ -218,4 +218,9 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], out: Path) -> None:
     import torch
 
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-    write_file(out, lambda tmp: torch.save(tensors, tmp), ConversionError)
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: a full disk stays an OSError (cause)
+            torch.save(tensors, f)
+
+    write_file(out, save, ConversionError)

@@ -16,8 +16,10 @@ import json
 import os
 import pickle
 import pickletools
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from faults import popen_interruptible, run_on_small_disk
 from flax import nnx
 
 import eca_flax
@@ -328,7 +331,7 @@ def test_infer_arch_from_shapes_alone(released):
     se18 = tr.numpy_state_dict(tr.build("eca_resnet18", attention="se"))
     conv_like = {k: v[..., None, None] if ".se.fc" in k and v.ndim == 2 else v
                  for k, v in se18.items()}  # fmt: skip
-    model = pretrained.empty_model(**dataclasses.asdict(convert.infer_arch(conv_like)))
+    model = eca_flax.registry.empty_model(**dataclasses.asdict(convert.infer_arch(conv_like)))
     with pytest.raises(
         convert.ConversionError,
         match=r"shape mismatch for layer\d\.\d\.se\.fc\d\.weight: checkpoint \(\d+, \d+, 1, 1\)",
@@ -551,3 +554,94 @@ def test_save_pretrained_checks_the_model(small, tmp_path):
     assert (meta["source"], meta["epoch"], meta["best_prec1"]) == (None, 3, None)
     assert (meta["k_size"], meta["num_classes"]) == ([1, 3, 5, 9], 10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "first"]
+
+
+# ------------------------------------------------------------------------------------------
+# Faults: a full disk, Ctrl-C, permissions, non-finite weights.
+
+
+def converter(*args) -> list[str]:
+    return [sys.executable, str(ROOT / "convert_torch_weights.py"), *map(str, args)]
+
+
+def test_full_disk_new_overwrite_and_to_torch(small, tmp_path):
+    """No space on DST's disk: one line saying so, nothing written (hidden temporaries
+    included), and with --overwrite the previous DST is untouched."""
+    _, _, src = small
+    old = tmp_path / "old"
+    convert.convert_file(src, old, log=lambda _: None)
+    old_files = sorted(f"./dst/{p.relative_to(old)}" for p in old.rglob("*"))
+    size = sum(p.stat().st_size for p in old.rglob("*"))
+    disk = tmp_path / "disk"
+    dst, out = disk / "dst", disk / "back.pth"
+    cases = [  # (command, disk size, setup, message, what the disk holds after)
+        (converter(src, dst), size // 2, "", f"{dst}: could not write it (no space left on "
+         "the device); nothing written", []),
+        (converter(src, dst, "--overwrite"), size * 3 // 2, f'cp -a {old} "$disk"/dst',
+         f"{dst}: could not write it (no space left on the device); nothing written; the "
+         f"previous {dst} is untouched", ["./dst", *old_files]),
+        (converter("--to-torch", old, out), size // 2, "", f"{out}: could not write it (no "
+         "space left on the device); nothing written", []),
+    ]  # fmt: skip
+    for cmd, disk_size, setup, message, left in cases:
+        proc, found = run_on_small_disk(cmd, disk, disk_size, setup=setup, cwd=ROOT)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"error: {message}"], proc.stderr
+        assert found == sorted(left)
+
+
+def test_interrupted_conversion_leaves_nothing(small, tmp_path):
+    """Ctrl-C at any moment of a conversion: 'interrupted; nothing written', exit 130, and
+    nothing in DST's directory (no hidden temporary), or, if it came too late, a complete DST."""
+    _, _, src = small
+    interrupted = 0
+    # 1.5 s after the start: importing; then 0 and 0.2 s after the summary line, which is
+    # printed when writing starts.
+    for i, (after_summary, delay) in enumerate([(False, 1.5), (True, 0), (True, 0.2)]):
+        out = tmp_path / str(i)
+        proc = popen_interruptible(converter(src, out / "dst"), text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        if after_summary:
+            proc.stdout.readline()
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert "Traceback" not in stderr, stderr
+        if stdout.strip().endswith(f"wrote {out / 'dst'}"):  # too late: complete (exit 0, or
+            assert sorted(p.name for p in out.iterdir()) == ["dst"]  # -SIGINT while exiting)
+            continue
+        interrupted += 1
+        if proc.returncode == -signal.SIGINT:  # so early that Python had not started yet
+            assert not after_summary and stderr == ""
+        else:
+            assert (proc.returncode, stderr) == (130, "interrupted; nothing written\n"), stderr
+        assert not out.exists() or not list(out.iterdir())
+    assert interrupted >= 2
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_follow_the_umask(small, tmp_path, capsys, umask):
+    """Converted directories and exported files get the modes any new file gets (shared
+    filesystems), not the private 0700 / 0600 of temporary files."""
+    _, _, src = small
+    previous = os.umask(umask)
+    try:
+        assert run(capsys, src, tmp_path / "dst")[0] == 0
+        assert run(capsys, "--to-torch", tmp_path / "dst", tmp_path / "back.pth")[0] == 0
+    finally:
+        os.umask(previous)
+    for path in [tmp_path / "dst", *(tmp_path / "dst").rglob("*"), tmp_path / "back.pth"]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == want, (path, oct(path.stat().st_mode))
+
+
+def test_non_finite_weights_are_refused(small, tmp_path, capsys):
+    _, state, _ = small
+    bad = {k: v.clone() for k, v in state.items()}
+    bad["fc.weight"][0, 0] = float("nan")
+    bad["layer1.0.bn1.running_var"][1] = float("inf")
+    src = write(tmp_path / "nan.pth", bad)
+    rc, _, err = run(capsys, src, tmp_path / "dst")
+    assert_error(rc, err, "2 tensors hold NaN or infinite values (fc.weight, "
+                 "layer1.0.bn1.running_var)", "refusing to convert")  # fmt: skip
+    assert not (tmp_path / "dst").exists()

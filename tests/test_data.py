@@ -7,11 +7,15 @@ import collections
 import io
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
 import tarfile
 
 import imagenet_fixture
 import numpy as np
 import pytest
+from faults import run_on_small_disk
 from PIL import Image
 
 from eca_flax import data
@@ -527,3 +531,79 @@ def test_write_digits_folder(digits_path: str, tmp_path: pathlib.Path) -> None:
     )
     small = data.write_digits_folder(tmp_path / "d8", 8)
     assert data.dataset_info(f"folder:{small}", None).num_train == 1437
+
+
+DAMAGED = {  # file name -> what the error says
+    "zero.png": "empty file",
+    "truncated.jpg": "",  # Pillow's words, which differ between its versions
+    "text.jpg": "not an image, or a format PIL does not know",
+}
+
+
+def write_damaged(directory: pathlib.Path) -> None:
+    """The damaged kinds of DAMAGED: zero bytes, a JPEG cut in half, text named .jpg."""
+    jpeg = encode(imagenet_fixture.photo(0).crop((0, 0, 64, 64)), "JPEG")
+    (directory / "zero.png").write_bytes(b"")
+    (directory / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (directory / "text.jpg").write_text("not an image\n")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("name", sorted(DAMAGED))
+def test_damaged_image_stops_with_its_name(tmp_path: pathlib.Path, split: str, name: str):
+    root = write_folder(tmp_path / "ds", {"train": {"a": 3, "b": 3}, "val": {"a": 2, "b": 2}})
+    write_damaged(tmp_path)
+    shutil.copy(tmp_path / name, root / split / "b" / name)
+    args = dict(image_size=16, process_index=0, process_count=1)
+    with pytest.raises(data.DataError) as error:
+        if split == "val":
+            collect(data.eval_iterator(f"folder:{root}", None, global_batch_size=4, **args))
+        else:
+            next(data.train_iterator(f"folder:{root}", None, global_batch_size=7, seed=0, **args))
+    message = str(error.value)
+    assert message.startswith(f"{root / split / 'b' / name}: not a decodable image (")
+    assert message.endswith(f"{DAMAGED[name]}); --config.skip_damaged_images=True skips such files")
+
+
+def test_damaged_images_skipped_and_counted(tmp_path: pathlib.Path) -> None:
+    """skip_damaged: validation counts every good image once and each damaged one as skipped;
+    a training epoch replaces each damaged file by a readable one and counts it once."""
+    root = write_folder(tmp_path / "ds", {"train": {"a": 3, "b": 3}, "val": {"a": 2, "b": 2}})
+    for split in ("train", "val"):
+        write_damaged(root / split / "b")
+    args = dict(image_size=16, process_index=0, process_count=1, skip_damaged=True)
+    batches = collect(data.eval_iterator(f"folder:{root}", None, global_batch_size=4, **args))
+    assert sorted(masked_labels(batches)) == [0, 0, 1, 1]
+    assert sum(int(b["damaged"].sum()) for b in batches) == 3
+    epoch = next(data.train_iterator(f"folder:{root}", None, global_batch_size=9, seed=0, **args))
+    assert int(epoch["damaged"].sum()) == 3  # one batch is the whole epoch of 9 files
+    assert (epoch["image"].reshape(9, -1).max(1) > 0).all()  # every slot holds a real image
+
+
+def test_digits_cli_full_disk_bad_size_and_umask(tmp_path: pathlib.Path) -> None:
+    """``python -m eca_flax.data digits``: a full disk and a bad size are one error line with
+    nothing written; the folder gets the modes of any new directory (not mkdtemp's 0700)."""
+    cmd = [sys.executable, "-m", "eca_flax.data", "digits"]
+    disk, repo = tmp_path / "disk", pathlib.Path(__file__).parents[1]
+    proc, left = run_on_small_disk(
+        [*cmd, str(disk / "d"), "--image_size", "8"], disk, 64 * 1024, cwd=repo
+    )
+    assert (proc.returncode, left) == (1, []), proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: {disk / 'd'}: could not write the digits (No space left on device); nothing "
+        "written"
+    ]
+    bad = subprocess.run([*cmd, str(tmp_path / "d0"), "--image_size", "0"], cwd=repo,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (
+        bad.returncode == 1
+        and bad.stderr == "error: image_size must be a positive integer, got 0\n"
+    )
+    assert not (tmp_path / "d0").exists()
+    previous = os.umask(0o027)
+    try:
+        root = pathlib.Path(data.write_digits_folder(tmp_path / "d8", 8))
+    finally:
+        os.umask(previous)
+    for path in (root, root / "train", next((root / "train" / "0").iterdir())):
+        assert path.stat().st_mode & 0o777 == (0o750 if path.is_dir() else 0o640), path

@@ -161,12 +161,27 @@ def test_cli_errors_are_one_line(converted, tmp_path) -> None:
             "--config.eval_only=True",
         ],
         "no such directory": [f"--config.init_from={tmp_path / 'missing'}"],
+        "augment='pad_crop:x': choose 'inception_crop' or 'pad_crop:N'": [
+            "--config.augment=pad_crop:x"
+        ],
+        "min_crop_area must be in (0, 1], got 0.0": ["--config.min_crop_area=0"],
+        "eval_resize_size=16 is below image_size=32": ["--config.eval_resize_size=16"],
+        "error: unknown config field 'batchsize' (did you mean 'batch_size'?); the fields are": [
+            "--config.batchsize=3"
+        ],
+        f"--workdir {tmp_path / 'file'} is a file, not a directory": [
+            f"--workdir={tmp_path / 'file'}"
+        ],
     }
+    (tmp_path / "file").write_text("")
     procs = {want: run_cli(*base, *args) for want, args in cases.items()}
+    procs["JAX_NUM_PROCESSES='two' is not a whole number"] = run_cli(
+        *base, "--config.distributed=True", JAX_NUM_PROCESSES="two"
+    )
     for want, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 1, f"{want}: {out}\n{err}"
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: ") and want in last, err
-        assert "Traceback" not in err
+        assert "Traceback" not in err and "\\" not in last  # no escaped repr
     assert not (tmp_path / "w").exists()

@@ -3,7 +3,9 @@ the PyTorch reference holding the same weights."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +97,7 @@ def test_bad_input(converted, tmp_path, capsys):
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(Path(PHOTOS[0]).read_bytes()[:5000])
     cases["not a decodable image"] = ("--weights", weights, truncated)
+    cases[f"{tmp_path}: is a directory, not an image file"] = ("--weights", weights, tmp_path)
     for message, args in cases.items():
         rc, out, err = run(capsys, *args)
         assert rc == 1 and out == "" and "Traceback" not in err
@@ -109,3 +112,50 @@ def test_other_heads_print_class_indices(converted, tmp_path, capsys):
     rows = [LINE.fullmatch(x).groups() for x in out.splitlines()[1:]]
     assert sorted(r[2] for r in rows) == ["class 0", "class 1", "class 2"]
     assert sum(float(r[1]) for r in rows) == pytest.approx(100, abs=0.02)
+
+
+def test_default_size_is_the_models_own(converted, tmp_path, capsys):
+    """A model evaluated at 16 px (the quick start's) classifies at 16 px unless told."""
+    model = eca_flax.load_pretrained(converted[0])
+    pretrained.save_pretrained(model, tmp_path / "w", arch="eca_resnet18", attention="eca",
+                               image_size=16, resize_size=16)  # fmt: skip
+    rc, out, err = run(capsys, "--weights", tmp_path / "w", PHOTOS[0])
+    assert rc == 0, err
+    want = predict.top_k(model, predict.load_images([PHOTOS[0]], 16, 16))[0]
+    rows = [LINE.fullmatch(x).groups() for x in out.splitlines()[1:]]
+    assert [r[2] for r in rows] == [predict.class_name(i, 1000) for i, _ in want]
+    np.testing.assert_allclose([float(r[1]) for r in rows], [100 * p for _, p in want],
+                               atol=0.006)  # printed with 2 decimals  # fmt: skip
+
+
+def damage(weights: Path, where: Path, how: str) -> Path:
+    """A copy of ``weights`` with its largest data file cut short, or with the arrays of another
+    model under its model.json (Orbax reads them without complaint: only the checksum tells)."""
+    shutil.copytree(weights, where)
+    state = where / pretrained.STATE_DIR
+    if how == "truncated":
+        data_file = max(state.rglob("d/*"), key=lambda p: p.stat().st_size)
+        os.truncate(data_file, data_file.stat().st_size // 2)
+    else:
+        other = eca_flax.load_pretrained(weights)
+        other.fc.bias.value = other.fc.bias.value + 1.0
+        pretrained.save_pretrained(other, where.parent / "other", arch="eca_resnet18",
+                                   attention="eca")  # fmt: skip
+        shutil.rmtree(state)
+        shutil.copytree(where.parent / "other" / pretrained.STATE_DIR, state)
+    return where
+
+
+@pytest.mark.parametrize("how", ["truncated", "other arrays"])
+def test_damaged_weights_are_one_line(converted, tmp_path, how):
+    """As a user runs it: one error line naming state/, no traceback or Orbax echoes."""
+    weights = damage(converted[0], tmp_path / "w", how)
+    proc = subprocess.run(
+        [sys.executable, "-m", "eca_flax.predict", "--weights", str(weights), PHOTOS[1]],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {weights / 'state'}: "), proc.stderr
+    if how == "other arrays":
+        assert "do not match the checksum" in lines[0]

@@ -39,6 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sources.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # permissions, a full disk, ... outside the writes that say more
+        print(f"error: {e.filename or args.command}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

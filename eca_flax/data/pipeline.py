@@ -9,10 +9,11 @@ the same order. Each example's augmentation is seeded by (seed, epoch, index), s
 access). Validation reads each process's contiguous shard once, padded to the same number of
 full batches on every process (``mask`` 0 on padding).
 
-Batches are uint8 images (B, S, S, 3), int32 labels, and ``damaged``: how many unreadable
-files each slot met. An unreadable file stops the pipeline with a DataError naming it, unless
-``skip_damaged``: then a train slot takes the next readable example of the epoch (augmented
-with the damaged one's seed) and a validation slot is masked out.
+Batches are uint8 images (B, S, S, 3), int32 labels, and ``damaged``: 1 where the slot's own
+file is unreadable (so a batch's sum counts each damaged file it met once). An unreadable file
+stops the pipeline with a DataError naming it, unless ``skip_damaged``: then a train slot takes
+the next readable example of the epoch (augmented with the damaged one's seed) and a
+validation slot is masked out.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def _read(records: sources.FolderRecords | sources.TfdsRecords, index: int, tran
         return transform(data), label
     except transforms.DECODE_ERRORS as e:
         reason = " ".join(str(e).split())[:160] or type(e).__name__
+        if isinstance(e, transforms.UnidentifiedImageError):  # its message is a BytesIO repr
+            reason = "not an image, or a format PIL does not know" if len(data) else "empty file"
         raise DataError(f"{name}: not a decodable image ({reason})") from None
 
 
@@ -126,7 +129,8 @@ class _TrainExample:
         for damaged in range(len(perm)):  # the next readable example of the epoch, if skipping
             try:
                 image, label = _read(self.records, int(perm[(k + damaged) % len(perm)]), transform)
-                return {"image": image, "label": np.int32(label), "damaged": np.int32(damaged)}
+                # Its own file only: the files after it are counted by their own slots.
+                return {"image": image, "label": np.int32(label), "damaged": np.int32(damaged > 0)}
             except DataError as e:
                 if not self.skip_damaged:
                     raise DataError(f"{e}{_SKIP_HINT}") from None

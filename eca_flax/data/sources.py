@@ -341,15 +341,32 @@ def _digits_folder_complete(root: pathlib.Path, image_size: int) -> bool:
         return im.size == (image_size, image_size)
 
 
+def _write_digit_pngs(root: pathlib.Path, digits: Any, splits: dict, image_size: int) -> None:
+    """The digits of each split's indices as root/<split>/<digit>/<index>.png, upscaled."""
+    from PIL import Image
+
+    for split, ids in splits.items():
+        for i in ids:
+            label = int(digits.target[i])
+            pixels = np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+            image = Image.fromarray(pixels, mode="L").resize(
+                (image_size, image_size), Image.BILINEAR
+            )
+            out = root / split / str(label)
+            out.mkdir(parents=True, exist_ok=True)
+            image.save(out / f"{i:04d}.png")
+
+
 def write_digits_folder(path: str | os.PathLike[str], image_size: int = 32) -> str:
     """Writes sklearn's 1,797 digits, upscaled to image_size, as PATH/{train,val}/<digit>/*.png.
 
     80/20 stratified split (random_state=0). Written to a temp dir and renamed into place, and
     skipped when PATH already holds the complete set. Returns PATH, for ``folder:PATH``.
     """
-    from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
+    from eca_flax.files import private_to_umask
 
     if not isinstance(image_size, int) or image_size <= 0:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
@@ -366,24 +383,23 @@ def write_digits_folder(path: str | os.PathLike[str], image_size: int = 32) -> s
     train_idx, val_idx = train_test_split(
         index, test_size=0.2, stratify=digits.target, random_state=0
     )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        for split, ids in (("train", train_idx), ("val", val_idx)):
-            for i in ids:
-                label = int(digits.target[i])
-                pixels = np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
-                image = Image.fromarray(pixels, mode="L").resize(
-                    (image_size, image_size), Image.BILINEAR
-                )
-                out = tmp / split / str(label)
-                out.mkdir(parents=True, exist_ok=True)
-                image.save(out / f"{i:04d}.png")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    except OSError as e:
+        raise DataError(f"{root}: cannot write there ({e.strerror or e})") from None
+    try:
+        private_to_umask(tmp)  # readable like any other new directory, not mkdtemp's 0700
+        _write_digit_pngs(tmp, digits, {"train": train_idx, "val": val_idx}, image_size)
         try:
             tmp.rename(root)
         except OSError:  # Another process finished first.
             if not _digits_folder_complete(root, image_size):
                 raise
+    except OSError as e:  # a full disk, ...
+        raise DataError(
+            f"{root}: could not write the digits ({e.strerror or e}); nothing written"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(root)

@@ -50,12 +50,11 @@ RESUME_KEYS = ("arch", "k_size", "attention", "num_classes", "batch_size", "imag
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
-    """Drops Orbax's warning about mid-epoch checkpoints without metrics (by design here) and
-    the tracebacks its background threads log for a failed save: the same error is raised in
-    the main thread, where it becomes one line."""
-    if "did not provide metrics" in record.getMessage():
-        return False
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    """Drops Orbax's warnings about mid-epoch checkpoints without metrics and about the items of
+    a step (``model``) having no _CHECKPOINT_METADATA of their own: both by design here (the
+    errors its threads log are dropped by eca_flax.unraisable)."""
+    message = record.getMessage()
+    return "did not provide metrics" not in message and "_CHECKPOINT_METADATA" not in message
 
 
 logging.getLogger("absl").addFilter(_quiet_orbax)
@@ -128,6 +127,9 @@ def prepare_workdir(workdir: str) -> str:
     path = os.path.abspath(os.path.expanduser(workdir))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--workdir {path} is a file, not a directory")
+    root = os.path.join(path, CHECKPOINT_DIR)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"{root} is a file; checkpoints go into a directory of that name")
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -192,6 +194,7 @@ class Checkpoints:
             cleanup_tmp_directories=True,  # what an interrupted save left
         )
         self.manager = ocp.CheckpointManager(self.root, options=options)
+        self.pending: int | None = None  # the step of the save in flight
 
     def good_steps(self) -> list[int]:
         """Steps whose save finished, on disk."""
@@ -207,6 +210,8 @@ class Checkpoints:
         items = _items(state)
         sums = {k: pretrained.checksum(v) for k, v in items.items()}
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+        self.wait()  # a failed previous save is reported as such, before this one starts
+        self.pending = step
         try:
             self.manager.save(
                 step,
@@ -214,7 +219,7 @@ class Checkpoints:
                     **args, meta=ocp.args.JsonSave({**meta, "step": step, "checksums": sums})
                 ),
             )
-        except Exception as e:  # noqa: BLE001 - the previous async save's error surfaces here
+        except Exception as e:  # noqa: BLE001 - OSError, or Orbax / TensorStore wrapping one
             self._failed(e, step)
         return step
 
@@ -223,19 +228,21 @@ class Checkpoints:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            self._failed(e, None)
+            self._failed(e, self.pending)
+        self.pending = None
 
     def _failed(self, error: Exception, step: int | None) -> None:
         for tmp in os.listdir(self.root) if os.path.isdir(self.root) else []:
             if ".orbax-checkpoint-tmp" in tmp:  # the unfinished save: never a good checkpoint
-                shutil.rmtree(os.path.join(self.root, tmp), ignore_errors=True)
+                files.remove_unfinished(os.path.join(self.root, tmp))
         full = files.disk_full(error)
         what = "no space left on the disk of" if full else "could not write to"
         reason = "" if full else f" ({files.one_line(error)})"
         saving = f" while saving checkpoint {step}" if step is not None else " while saving"
         raise TrainingError(
             f"{what} {self.workdir}{saving}{reason}; the last good checkpoint is "
-            f"{self.last_good()}: free space and run the same command to resume"
+            f"{self.last_good()}: {'free space' if full else 'fix that'} and run the same "
+            "command to resume"
         ) from None
 
     def restore_latest(self, like: dict, meta: dict) -> tuple[int, dict]:
@@ -246,8 +253,8 @@ class Checkpoints:
             step_dir = os.path.join(self.root, str(step))
             try:
                 saved = read_meta(step_dir)
-            except Exception as e:  # noqa: BLE001 - a damaged meta item
-                self._set_aside(step_dir, f"unreadable metadata: {files.one_line(e)}")
+            except ConfigError as e:  # a damaged meta item
+                self._set_aside(step_dir, str(e).removeprefix(f"{step_dir}: "))
                 continue
             check_resume(step_dir, saved, meta)
             try:
@@ -259,7 +266,7 @@ class Checkpoints:
     def _restore(self, step: int, like: dict, sums: dict) -> dict:
         """The state at ``step``. Its EMA is restored when ``like`` has one: a checkpoint of a
         run without EMA starts it at the restored weights; one with an EMA restores into a run
-        without (the EMA is dropped)."""
+        without (the EMA is dropped). Checkpoints of eca_flax < 0.2 have no checksums."""
         items = _items(pretrained.abstract(like))
         if "ema" in items and "ema" not in sums:
             del items["ema"]
@@ -268,7 +275,7 @@ class Checkpoints:
         args = {k: ocp.args.StandardRestore(v) for k, v in items.items()}
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         for item in items:
-            if pretrained.checksum(out[item]) != sums.get(item):
+            if item in sums and pretrained.checksum(out[item]) != sums[item]:
                 raise ValueError(f"its {item} arrays do not match the checksum saved with them")
         state = {**_split(out["model"], like), **out["train"]}
         if "ema" in like:
@@ -321,10 +328,13 @@ def find_checkpoint(path: str) -> str:
 
 
 def read_meta(step_dir: str) -> dict:
-    """The model description saved with a training checkpoint."""
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(os.path.join(step_dir, "meta"))
-    if meta.get("format") != FORMAT:
+    """The model description saved with a training checkpoint; ConfigError when unreadable."""
+    try:
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+            meta = ckptr.restore(os.path.join(step_dir, "meta"))
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for a damaged item
+        raise ConfigError(f"{step_dir}: unreadable metadata ({files.one_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ConfigError(f"{step_dir}: not an eca_flax training checkpoint ({FORMAT})")
     pretrained.check_description(meta, step_dir)
     return meta
@@ -382,7 +392,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn
     else:
         step_dir = find_checkpoint(path)
         meta = read_meta(step_dir)
-        weights, expected = os.path.join(step_dir, "model"), meta["checksums"]["model"]
+        weights, expected = os.path.join(step_dir, "model"), meta.get("checksums", {}).get("model")
     _check_source(config, meta, path, num_classes)
     model = pretrained.restore_model(
         meta,

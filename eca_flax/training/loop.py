@@ -217,13 +217,13 @@ def train_and_evaluate(
     plan = make_plan(config, mesh)
     if config.eval_only:
         return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, keep_logits)
-    created = not os.path.exists(workdir)
+    new = not os.path.lexists(os.path.abspath(os.path.expanduser(workdir)))
     workdir = checkpoints.prepare_workdir(workdir)
     try:
         with checkpoints.WorkdirLock(workdir):
             return _train(config, workdir, plan, mesh, keep_logits)
-    except ConfigError:  # refused before training: leave no empty workdir behind
-        if created:
+    except BaseException:
+        if new:  # a run that stopped before writing anything leaves no workdir behind
             with contextlib.suppress(OSError):
                 os.rmdir(workdir)
         raise

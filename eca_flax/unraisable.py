@@ -1,0 +1,81 @@
+"""Exceptions Python cannot raise anywhere ("unraisable", or asyncio tasks nobody awaits): two
+kinds a user must not see.
+
+- Ctrl-C that lands in a garbage-collector callback (JAX registers one) is printed as "Exception
+  ignored in: <function _xla_gc_callback>" and lost, so the program runs on. It is delivered
+  again, to the main thread, a moment later.
+- A failed Orbax restore or save (a damaged checkpoint, a full disk) leaves TensorStore reads and
+  writes in flight; when they end, their callbacks find Orbax's event loop closed and print
+  dozens of "RuntimeError: Event loop is closed" and "Encountered error while reading array"
+  tracebacks, asyncio logs "Task exception was never retrieved" for each failed write, and
+  Orbax's threads log their exception with its traceback. The failure itself is raised in the
+  main thread, where it becomes one line, so these echoes are dropped.
+
+Installed by ``import eca_flax`` before JAX is imported; anything else goes to the previous hook.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+_ECHO_PACKAGES = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore{os.sep}")
+
+
+def _in_orbax(tb: Any) -> bool:
+    """Whether a traceback passes through Orbax or TensorStore."""
+    while tb is not None:
+        if any(p in tb.tb_frame.f_code.co_filename for p in _ECHO_PACKAGES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _orbax_echo(unraisable: Any) -> bool:
+    """An error of an Orbax / TensorStore operation that has already failed in the main thread."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    return _in_orbax(unraisable.exc_traceback)
+
+
+def _orbax_task(record: logging.LogRecord) -> bool:
+    """asyncio's log filter: False for a task of Orbax that failed unobserved."""
+    return not any(p in record.getMessage() for p in _ECHO_PACKAGES)
+
+
+def _orbax_thread(record: logging.LogRecord) -> bool:
+    """absl's log filter: False for an error an Orbax thread logs (it is raised again)."""
+    if record.levelno < logging.ERROR:
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    return _ECHO_PACKAGES[0] not in record.pathname and not _in_orbax(tb)
+
+
+def _hook(unraisable: Any) -> None:
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        if threading.current_thread() is threading.main_thread():
+            # Raised here it would be lost again: from another thread, after this returns.
+            threading.Timer(0.01, _thread.interrupt_main).start()
+            return
+    elif _orbax_echo(unraisable):
+        return
+    _previous(unraisable)
+
+
+_previous = sys.unraisablehook
+
+
+def install() -> None:
+    """Route unraisable exceptions through this module (idempotent)."""
+    global _previous
+    if sys.unraisablehook is not _hook:
+        _previous = sys.unraisablehook
+        sys.unraisablehook = _hook
+    for name, log_filter in (("asyncio", _orbax_task), ("absl", _orbax_thread)):
+        if log_filter not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(log_filter)

@@ -1,0 +1,352 @@
+"""Faults a training run must survive, or report in one line without losing work: damaged
+checkpoints (set aside, resume from the newest good one), a full disk, a second run on the
+workdir, resuming with another configuration, a damaged validation image at an epoch end,
+Ctrl-C, a coordinator that never answers, and the unraisable echoes of all these.
+
+Real components: the trainer on a 16-image folder dataset cut from scikit-learn's digits,
+train.py as a user runs it, a real full disk (a small tmpfs, tests/faults.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import imagenet_fixture
+import jax
+import numpy as np
+import pytest
+from faults import popen_interruptible, run_on_small_disk
+from flax import nnx
+
+from eca_flax import data, pretrained, unraisable
+from eca_flax.training import checkpoints, loop
+from eca_flax.training import config as cfg
+from eca_flax.training.mesh import make_mesh
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIELDS = dict(  # configs/quickstart.py (digits at 16 px) at batch 8: 2 steps per epoch here
+    batch_size=8,
+    eval_batch_size=8,
+    base_batch_size=8,
+    learning_rate=0.01,
+    log_every_steps=1,
+    checkpoint_every_steps=2,
+    keep_checkpoints=10,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> pathlib.Path:
+    """A folder dataset: 8 + 8 training and 2 + 2 validation digits (16 px), classes 0 and 1."""
+    digits = pathlib.Path(imagenet_fixture.shared_digits_folder(16))
+    root = tmp_path_factory.mktemp("tiny") / "digits"
+    for split, n in (("train", 8), ("val", 2)):
+        for label in ("0", "1"):
+            (root / split / label).mkdir(parents=True)
+            for png in sorted((digits / split / label).iterdir())[:n]:
+                shutil.copy(png, root / split / label / png.name)
+    return root
+
+
+def config(dataset: pathlib.Path, **fields):
+    """configs/quickstart.py on ``dataset`` with FIELDS and ``fields``."""
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.update({"dataset": f"folder:{dataset}", **FIELDS, **fields})
+    return c
+
+
+def train(c, workdir: pathlib.Path) -> loop.RunResult:
+    return loop.train_and_evaluate(c, str(workdir), mesh=make_mesh(jax.devices()[:1]))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory) -> pathlib.Path:
+    """A finished 8-step run with checkpoints 2, 4, 6 and 8 (read-only: copy it to change it)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    train(config(tiny, num_train_steps=8), workdir)
+    return workdir
+
+
+def weights(path: pathlib.Path) -> dict:
+    """The arrays of a pretrained directory, by path."""
+    state = nnx.state(pretrained.load_pretrained(path), pretrained.WEIGHTS)
+    return pretrained.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(state)))
+
+
+def cli(workdir: pathlib.Path, dataset: pathlib.Path, **fields) -> list[str]:
+    """train.py's command line for configs/quickstart.py on ``dataset`` with FIELDS."""
+    overrides = {"dataset": f"folder:{dataset}", **FIELDS, **fields}
+    fields = [f"--config.{k}={v}" for k, v in overrides.items()]
+    return [sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir",
+            str(workdir), *fields]  # fmt: skip
+
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
+       "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory) -> None:
+    """train.py runs of this module share JAX's persistent cache: one compilation each."""
+    ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tmp_path, capfd):
+    """Three damaged latest checkpoints, each in its own way, are reported in one line each,
+    moved to checkpoints.damaged/ and the run resumes from the newest good one (written by an
+    older eca_flax, without checksums) to exactly the weights of the undamaged run."""
+    work = tmp_path / "run"
+    shutil.copytree(trained, work)
+    root = work / checkpoints.CHECKPOINT_DIR
+    data_file = max((root / "8" / "model").rglob("d/*"), key=lambda p: p.stat().st_size)
+    os.truncate(data_file, data_file.stat().st_size // 2)  # 8: a data file cut short
+    (root / "6" / "meta" / "metadata").unlink()  # 6: its metadata lost
+    shutil.rmtree(root / "4" / "model")  # 4: the arrays of another step. Orbax reads them
+    shutil.copytree(root / "2" / "model", root / "4" / "model")  # fine; the checksum does not
+    meta = root / "2" / "meta" / "metadata"  # 2: good, from before checksums were recorded
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
+                                if k != "checksums"}))  # fmt: skip
+    capfd.readouterr()
+
+    again = train(config(tiny, num_train_steps=8), work)
+
+    out, err = capfd.readouterr()
+    for step, why in ((8, ""), (6, "unreadable metadata"), (4, "do not match the checksum")):
+        assert re.search(rf"checkpoint {root}/{step} is damaged \([^\n]*{why}[^\n]*\): moved "
+                         rf"to {work}/checkpoints.damaged/{step}-", out), out  # fmt: skip
+    assert f"resuming from {root}/2 (step 2)" in out
+    assert sorted(p.name.split("-")[0] for p in (work / checkpoints.DAMAGED_DIR).iterdir()) == [
+        "4", "6", "8"]  # fmt: skip
+    assert again.history[0]["step"] == 3 and again.step == 8
+    assert "Traceback" not in err and "Event loop is closed" not in err, err
+    want, got = weights(trained / "pretrained"), weights(work / "pretrained")
+    for key in want:  # a resumed run is deterministic (test_train: resume == uninterrupted)
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=str(key))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(batch_size=16), r"batch_size 8 \(checkpoint\) vs 16 \(config\)"),
+        (dict(image_size=24, eval_resize_size=24), r"image_size 16 \(checkpoint\) vs 24"),
+        (dict(model="eca_resnet34"), r"arch eca_resnet18 \(checkpoint\) vs eca_resnet34"),
+        (dict(k_size="3333"), r"k_size \[3, 5, 7, 7\] \(checkpoint\) vs \[3, 3, 3, 3\]"),
+        (dict(recipe="rsb_a3"), r"optimizer sgd \(checkpoint\) vs lamb \(config\)"),
+        (dict(decay_bn_bias=False), r"optimizer_state crc32:\w+ \(checkpoint\) vs crc32:\w+"),
+    ],
+)
+def test_resume_refuses_another_configuration(trained, tiny, fields, message):
+    """The step number is the data position: another batch or image size, model or k_size
+    cannot continue a workdir, nor another optimizer (its state has another layout, which
+    Orbax would otherwise report like damage); one line names both values, nothing is written."""
+    before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
+    with pytest.raises(cfg.ConfigError, match=f"{trained}/checkpoints/8 was trained with "
+                       f"another configuration: {message}"):  # fmt: skip
+        train(config(tiny, num_train_steps=8, **fields), trained)
+    assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+
+
+def test_workdir_lock(tiny, tmp_path, capfd):
+    """A workdir in use by a live process is refused in one line naming it; the lock of a
+    process that is gone is reported and taken over, and released at the end."""
+    lock = tmp_path / checkpoints.LOCK_FILE
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid, "since": "x"}))
+        with pytest.raises(cfg.ConfigError, match=f"workdir {tmp_path} is in use by pid "
+                           f"{owner.pid} on {socket.gethostname()}"):  # fmt: skip
+            train(config(tiny, num_train_steps=1), tmp_path)
+        assert sorted(os.listdir(tmp_path)) == [checkpoints.LOCK_FILE]
+    finally:
+        owner.kill()
+        owner.wait()
+    with checkpoints.WorkdirLock(str(tmp_path)):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert f"{lock}: left by pid {owner.pid}" in capfd.readouterr().out
+    assert not lock.exists()
+
+
+def test_disk_full_while_saving_names_the_last_good_checkpoint(trained, tiny, tmp_path):
+    """No space for the second checkpoint: one error line naming the workdir and the last good
+    checkpoint, exit 1; the good one is intact and nothing half-written is left."""
+    size = sum(p.stat().st_size for p in (trained / "checkpoints" / "2").rglob("*"))
+    disk = tmp_path / "disk"
+    workdir = disk / "run"
+    cmd = cli(workdir, tiny, num_train_steps=6, eval_every_epochs=10)  # 6: the program the
+    proc, left = run_on_small_disk(cmd, disk, size * 3 // 2, cwd=REPO, env=ENV)  # Ctrl-C test has
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: no space left on the disk of {workdir} while saving checkpoint 4; the last good "
+        f"checkpoint is {workdir}/checkpoints/2: free space and run the same command to resume"
+    )
+    assert "Traceback" not in proc.stderr and "Task exception" not in proc.stderr, proc.stderr
+    assert "./run/checkpoints/2/commit_success.txt" in left
+    assert not [p for p in left if "tmp" in p or p.startswith("./run/checkpoints/4")], left
+
+
+# ------------------------------------------------------------------------------------------
+# Data.
+
+
+def test_damaged_validation_image_keeps_the_epoch_checkpoint(tiny, tmp_path):
+    """The epoch's checkpoint is saved before its evaluation: a damaged validation image stops
+    the run in one line naming the file and that checkpoint; skipping damaged images then
+    resumes from it and reports what was skipped (training and validation)."""
+    dataset = tmp_path / "digits"
+    shutil.copytree(tiny, dataset)
+    (dataset / "val" / "1" / "text.jpg").write_text("not an image\n")
+    c = config(dataset, num_epochs=2, checkpoint_every_steps=100)
+    with pytest.raises(data.DataError) as error:
+        train(c, tmp_path / "run")
+    assert str(error.value) == (
+        f"{dataset}/val/1/text.jpg: not a decodable image (not an image, or a format PIL does "
+        "not know); --config.skip_damaged_images=True skips such files; stopped, the last good "
+        f"checkpoint is {tmp_path}/run/checkpoints/2"
+    )
+    for png in sorted((dataset / "train" / "0").iterdir())[:2]:  # still 16 training files,
+        png.write_bytes(b"")  # so both damaged ones are met in each epoch
+
+    result = train(config(dataset, num_epochs=2, checkpoint_every_steps=100,
+                          skip_damaged_images=True), tmp_path / "run")  # fmt: skip
+
+    assert result.history[0]["step"] == 3
+    assert sum(h["damaged"] for h in result.history) == 2
+    assert (result.eval.images, result.eval.skipped) == (4, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# Signals and processes.
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return popen_interruptible(cmd, cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
+
+
+def interrupt_after(proc: subprocess.Popen, pattern: str, times: int = 1) -> tuple[str, str]:
+    """SIGINT once ``pattern`` is in the output (again 0.2 s later if times=2); the output."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            for i in range(times):
+                time.sleep(0.2 * i)
+                proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    return "".join(lines) + out, err
+
+
+def test_ctrl_c_saves_and_says_what(tiny, tmp_path):
+    """Ctrl-C: the step finishes, a checkpoint is saved and named, exit 130. Twice, during
+    the save: stops at once naming the last good checkpoint. The next run resumes cleanly."""
+    workdir = tmp_path / "run"
+    out, err = interrupt_after(start(cli(workdir, tiny, num_train_steps=6)), r"step 1/")
+    saved = re.fullmatch(rf"interrupted: saved checkpoint {workdir}/checkpoints/(\d+); run the "
+                         "same command to resume", err.strip().splitlines()[-1])  # fmt: skip
+    assert saved, err
+    assert "Traceback" not in err and (workdir / "checkpoints" / saved[1]).is_dir()
+
+    proc = start(cli(workdir, tiny, num_train_steps=6))
+    out, err = interrupt_after(proc, r"step \d/", times=2)
+    assert proc.returncode == 130, out + err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted: (saved checkpoint|stopped at step \d; the last good "
+                        rf"checkpoint is) {workdir}/checkpoints/\d.*", last), err  # fmt: skip
+    assert "Traceback" not in err
+
+    proc = start(cli(workdir, tiny, num_train_steps=6))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "final step=6" in out, out + err
+    assert err.strip() == "", err  # no traceback, no warning about a half-written step
+
+
+def test_ctrl_c_while_starting_is_one_line(tiny, tmp_path):
+    """Ctrl-C while Python loads JAX and the config: one line, exit 130, no traceback."""
+    proc = start(cli(tmp_path / "run", tiny, num_train_steps=6))
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == -signal.SIGINT:  # so early that Python had not started yet
+        assert err == ""
+    else:
+        assert proc.returncode == 130, out + err
+        assert err == "interrupted: before the first training step, no checkpoint written\n"
+    assert not (tmp_path / "run").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_coordinator_that_never_answers_ends_in_one_line(tiny, tmp_path):
+    """Process 1 of 2 with nobody at the coordinator's address: it says at once what it waits
+    for, and ends after distributed_timeout_s with one line naming the address."""
+    address = f"127.0.0.1:{free_port()}"
+    env = {**ENV, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+           "JAX_PROCESS_ID": "1"}  # fmt: skip
+    began = time.monotonic()
+    cmd = cli(tmp_path / "run", tiny, distributed=True, distributed_timeout_s=5)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert time.monotonic() - began < 120  # 5 s of waiting, plus starting Python and JAX
+    assert f"process 1 of 2: waiting up to 5 s for all processes at {address}" in proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        f"error: process 1 of 2: no answer from {address} within 5 s (distributed_timeout_s); "
+        "are all processes started, with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES?"
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# What Python cannot raise: eca_flax.unraisable.
+
+
+def test_ctrl_c_in_a_gc_callback_is_delivered(monkeypatch):
+    """Ctrl-C during a garbage-collector callback (JAX has one) is not lost."""
+    monkeypatch.setattr(sys, "unraisablehook", unraisable._hook)
+
+    def callback(phase, info):
+        if phase == "start":
+            raise KeyboardInterrupt
+
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            gc.callbacks.remove(callback)
+            time.sleep(2)  # it arrives here
+    finally:
+        if callback in gc.callbacks:
+            gc.callbacks.remove(callback)
+
+
+def test_orbax_echoes_are_dropped_and_the_rest_passed_on(monkeypatch):
+    seen = []
+    monkeypatch.setattr(unraisable, "_previous", seen.append)
+    args = lambda e: types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=None)  # noqa: E731
+    unraisable._hook(args(RuntimeError("Event loop is closed")))
+    other = ValueError("something else")
+    unraisable._hook(args(other))
+    assert [a.exc_value for a in seen] == [other]
