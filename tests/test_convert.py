@@ -209,11 +209,14 @@ def test_released_file_round_trip(name, released, tmp_path, capsys):
         "epoch": 100,
         "best_prec1": pytest.approx(77.42, abs=1e-5),
         "converter_version": eca_flax.__version__,
+        "checksum": meta["checksum"],  # of the arrays written: below
     }
     assert [p.name for p in tmp_path.iterdir()] == ["converted"]  # no temporary leftovers
 
     # Logits of the loaded model against the PyTorch original.
     model = eca_flax.load_pretrained(dst)
+    weights = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, pretrained.WEIGHTS)))
+    assert meta["checksum"] == pretrained.checksum(weights)
     x = images(2, 64, seed=len(name))
     want = torch_logits(ref, x)
     # Eager ResNets share compiled ops across depths; MobileNetV2's many distinct layer shapes

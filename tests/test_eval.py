@@ -172,8 +172,11 @@ def test_cli_errors_are_one_line(converted, tmp_path) -> None:
         f"--workdir {tmp_path / 'file'} is a file, not a directory": [
             f"--workdir={tmp_path / 'file'}"
         ],
+        f"{tmp_path / 'w2' / 'checkpoints'} is a file": [f"--workdir={tmp_path / 'w2'}"],
     }
     (tmp_path / "file").write_text("")
+    (tmp_path / "w2").mkdir()
+    (tmp_path / "w2" / "checkpoints").write_text("")
     procs = {want: run_cli(*base, *args) for want, args in cases.items()}
     procs["JAX_NUM_PROCESSES='two' is not a whole number"] = run_cli(
         *base, "--config.distributed=True", JAX_NUM_PROCESSES="two"

@@ -76,9 +76,9 @@ def train(c, workdir: pathlib.Path) -> loop.RunResult:
 
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory) -> pathlib.Path:
-    """A finished 8-step run with checkpoints 2, 4, 6 and 8 (read-only: copy it to change it)."""
+    """A finished 10-step run with checkpoints 2, 4, ..., 10 (read-only: copy it to change it)."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
-    train(config(tiny, num_train_steps=8), workdir)
+    train(config(tiny, num_train_steps=10), workdir)
     return workdir
 
 
@@ -112,12 +112,13 @@ def compilation_cache(tmp_path_factory) -> None:
 
 
 def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tmp_path, capfd):
-    """Three damaged latest checkpoints, each in its own way, are reported in one line each,
+    """Four damaged latest checkpoints, each in its own way, are reported in one line each,
     moved to checkpoints.damaged/ and the run resumes from the newest good one (written by an
     older eca_flax, without checksums) to exactly the weights of the undamaged run."""
     work = tmp_path / "run"
     shutil.copytree(trained, work)
     root = work / checkpoints.CHECKPOINT_DIR
+    (root / "10" / "model" / "manifest.ocdbt").unlink()  # 10: a file of the arrays deleted
     data_file = max((root / "8" / "model").rglob("d/*"), key=lambda p: p.stat().st_size)
     os.truncate(data_file, data_file.stat().st_size // 2)  # 8: a data file cut short
     (root / "6" / "meta" / "metadata").unlink()  # 6: its metadata lost
@@ -128,20 +129,26 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tm
                                 if k != "checksums"}))  # fmt: skip
     capfd.readouterr()
 
-    again = train(config(tiny, num_train_steps=8), work)
+    again = train(config(tiny, num_train_steps=10), work)
 
     out, err = capfd.readouterr()
-    for step, why in ((8, ""), (6, "unreadable metadata"), (4, "do not match the checksum")):
+    checks = ((10, ""), (8, ""), (6, "unreadable metadata"), (4, "do not match the checksum"))
+    for step, why in checks:
         assert re.search(rf"checkpoint {root}/{step} is damaged \([^\n]*{why}[^\n]*\): moved "
                          rf"to {work}/checkpoints.damaged/{step}-", out), out  # fmt: skip
     assert f"resuming from {root}/2 (step 2)" in out
     assert sorted(p.name.split("-")[0] for p in (work / checkpoints.DAMAGED_DIR).iterdir()) == [
-        "4", "6", "8"]  # fmt: skip
-    assert again.history[0]["step"] == 3 and again.step == 8
+        "10", "4", "6", "8"]  # fmt: skip
+    assert again.history[0]["step"] == 3 and again.step == 10
     assert "Traceback" not in err and "Event loop is closed" not in err, err
     want, got = weights(trained / "pretrained"), weights(work / "pretrained")
     for key in want:  # a resumed run is deterministic (test_train: resume == uninterrupted)
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=str(key))
+    # init_from takes the checkpoint without checksums as well.
+    model, _ = checkpoints.build_model(
+        cfg.resolve_config(config(tiny, init_from=str(root / "2"))), 2
+    )
+    assert model.fc.kernel.value.shape == (512, 2)
 
 
 @pytest.mark.parametrize(
@@ -160,9 +167,9 @@ def test_resume_refuses_another_configuration(trained, tiny, fields, message):
     cannot continue a workdir, nor another optimizer (its state has another layout, which
     Orbax would otherwise report like damage); one line names both values, nothing is written."""
     before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
-    with pytest.raises(cfg.ConfigError, match=f"{trained}/checkpoints/8 was trained with "
+    with pytest.raises(cfg.ConfigError, match=f"{trained}/checkpoints/10 was trained with "
                        f"another configuration: {message}"):  # fmt: skip
-        train(config(tiny, num_train_steps=8, **fields), trained)
+        train(config(tiny, num_train_steps=10, **fields), trained)
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
 
 
