@@ -285,8 +285,8 @@ class _Run:
         self.train_step = make_train_step(self.model, self.tx, schedule, mesh, config,
                                           num_classes=plan.num_classes)  # fmt: skip
         self.ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-        self.board = reporting.TensorBoard(workdir)
-        self.profiler = reporting.Profiler(config, workdir)
+        self.board: reporting.TensorBoard | None = None  # opened once the workdir is ours
+        self.profiler: reporting.Profiler | None = None
         self.metrics = reporting.StepMetrics(plan.batch_size)
         self.best = os.path.join(workdir, "best")
         self.best_top1 = _best_top1(self.best)
@@ -308,6 +308,8 @@ class _Run:
             f"({jax.process_count()} processes): {plan.total_steps} steps of {plan.batch_size} "
             f"images ({plan.steps_per_epoch} per epoch), peak lr {plan.learning_rate:g}"
         )
+        self.board = reporting.TensorBoard(self.workdir)
+        self.profiler = reporting.Profiler(c, self.workdir)
         total = plan.total_steps * plan.batch_size
         self.bar = reporting.progress(total, "train", step * plan.batch_size)
         return step, state
@@ -361,9 +363,11 @@ class _Run:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.profiler.stop()
+        if self.profiler is not None:
+            self.profiler.stop()
         self.ckpt.close()
-        self.board.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def _log_train(step: int, plan: Plan, scalars: dict, board: reporting.TensorBoard) -> dict:
