@@ -165,7 +165,7 @@ def test_cli_errors_are_one_line(converted, tmp_path) -> None:
             "--config.augment=pad_crop:x"
         ],
         "min_crop_area must be in (0, 1], got 0.0": ["--config.min_crop_area=0"],
-        "eval_resize_size=16 is below image_size=32": ["--config.eval_resize_size=16"],
+        "eval_resize_size=16 is below eval_image_size=32": ["--config.eval_resize_size=16"],
         "error: unknown config field 'batchsize' (did you mean 'batch_size'?); the fields are": [
             "--config.batchsize=3"
         ],
