@@ -308,6 +308,11 @@ def confirm_arch(spec: ArchSpec, *, arch: str | None = None, k_size: KSize = Non
 # The two directions of convert_torch_weights.py.
 
 
+def say(line: str) -> None:
+    """A progress line on stdout, flushed: it shows when it happens also in a log file or pipe."""
+    print(line, flush=True)
+
+
 def summary(spec: ArchSpec, params: int, checkpoint: pth.Checkpoint | None = None) -> str:
     """'eca_resnet50, k=3,5,5,7, 1000 classes, 25,557,112 params, epoch 100, best_prec1 77.42'."""
     parts = [spec.describe(), f"{params:,} params"]
@@ -327,7 +332,7 @@ def convert_file(
     verify: bool = False,
     overwrite: bool = False,
     allow_unsafe_pickle: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> nnx.Module:
     """Convert a PyTorch ECA-Net checkpoint to a pretrained directory (a single file for a
     ``dst`` ending in .safetensors: ``save_pretrained``); returns the model.
@@ -380,7 +385,7 @@ def export_torch(
     out: str | os.PathLike[str],
     *,
     overwrite: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Write a pretrained model's weights as a PyTorch state_dict file: torch.save's zip format,
     or safetensors for an ``out`` ending in .safetensors (``pth.save_state_dict``).

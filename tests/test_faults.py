@@ -333,6 +333,9 @@ def test_coordinator_that_never_answers_ends_in_one_line(tiny, tmp_path):
 def test_ctrl_c_in_a_gc_callback_is_delivered(monkeypatch):
     """Ctrl-C during a garbage-collector callback (JAX has one) is not lost."""
     monkeypatch.setattr(sys, "unraisablehook", unraisable._hook)
+    # Python's own Ctrl-C handler, as in a terminal: a test run in the background (CI, `&`)
+    # inherits SIGINT ignored, and an ignored signal is never delivered.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def callback(phase, info):
         if phase == "start":
@@ -345,6 +348,7 @@ def test_ctrl_c_in_a_gc_callback_is_delivered(monkeypatch):
             gc.callbacks.remove(callback)
             time.sleep(2)  # it arrives here
     finally:
+        signal.signal(signal.SIGINT, previous)
         if callback in gc.callbacks:
             gc.callbacks.remove(callback)
 
