@@ -69,6 +69,7 @@ class Preemption:
     def __init__(self) -> None:
         self.multihost = jax.process_count() > 1
         self.signal: str | None = None
+        self._announced = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Preemption:
@@ -85,11 +86,12 @@ class Preemption:
         if self.signal == "Ctrl-C" and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second one
         self.signal = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-        if signum == signal.SIGINT:
-            logger.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again "
-                           "stops at once, without saving)")  # fmt: skip
 
     def requested(self, step: int) -> bool:
+        if self.signal == "Ctrl-C" and not self._announced:  # not in the handler: a log line
+            self._announced = True  # there could land inside another write to the stream
+            logger.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again "
+                           "stops at once, without saving)")  # fmt: skip
         if self.signal or not self.multihost:
             return self.signal is not None
         from jax.experimental import multihost_utils
