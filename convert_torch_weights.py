@@ -68,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's progress chatter
     try:
-        from eca_flax.convert import ConversionError, convert_file, export_torch
-        from eca_flax.pretrained import PretrainedError
+        from eca_flax.weights.convert import ConversionError, convert_file, export_torch
+        from eca_flax.weights.pretrained import PretrainedError
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         return 130

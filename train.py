@@ -22,14 +22,17 @@ from typing import NoReturn
 
 def interrupted(error: BaseException) -> NoReturn:
     """Ctrl-C: one line saying what is saved (the training loop's message), exit code 130."""
-    print(f"interrupted: {str(error) or 'before the first training step, no checkpoint written'}",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"interrupted: {str(error) or 'before the first training step, no checkpoint written'}",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.stdout.flush()
     os._exit(130)  # now: finalizing with JAX's threads cut mid-way can crash the interpreter
 
 
 try:
-    from eca_flax import xla_flags
+    from eca_flax.cli import xla_flags
 
     xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); first
     from absl import app, flags, logging
@@ -64,9 +67,10 @@ def unknown_field(error: AttributeError) -> str:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input or a fault the user can fix: reported as one line."""
-    from eca_flax import data, pretrained
-    from eca_flax.convert import ConversionError
+    from eca_flax import data
     from eca_flax.training.config import ConfigError, TrainingError
+    from eca_flax.weights import pretrained
+    from eca_flax.weights.convert import ConversionError
 
     return ConfigError, TrainingError, data.DataError, pretrained.PretrainedError, ConversionError
 

@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 
-from eca_flax import xla_flags
+from eca_flax.cli import xla_flags
 
 # (name, batch, size, in, out, kernel, stride): the stem and the 3x3 layers of ResNet-50.
 SHAPES = [

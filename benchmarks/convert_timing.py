@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from eca_flax import torch_reference
+from eca_flax.models import torch_reference
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """The CPU train-step fixes one at a time, interleaved in one process with the PyTorch step.
 
 Runs train.py's jitted step (``eca_flax.training.steps.make_train_step``) for the same model
-compiled with ``eca_flax.cpu_kernels`` switched off (plain ``lax`` convolutions and max-pool:
+compiled with ``eca_flax.models.cpu_kernels`` switched off (plain ``lax`` convolutions and max-pool:
 what XLA does by itself) and on (the default), next to the PyTorch reference's step, and
 prints images/s and process CPU seconds per step. XLA flags apply to the whole process, so
 compare them by running this twice:
@@ -17,7 +17,8 @@ import os
 import statistics
 import time
 
-from eca_flax import benchmark, xla_flags
+from eca_flax import benchmark
+from eca_flax.cli import xla_flags
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     import torch
 
     import eca_flax
-    from eca_flax import cpu_kernels
+    from eca_flax.models import cpu_kernels
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     print(f"machine: {benchmark.machine_description()}")

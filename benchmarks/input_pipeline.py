@@ -83,17 +83,35 @@ def child(kind: str, cores: int, root: str, batch_size: int, seconds: float) -> 
             images += batch_size
             if time.perf_counter() - start > seconds:
                 break
-    return {"images_per_s": images / (time.perf_counter() - start),
-            "bytes_per_image": per_image / batch_size}  # fmt: skip
+    return {
+        "images_per_s": images / (time.perf_counter() - start),
+        "bytes_per_image": per_image / batch_size,
+    }
 
 
 def run_child(path: pathlib.Path, kind: str, cores: int, root: pathlib.Path, args) -> dict:
     """``child`` in a fresh process importing eca_flax from ``path``."""
-    cmd = [sys.executable, __file__, "--child", kind, str(cores), str(root),
-           "--batch_size", str(args.batch_size), "--seconds", str(args.seconds)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        str(cores),
+        str(root),
+        "--batch_size",
+        str(args.batch_size),
+        "--seconds",
+        str(args.seconds),
+    ]
     env = {**os.environ, "PYTHONPATH": str(path), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          timeout=60 + 4 * args.seconds)  # fmt: skip
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60 + 4 * args.seconds,
+    )
     if proc.returncode:
         sys.exit(f"error: the {kind} pipeline of {path} failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -101,8 +119,9 @@ def run_child(path: pathlib.Path, kind: str, cores: int, root: pathlib.Path, arg
 
 def checkout(rev: str, into: pathlib.Path) -> pathlib.Path:
     """The files of revision ``rev`` of this repository, extracted into ``into``."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True,
-                             check=True).stdout  # fmt: skip
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True
+    ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
     return into
@@ -130,18 +149,24 @@ def main() -> None:
         revisions = {"this revision": REPO}
         if args.compare_with:
             revisions[args.compare_with] = checkout(args.compare_with, pathlib.Path(tmp, "rev"))
-        print(f"{args.num_images} JPEGs ~500x375 q90, batch {args.batch_size}, {cores} CPU cores, "
-              f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
-        print("| pipeline | revision | img/s, 1 core | img/s, all cores | bytes/image to device "
-              f"| cores for {args.target:,.0f} img/s |")  # fmt: skip
+        print(
+            f"{args.num_images} JPEGs ~500x375 q90, batch {args.batch_size}, {cores} CPU cores, "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
+        print(
+            "| pipeline | revision | img/s, 1 core | img/s, all cores | bytes/image to device "
+            f"| cores for {args.target:,.0f} img/s |"
+        )
         print("|---|---|---|---|---|---|")
         for kind in ("train", "eval"):
             for name, path in revisions.items():  # alternating: load hits both alike
                 one = run_child(path, kind, 1, root, args)
                 every = run_child(path, kind, cores, root, args)
-                print(f"| {kind} | {name} | {one['images_per_s']:.1f} | "
-                      f"{every['images_per_s']:.1f} | {one['bytes_per_image']:,.0f} | "
-                      f"{math.ceil(args.target / one['images_per_s'])} |")  # fmt: skip
+                print(
+                    f"| {kind} | {name} | {one['images_per_s']:.1f} | "
+                    f"{every['images_per_s']:.1f} | {one['bytes_per_image']:,.0f} | "
+                    f"{math.ceil(args.target / one['images_per_s'])} |"
+                )
         print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

@@ -5,14 +5,13 @@
 ``eca_flax.load_pretrained(DIR)`` loads weights converted by ``convert_torch_weights.py``.
 """
 
-from eca_flax import unraisable
+from eca_flax.cli import unraisable
 
 unraisable.install()  # before JAX is imported: Ctrl-C in its gc callback, Orbax echoes
 
-from eca_flax.layers import ECA, adaptive_kernel_size  # noqa: E402
-from eca_flax.mobilenetv2 import ECAMobileNetV2  # noqa: E402
-from eca_flax.pretrained import load_pretrained  # noqa: E402
-from eca_flax.registry import (  # noqa: E402
+from eca_flax.models.layers import ECA, adaptive_kernel_size  # noqa: E402
+from eca_flax.models.mobilenetv2 import ECAMobileNetV2  # noqa: E402
+from eca_flax.models.registry import (  # noqa: E402
     ModelInfo,
     count_params,
     create_model,
@@ -20,7 +19,8 @@ from eca_flax.registry import (  # noqa: E402
     model_info,
     resolve_k_size,
 )
-from eca_flax.resnet import ECAResNet  # noqa: E402
+from eca_flax.models.resnet import ECAResNet  # noqa: E402
+from eca_flax.weights.pretrained import load_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 

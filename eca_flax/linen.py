@@ -21,7 +21,7 @@ from flax import nnx
 from flax.core import FrozenDict
 from flax.nnx import bridge
 
-from eca_flax.registry import create_model
+from eca_flax.models.registry import create_model
 
 
 def _forward(module: nnx.Module, x: jax.Array, *, train: bool) -> jax.Array:

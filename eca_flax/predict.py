@@ -114,10 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top < 1 or (args.image_size is not None and args.image_size < 1):
         parser.error("--top and --image-size must be positive")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from eca_flax import xla_flags
+    from eca_flax.cli import xla_flags
 
     xla_flags.use_recommended()  # Takes effect only before the first computation.
-    from eca_flax.pretrained import (
+    from eca_flax.weights.pretrained import (
         PretrainedError,
         load_pretrained,
         num_classes_of,

@@ -7,7 +7,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from eca_flax import xla_flags  # noqa: E402
+from eca_flax.cli import xla_flags  # noqa: E402
 
 xla_flags.use_recommended()  # Tests run with the XLA:CPU flags train.py sets.
 

@@ -29,10 +29,23 @@ Z = 4.5  # standard errors allowed in the statistical checks
 
 # timm's _RAND_INCREASING_TRANSFORMS (timm/data/auto_augment.py), the "inc1" list of
 # rand-m6-mstd0.5-inc1 ("ResNet strikes back", A3).
-TIMM_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-                       "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-                       "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
-                       "TranslateXRel", "TranslateYRel")  # fmt: skip
+TIMM_INCREASING_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 
 # timm's level -> argument functions, at magnitudes 0, 6 and 10: {magnitude: set of arguments}
 # (both signs for the signed ops).
@@ -115,8 +128,9 @@ def smoothed() -> np.ndarray:
     kernel = np.ones((3, 3)) + 4 * np.eye(3)[1][:, None] * np.eye(3)[1]
     for i in range(1, H - 1):
         for j in range(1, W - 1):
-            out[i, j] = np.floor((XF[i - 1 : i + 2, j - 1 : j + 2] * kernel[..., None]).sum((0, 1))
-                                 / 13 + 0.5)  # fmt: skip
+            out[i, j] = np.floor(
+                (XF[i - 1 : i + 2, j - 1 : j + 2] * kernel[..., None]).sum((0, 1)) / 13 + 0.5
+            )
     return out
 
 

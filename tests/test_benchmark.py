@@ -54,8 +54,18 @@ def run_tool(*argv: str) -> tuple[list[benchmark.Result], str]:
     return results, "\n".join(lines)
 
 
-TINY = ("--models", "eca_resnet18", "--batch-size", "2", "--image-size", "32", "--repeats", "2",
-        "--warmup", "0")  # fmt: skip
+TINY = (
+    "--models",
+    "eca_resnet18",
+    "--batch-size",
+    "2",
+    "--image-size",
+    "32",
+    "--repeats",
+    "2",
+    "--warmup",
+    "0",
+)
 
 
 def test_benchmark_against_torch_end_to_end():
@@ -116,8 +126,12 @@ def test_bad_arguments_exit_with_one_line(capsys):
 
 def test_train_mode_and_the_train_step_need_no_tensorflow():
     """The benchmark's train mode runs eca_flax.training.steps in a Python without TensorFlow."""
-    blocked = subprocess.run([sys.executable, "-c", no_tensorflow.HOOK + "import tensorflow"],
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    blocked = subprocess.run(
+        [sys.executable, "-c", no_tensorflow.HOOK + "import tensorflow"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert blocked.returncode == 1 and "No module named 'tensorflow'" in blocked.stderr
     proc = no_tensorflow.run(
         "eca_flax.benchmark", *TINY, "--mode", "train", "--repeats", "1", "--no-plain"

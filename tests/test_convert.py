@@ -31,8 +31,8 @@ from faults import popen_interruptible, run_on_small_disk
 from flax import nnx
 
 import eca_flax
-from eca_flax import convert, pretrained, pth, verify
-from eca_flax import torch_reference as tr
+from eca_flax.models import torch_reference as tr
+from eca_flax.weights import convert, pretrained, pth, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = eca_flax.list_models()
@@ -332,9 +332,12 @@ def test_infer_arch_from_shapes_alone(released):
     assert convert.infer_arch({"module." + k: v for k, v in se50.items()}) == want
     # SE as 1x1 convs (timm / torchvision style): one error naming the key and both shapes
     se18 = tr.numpy_state_dict(tr.build("eca_resnet18", attention="se"))
-    conv_like = {k: v[..., None, None] if ".se.fc" in k and v.ndim == 2 else v
-                 for k, v in se18.items()}  # fmt: skip
-    model = eca_flax.registry.empty_model(**dataclasses.asdict(convert.infer_arch(conv_like)))
+    conv_like = {
+        k: v[..., None, None] if ".se.fc" in k and v.ndim == 2 else v for k, v in se18.items()
+    }
+    model = eca_flax.models.registry.empty_model(
+        **dataclasses.asdict(convert.infer_arch(conv_like))
+    )
     with pytest.raises(
         convert.ConversionError,
         match=r"shape mismatch for layer\d\.\d\.se\.fc\d\.weight: checkpoint \(\d+, \d+, 1, 1\)",
@@ -538,7 +541,7 @@ def test_load_pretrained_errors(small, tmp_path, capsys):
 
 
 def test_save_pretrained_checks_the_model(small, tmp_path):
-    model = eca_flax.registry.empty_model("eca_resnet18")
+    model = eca_flax.models.registry.empty_model("eca_resnet18")
     with pytest.raises(pretrained.PretrainedError, match="unloaded weights"):
         pretrained.save_pretrained(model, tmp_path / "a", arch="eca_resnet18", attention="eca")
     model = convert.convert_file(small[2], tmp_path / "first", log=lambda _: None)
@@ -602,8 +605,9 @@ def test_interrupted_conversion_leaves_nothing(small, tmp_path):
     # printed when writing starts.
     for i, (after_summary, delay) in enumerate([(False, 1.5), (True, 0), (True, 0.2)]):
         out = tmp_path / str(i)
-        proc = popen_interruptible(converter(src, out / "dst"), text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        proc = popen_interruptible(
+            converter(src, out / "dst"), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         if after_summary:
             proc.stdout.readline()
         time.sleep(delay)
@@ -645,6 +649,10 @@ def test_non_finite_weights_are_refused(small, tmp_path, capsys):
     bad["layer1.0.bn1.running_var"][1] = float("inf")
     src = write(tmp_path / "nan.pth", bad)
     rc, _, err = run(capsys, src, tmp_path / "dst")
-    assert_error(rc, err, "2 tensors hold NaN or infinite values (fc.weight, "
-                 "layer1.0.bn1.running_var)", "refusing to convert")  # fmt: skip
+    assert_error(
+        rc,
+        err,
+        "2 tensors hold NaN or infinite values (fc.weight, layer1.0.bn1.running_var)",
+        "refusing to convert",
+    )
     assert not (tmp_path / "dst").exists()

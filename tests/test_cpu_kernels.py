@@ -1,4 +1,4 @@
-"""eca_flax.cpu_kernels: the XLA:CPU formulations give lax's values and gradients (and
+"""eca_flax.models.cpu_kernels: the XLA:CPU formulations give lax's values and gradients (and
 PyTorch's max-pool gradient routing), and the switch turns them off."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eca_flax import cpu_kernels, layers
+from eca_flax.models import cpu_kernels, layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -83,13 +83,14 @@ def test_other_convolutions_fall_back_to_lax():
 def test_block_gradients_match_the_lax_convolution():
     """A strided bottleneck block in train mode (1x1, strided 3x3, 1x1, strided projection
     shortcut, BatchNorm, ECA): parameter gradients with the CPU path against plain lax."""
-    from eca_flax.resnet import Bottleneck
+    from eca_flax.models.resnet import Bottleneck
 
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 12, 12, 32)), jnp.float32)
     grads = []
     for kernels in (True, False):
-        block = Bottleneck(32, 16, 2, 3, "eca", dtype=jnp.float32, param_dtype=jnp.float32,
-                           rngs=nnx.Rngs(0))  # fmt: skip
+        block = Bottleneck(
+            32, 16, 2, 3, "eca", dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+        )
         block.train()
         with cpu_kernels.switch(kernels):
             grads.append(nnx.jit(nnx.grad(lambda b: jnp.sum(jnp.sin(b(x)))))(block))

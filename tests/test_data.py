@@ -202,10 +202,12 @@ def test_train_transform_flips_and_is_deterministic() -> None:
     base = np.asarray(square)
     flipped = 0
     for s in range(24):
-        out = transforms.train_transform(image_bytes, np.random.default_rng([3, s]), 64,
-                                         area_range=(1.0, 1.0))  # fmt: skip
-        again = transforms.train_transform(image_bytes, np.random.default_rng([3, s]), 64,
-                                           area_range=(1.0, 1.0))  # fmt: skip
+        out = transforms.train_transform(
+            image_bytes, np.random.default_rng([3, s]), 64, area_range=(1.0, 1.0)
+        )
+        again = transforms.train_transform(
+            image_bytes, np.random.default_rng([3, s]), 64, area_range=(1.0, 1.0)
+        )
         assert out.dtype == np.uint8 and out.shape == (64, 64, 3)
         np.testing.assert_array_equal(out, again)
         if np.array_equal(out, base):
@@ -593,8 +595,13 @@ def test_digits_cli_full_disk_bad_size_and_umask(tmp_path: pathlib.Path) -> None
         f"error: {disk / 'd'}: could not write the digits (No space left on device); nothing "
         "written"
     ]
-    bad = subprocess.run([*cmd, str(tmp_path / "d0"), "--image_size", "0"], cwd=repo,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [*cmd, str(tmp_path / "d0"), "--image_size", "0"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert (
         bad.returncode == 1
         and bad.stderr == "error: image_size must be a positive integer, got 0\n"

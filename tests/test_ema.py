@@ -35,8 +35,14 @@ def run():
     """eca_resnet18 (10 classes) at 16 px, global batch 8 on one device: the config, the model,
     the compiled train step with ``ema_decay=DECAY`` (no warmup), its optimizer and batches."""
     config = cfg.default_config()
-    config.update(model="eca_resnet18", dataset="digits:16", image_size=16, batch_size=8,
-                  ema_decay=DECAY, learning_rate=0.4)  # fmt: skip
+    config.update(
+        model="eca_resnet18",
+        dataset="digits:16",
+        image_size=16,
+        batch_size=8,
+        ema_decay=DECAY,
+        learning_rate=0.4,
+    )
     config = cfg.resolve_config(config)
     mesh = make_mesh(jax.devices()[:1])
     model = eca_flax.create_model("eca_resnet18", num_classes=10, rngs=nnx.Rngs(0))
@@ -116,8 +122,9 @@ def test_train_step_ema_is_the_closed_form_average(run) -> None:
     # Not trivially so: the EMA is neither the last nor the first weights, for both kinds.
     for kind in ("params", "batch_stats"):
         last, first = trajectory[-1][kind], trajectory[0][kind]
-        gap = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in
-                               zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # fmt: skip
+        gap = lambda a, b: max(
+            float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+        )
         assert gap(ema[kind], last) > 1e-3 and gap(ema[kind], first) > 1e-3, kind
 
 
@@ -132,8 +139,10 @@ def test_warmup_decays_and_closed_form() -> None:
     assert float(steps.ema_decay_at(np.int32(0), decay, False)) == np.float32(decay)
 
     rng = np.random.default_rng(1)
-    draw = lambda: {"params": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
-                    "batch_stats": {"mean": rng.normal(size=4).astype(np.float32)}}  # fmt: skip
+    draw = lambda: {
+        "params": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
+        "batch_stats": {"mean": rng.normal(size=4).astype(np.float32)},
+    }
     trajectory = [draw() for _ in range(n + 1)]
     update = jax.jit(lambda state, new: steps.update_ema(state, new, decay, True))
     ema = trajectory[0]

@@ -20,10 +20,11 @@ import torch
 from test_data import pil_eval_reference
 
 import eca_flax
-from eca_flax import convert, pretrained, torch_reference
+from eca_flax.models import torch_reference
 from eca_flax.training import config as cfg
 from eca_flax.training import loop
 from eca_flax.training.mesh import make_mesh
+from eca_flax.weights import convert, pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -30,10 +30,12 @@ import pytest
 from faults import popen_interruptible, run_on_small_disk
 from flax import nnx
 
-from eca_flax import data, pretrained, unraisable
+from eca_flax import data
+from eca_flax.cli import unraisable
 from eca_flax.training import checkpoints, loop
 from eca_flax.training import config as cfg
 from eca_flax.training.mesh import make_mesh
+from eca_flax.weights import pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = dict(  # configs/quickstart.py (digits at 16 px) at batch 8: 2 steps per epoch here
@@ -92,12 +94,22 @@ def cli(workdir: pathlib.Path, dataset: pathlib.Path, **fields) -> list[str]:
     """train.py's command line for configs/quickstart.py on ``dataset`` with FIELDS."""
     overrides = {"dataset": f"folder:{dataset}", **FIELDS, **fields}
     fields = [f"--config.{k}={v}" for k, v in overrides.items()]
-    return [sys.executable, "train.py", "--config", "configs/quickstart.py", "--workdir",
-            str(workdir), *fields]  # fmt: skip
+    return [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/quickstart.py",
+        "--workdir",
+        str(workdir),
+        *fields,
+    ]
 
 
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
-       "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,8 +137,9 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tm
     shutil.rmtree(root / "4" / "model")  # 4: the arrays of another step. Orbax reads them
     shutil.copytree(root / "2" / "model", root / "4" / "model")  # fine; the checksum does not
     meta = root / "2" / "meta" / "metadata"  # 2: good, from before checksums were recorded
-    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
-                                if k != "checksums"}))  # fmt: skip
+    meta.write_text(
+        json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "checksums"})
+    )
     capfd.readouterr()
 
     again = train(config(tiny, num_train_steps=10), work)
@@ -134,11 +147,18 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tm
     out, err = capfd.readouterr()
     checks = ((10, ""), (8, ""), (6, "unreadable metadata"), (4, "do not match the checksum"))
     for step, why in checks:
-        assert re.search(rf"checkpoint {root}/{step} is damaged \([^\n]*{why}[^\n]*\): moved "
-                         rf"to {work}/checkpoints.damaged/{step}-", out), out  # fmt: skip
+        assert re.search(
+            rf"checkpoint {root}/{step} is damaged \([^\n]*{why}[^\n]*\): moved "
+            rf"to {work}/checkpoints.damaged/{step}-",
+            out,
+        ), out
     assert f"resuming from {root}/2 (step 2)" in out
     assert sorted(p.name.split("-")[0] for p in (work / checkpoints.DAMAGED_DIR).iterdir()) == [
-        "10", "4", "6", "8"]  # fmt: skip
+        "10",
+        "4",
+        "6",
+        "8",
+    ]
     assert again.history[0]["step"] == 3 and again.step == 10
     assert "Traceback" not in err and "Event loop is closed" not in err, err
     want, got = weights(trained / "pretrained"), weights(work / "pretrained")
@@ -167,8 +187,10 @@ def test_resume_refuses_another_configuration(trained, tiny, fields, message):
     cannot continue a workdir, nor another optimizer (its state has another layout, which
     Orbax would otherwise report like damage); one line names both values, nothing is written."""
     before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
-    with pytest.raises(cfg.ConfigError, match=f"{trained}/checkpoints/10 was trained with "
-                       f"another configuration: {message}"):  # fmt: skip
+    with pytest.raises(
+        cfg.ConfigError,
+        match=f"{trained}/checkpoints/10 was trained with another configuration: {message}",
+    ):
         train(config(tiny, num_train_steps=10, **fields), trained)
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
 
@@ -180,8 +202,10 @@ def test_workdir_lock(tiny, tmp_path, capfd):
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid, "since": "x"}))
-        with pytest.raises(cfg.ConfigError, match=f"workdir {tmp_path} is in use by pid "
-                           f"{owner.pid} on {socket.gethostname()}"):  # fmt: skip
+        with pytest.raises(
+            cfg.ConfigError,
+            match=f"workdir {tmp_path} is in use by pid {owner.pid} on {socket.gethostname()}",
+        ):
             train(config(tiny, num_train_steps=1), tmp_path)
         assert sorted(os.listdir(tmp_path)) == [checkpoints.LOCK_FILE]
     finally:
@@ -233,8 +257,10 @@ def test_damaged_validation_image_keeps_the_epoch_checkpoint(tiny, tmp_path):
     for png in sorted((dataset / "train" / "0").iterdir())[:2]:  # still 16 training files,
         png.write_bytes(b"")  # so both damaged ones are met in each epoch
 
-    result = train(config(dataset, num_epochs=2, checkpoint_every_steps=100,
-                          skip_damaged_images=True), tmp_path / "run")  # fmt: skip
+    result = train(
+        config(dataset, num_epochs=2, checkpoint_every_steps=100, skip_damaged_images=True),
+        tmp_path / "run",
+    )
 
     assert result.history[0]["step"] == 3
     assert sum(h["damaged"] for h in result.history) == 2
@@ -246,8 +272,9 @@ def test_damaged_validation_image_keeps_the_epoch_checkpoint(tiny, tmp_path):
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
-    return popen_interruptible(cmd, cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)  # fmt: skip
+    return popen_interruptible(
+        cmd, cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def interrupt_after(proc: subprocess.Popen, pattern: str, times: int = 1) -> tuple[str, str]:
@@ -269,8 +296,11 @@ def test_ctrl_c_saves_and_says_what(tiny, tmp_path):
     the save: stops at once naming the last good checkpoint. The next run resumes cleanly."""
     workdir = tmp_path / "run"
     out, err = interrupt_after(start(cli(workdir, tiny, num_train_steps=6)), r"step 1/")
-    saved = re.fullmatch(rf"interrupted: saved checkpoint {workdir}/checkpoints/(\d+); run the "
-                         "same command to resume", err.strip().splitlines()[-1])  # fmt: skip
+    saved = re.fullmatch(
+        rf"interrupted: saved checkpoint {workdir}/checkpoints/(\d+); run the "
+        "same command to resume",
+        err.strip().splitlines()[-1],
+    )
     assert saved, err
     assert "Traceback" not in err and (workdir / "checkpoints" / saved[1]).is_dir()
 
@@ -278,8 +308,11 @@ def test_ctrl_c_saves_and_says_what(tiny, tmp_path):
     out, err = interrupt_after(proc, r"step \d/", times=2)
     assert proc.returncode == 130, out + err
     last = err.strip().splitlines()[-1]
-    assert re.fullmatch(r"interrupted: (saved checkpoint|stopped at step \d; the last good "
-                        rf"checkpoint is) {workdir}/checkpoints/\d.*", last), err  # fmt: skip
+    assert re.fullmatch(
+        r"interrupted: (saved checkpoint|stopped at step \d; the last good "
+        rf"checkpoint is) {workdir}/checkpoints/\d.*",
+        last,
+    ), err
     assert "Traceback" not in err
 
     proc = start(cli(workdir, tiny, num_train_steps=6))
@@ -312,8 +345,12 @@ def test_coordinator_that_never_answers_ends_in_one_line(tiny, tmp_path):
     """Process 1 of 2 with nobody at the coordinator's address: it says at once what it waits
     for, and ends after distributed_timeout_s with one line naming the address."""
     address = f"127.0.0.1:{free_port()}"
-    env = {**ENV, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
-           "JAX_PROCESS_ID": "1"}  # fmt: skip
+    env = {
+        **ENV,
+        "JAX_COORDINATOR_ADDRESS": address,
+        "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": "1",
+    }
     began = time.monotonic()
     cmd = cli(tmp_path / "run", tiny, distributed=True, distributed_timeout_s=5)
     proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
@@ -327,7 +364,7 @@ def test_coordinator_that_never_answers_ends_in_one_line(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# What Python cannot raise: eca_flax.unraisable.
+# What Python cannot raise: eca_flax.cli.unraisable.
 
 
 def test_ctrl_c_in_a_gc_callback_is_delivered(monkeypatch):

@@ -14,9 +14,10 @@ import torch
 from flax import nnx
 
 import eca_flax
-from eca_flax import convert, layers
-from eca_flax import torch_reference as tr
 from eca_flax.linen import ECANet
+from eca_flax.models import layers
+from eca_flax.models import torch_reference as tr
+from eca_flax.weights import convert
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parent.parent
@@ -275,7 +276,7 @@ def test_se_parameter_counts_follow_the_formula(name):
     assert eca_flax.count_params(model) == PLAIN_PARAMS[name] + se_params
     if name == "eca_resnet50":
         assert PLAIN_PARAMS[name] + se_params == 28_088_024  # the paper's 28.09M
-    keys = {convert.path_to_torch_key(p) for p in eca_flax.registry.weight_paths(model)}
+    keys = {convert.path_to_torch_key(p) for p in eca_flax.models.registry.weight_paths(model)}
     assert "layer1.0.se.fc1.weight" in keys and not any(".eca." in k for k in keys)
     if name in ("eca_resnet18", "eca_resnet50"):  # the reference, for each block type (fast)
         ref = tr.build(name, attention="se")

@@ -16,8 +16,9 @@ import torch
 from sklearn.datasets import load_sample_images
 
 import eca_flax
-from eca_flax import convert, data, predict, pretrained
-from eca_flax import torch_reference as tr
+from eca_flax import data, predict
+from eca_flax.models import torch_reference as tr
+from eca_flax.weights import convert, pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = load_sample_images().filenames  # china.jpg, flower.jpg
@@ -117,15 +118,17 @@ def test_other_heads_print_class_indices(converted, tmp_path, capsys):
 def test_default_size_is_the_models_own(converted, tmp_path, capsys):
     """A model evaluated at 16 px (the quick start's) classifies at 16 px unless told."""
     model = eca_flax.load_pretrained(converted[0])
-    pretrained.save_pretrained(model, tmp_path / "w", arch="eca_resnet18", attention="eca",
-                               image_size=16, resize_size=16)  # fmt: skip
+    pretrained.save_pretrained(
+        model, tmp_path / "w", arch="eca_resnet18", attention="eca", image_size=16, resize_size=16
+    )
     rc, out, err = run(capsys, "--weights", tmp_path / "w", PHOTOS[0])
     assert rc == 0, err
     want = predict.top_k(model, predict.load_images([PHOTOS[0]], 16, 16))[0]
     rows = [LINE.fullmatch(x).groups() for x in out.splitlines()[1:]]
     assert [r[2] for r in rows] == [predict.class_name(i, 1000) for i, _ in want]
-    np.testing.assert_allclose([float(r[1]) for r in rows], [100 * p for _, p in want],
-                               atol=0.006)  # printed with 2 decimals  # fmt: skip
+    np.testing.assert_allclose(
+        [float(r[1]) for r in rows], [100 * p for _, p in want], atol=0.006
+    )  # printed with 2 decimals
 
 
 def damage(weights: Path, where: Path, how: str) -> Path:
@@ -139,8 +142,9 @@ def damage(weights: Path, where: Path, how: str) -> Path:
     else:
         other = eca_flax.load_pretrained(weights)
         other.fc.bias.value = other.fc.bias.value + 1.0
-        pretrained.save_pretrained(other, where.parent / "other", arch="eca_resnet18",
-                                   attention="eca")  # fmt: skip
+        pretrained.save_pretrained(
+            other, where.parent / "other", arch="eca_resnet18", attention="eca"
+        )
         shutil.rmtree(state)
         shutil.copytree(where.parent / "other" / pretrained.STATE_DIR, state)
     return where

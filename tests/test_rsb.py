@@ -169,8 +169,10 @@ def test_lamb_equals_formula(decay_bn_bias: bool) -> None:
         "zero": np.zeros((2, 2)),
     }  # fmt: skip  (zero norm: trust ratio 1)
     # Step 1's gradient has global norm ~9 (clipped to 1), the others ~0.1 (not clipped).
-    grads = [{k: rng.normal(size=x.shape) * (3.0 if i == 0 else 0.03) for k, x in params.items()}
-             for i in range(5)]  # fmt: skip
+    grads = [
+        {k: rng.normal(size=x.shape) * (3.0 if i == 0 else 0.03) for k, x in params.items()}
+        for i in range(5)
+    ]
     lrs = [0.02, 0.05, 0.05, 0.03, 0.01]
     decayed = {"kernel", "zero"} if not decay_bn_bias else {"kernel", "bias", "zero"}
     want = lamb_reference(params, grads, lrs, config.weight_decay, decayed)

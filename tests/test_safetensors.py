@@ -27,8 +27,8 @@ from sklearn.datasets import load_sample_images
 from test_convert import CLI, assert_error, images, run, torch_logits
 
 import eca_flax
-from eca_flax import pretrained, safetensors_io, verify
-from eca_flax import torch_reference as tr
+from eca_flax.models import torch_reference as tr
+from eca_flax.weights import pretrained, safetensors_io, verify
 
 SPEC = dict(k_size=(1, 3, 5, 9), num_classes=10)
 
@@ -51,7 +51,10 @@ def small(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
 
 
 def weights(model) -> dict[tuple, np.ndarray]:
-    return {p: np.asarray(v.get_value()) for p, v in eca_flax.registry.weight_paths(model).items()}
+    return {
+        p: np.asarray(v.get_value())
+        for p, v in eca_flax.models.registry.weight_paths(model).items()
+    }
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -114,15 +117,16 @@ def test_save_pretrained_format(small, tmp_path):
     assert tuned.fc.kernel.shape == (512, 3)
     kw = dict(arch="eca_resnet18", attention="eca")
     pretrained.save_pretrained(tuned, tmp_path / "t.safetensors", format="safetensors", **kw)
-    assert_same_weights(weights(eca_flax.load_pretrained(tmp_path / "t.safetensors")),
-                        weights(tuned))  # fmt: skip
+    assert_same_weights(
+        weights(eca_flax.load_pretrained(tmp_path / "t.safetensors")), weights(tuned)
+    )
     assert pretrained.read_model_json(tmp_path / "t.safetensors")["num_classes"] == 3
     for name, fmt in (("t2", "safetensors"), ("t3.safetensors", "orbax"), ("t4", "zip")):
         with pytest.raises(pretrained.PretrainedError, match=f"format='{fmt}'"):
             pretrained.save_pretrained(tuned, tmp_path / name, format=fmt, **kw)
 
     # bfloat16 weights are stored as BF16 and come back as float32 holding the same values.
-    for var in eca_flax.registry.weight_paths(tuned).values():
+    for var in eca_flax.models.registry.weight_paths(tuned).values():
         var.set_value(var.get_value().astype(jnp.bfloat16))
     pretrained.save_pretrained(tuned, tmp_path / "bf16.safetensors", **kw)
     with safe_open(tmp_path / "bf16.safetensors", framework="np") as f:
@@ -133,10 +137,17 @@ def test_save_pretrained_format(small, tmp_path):
     assert_same_weights(loaded, want)
 
     # A dtype the format cannot hold: one line, nothing written.
-    with pytest.raises(pretrained.PretrainedError, match=r"c.safetensors: could not write it "
-                       r"\(SafetensorError: .*complex128.*\); nothing written$"):  # fmt: skip
-        safetensors_io.write_tensors(tmp_path / "c.safetensors", {"w": np.zeros(2, np.complex128)},
-                                     {}, pretrained.PretrainedError)  # fmt: skip
+    with pytest.raises(
+        pretrained.PretrainedError,
+        match=r"c.safetensors: could not write it "
+        r"\(SafetensorError: .*complex128.*\); nothing written$",
+    ):
+        safetensors_io.write_tensors(
+            tmp_path / "c.safetensors",
+            {"w": np.zeros(2, np.complex128)},
+            {},
+            pretrained.PretrainedError,
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16.safetensors", "t.safetensors"]
 
 
@@ -160,8 +171,10 @@ def test_bad_files_are_one_line(small, tmp_path, capsys):
 
     # Valid safetensors files that are not eca_flax models.
     save_file({"w": np.zeros(3, np.float32)}, tmp_path / "plain.safetensors")
-    assert_error(*run(capsys, "--to-torch", tmp_path / "plain.safetensors", out)[::2],
-                 "not an eca_flax model file (metadata format None")  # fmt: skip
+    assert_error(
+        *run(capsys, "--to-torch", tmp_path / "plain.safetensors", out)[::2],
+        "not an eca_flax model file (metadata format None",
+    )
     torch_file = tmp_path / "torch.safetensors"
     assert run(capsys, "--to-torch", good, torch_file)[0] == 0
     assert_error(*run(capsys, "--to-torch", torch_file, out)[::2], "a PyTorch state_dict")
@@ -172,18 +185,26 @@ def test_bad_files_are_one_line(small, tmp_path, capsys):
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     fewer = {k: v for k, v in tensors.items() if k != "fc/bias"}
     save_file(fewer, tmp_path / "fewer.safetensors", metadata=metadata)
-    assert_error(*run(capsys, "--to-torch", tmp_path / "fewer.safetensors", out)[::2],
-                 "the arrays do not match model.json (e.g. fc/bias)")  # fmt: skip
+    assert_error(
+        *run(capsys, "--to-torch", tmp_path / "fewer.safetensors", out)[::2],
+        "the arrays do not match model.json (e.g. fc/bias)",
+    )
     tensors["fc/bias"] = tensors["fc/bias"] + np.float32(1)
     save_file(tensors, tmp_path / "changed.safetensors", metadata=metadata)
-    assert_error(*run(capsys, "--to-torch", tmp_path / "changed.safetensors", out)[::2],
-                 "do not match the checksum")  # fmt: skip
+    assert_error(
+        *run(capsys, "--to-torch", tmp_path / "changed.safetensors", out)[::2],
+        "do not match the checksum",
+    )
     unknown = {**metadata, "model.json": json.dumps({"format": metadata["format"], "arch": "x"})}
     save_file(tensors, tmp_path / "unknown.safetensors", metadata=unknown)
-    assert_error(*run(capsys, "--to-torch", tmp_path / "unknown.safetensors", out)[::2],
-                 "(metadata model.json): missing k_size, num_classes, attention")  # fmt: skip
-    assert_error(*run(capsys, "--to-torch", tmp_path / "none.safetensors", out)[::2],
-                 "none.safetensors: no such file")  # fmt: skip
+    assert_error(
+        *run(capsys, "--to-torch", tmp_path / "unknown.safetensors", out)[::2],
+        "(metadata model.json): missing k_size, num_classes, attention",
+    )
+    assert_error(
+        *run(capsys, "--to-torch", tmp_path / "none.safetensors", out)[::2],
+        "none.safetensors: no such file",
+    )
     assert not out.exists()
 
 
@@ -197,8 +218,10 @@ def test_existing_destination_file(small, tmp_path, capsys):
     assert run(capsys, src, dst, "--overwrite")[0] == 0
     assert pretrained.read_model_json(dst) == pretrained.read_model_json(good)  # checksum too
     (tmp_path / "d.safetensors").mkdir()
-    assert_error(*run(capsys, src, tmp_path / "d.safetensors", "--overwrite")[::2],
-                 "exists and is not a file")  # fmt: skip
+    assert_error(
+        *run(capsys, src, tmp_path / "d.safetensors", "--overwrite")[::2],
+        "exists and is not a file",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors", "w.safetensors"]
 
 
@@ -212,10 +235,11 @@ for name in ("orbax.checkpoint", "torch", "tensorstore"):
     except ModuleNotFoundError:
         pass
 import eca_flax
-from eca_flax import predict, pretrained
+from eca_flax import predict
+from eca_flax.weights import pretrained
 model = eca_flax.load_pretrained(sys.argv[1])
 np.savez(sys.argv[2], **{"/".join(map(str, p)): np.asarray(v.get_value())
-                         for p, v in eca_flax.registry.weight_paths(model).items()})
+                         for p, v in eca_flax.models.registry.weight_paths(model).items()})
 predict.main(["--weights", sys.argv[1], "--top", "2", sys.argv[3]])
 print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"orbax", "torch",
       "tensorstore", "tensorflow", "safetensors"}))

@@ -27,10 +27,11 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from eca_flax import pretrained, xla_flags
+from eca_flax.cli import xla_flags
 from eca_flax.training import checkpoints, loop, steps
 from eca_flax.training import config as cfg
 from eca_flax.training.mesh import batch_sharded, make_mesh, prefetch_to_mesh
+from eca_flax.weights import pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"top1=([0-9.]+) top5=([0-9.]+) images=(\d+)")
@@ -421,8 +422,9 @@ def test_two_processes_train_like_one(tmp_path: pathlib.Path, cli_cache, monkeyp
     assert len(re.findall(r"step \d+/3 .* loss ([0-9.]+)", out)) == 3
     top1, _, images = SUMMARY.findall(out)[-1]
     # The exact float32 losses, from TensorBoard (the log line rounds them to 4 decimals).
-    assert_losses_agree(tensorboard_scalars(tmp_path / "multi", "train/loss"),
-                        [h["loss"] for h in single.history])  # fmt: skip
+    assert_losses_agree(
+        tensorboard_scalars(tmp_path / "multi", "train/loss"), [h["loss"] for h in single.history]
+    )
     assert_same_updates(
         final_weights(tmp_path / "multi"),
         final_weights(tmp_path / "single"),
@@ -521,8 +523,15 @@ def test_rsb_a3_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli_cache) -
     (as after a SIGKILL) resumes from the one before and ends with exactly the uninterrupted
     run's weights and metrics: mixing keys, augmentation seeds and LAMB's moments follow the
     step. (The second process reuses the first one's compiled programs: JAX's cache.)"""
-    fields = dict(recipe="rsb_a3", image_size=12, eval_image_size=16, num_train_steps=6,
-                  checkpoint_every_steps=3, keep_checkpoints=5, log_every_steps=1)  # fmt: skip
+    fields = dict(
+        recipe="rsb_a3",
+        image_size=12,
+        eval_image_size=16,
+        num_train_steps=6,
+        checkpoint_every_steps=3,
+        keep_checkpoints=5,
+        log_every_steps=1,
+    )
     env, workdir = cli_env(cli_cache, devices=1), tmp_path / "run"
     outputs = []
     for _ in range(2):

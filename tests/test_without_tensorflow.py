@@ -14,7 +14,7 @@ import no_tensorflow
 import torch
 from sklearn.datasets import load_sample_images
 
-from eca_flax import torch_reference
+from eca_flax.models import torch_reference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PHOTO = load_sample_images().filenames[1]

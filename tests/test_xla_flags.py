@@ -1,4 +1,4 @@
-"""eca_flax.xla_flags: the XLA:CPU flags train.py sets, and how they combine with the user's."""
+"""eca_flax.cli.xla_flags: the XLA:CPU flags train.py sets, and how they combine with the user's."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from eca_flax import xla_flags
+from eca_flax.cli import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def test_flags_only_for_jaxlib_versions_they_were_measured_on(version, expected)
 CHECK = """
 import sys
 import jax, jax.numpy as jnp
-from eca_flax import xla_flags
+from eca_flax.cli import xla_flags
 if sys.argv[1] == "recommended":
     xla_flags.use_recommended()
 conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(

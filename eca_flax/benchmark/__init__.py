@@ -9,8 +9,8 @@ allocates for the compiled program (and the device's peak where the backend repo
 training step is ``eca_flax.training.steps.make_train_step``, the jitted step train.py runs (SGD
 with momentum 0.9 and weight decay 1e-4, BatchNorm statistics, donated state).
 
-With ``--torch`` the PyTorch reference (``eca_flax.torch_reference``) runs the same batch with
-as many threads as XLA uses (all cores): inference under ``torch.inference_mode`` in eval
+With ``--torch`` the PyTorch reference (``eca_flax.models.torch_reference``) runs the same batch
+with as many threads as XLA uses (all cores): inference under ``torch.inference_mode`` in eval
 mode, and a train step of forward, cross-entropy, backward and SGD(momentum 0.9, weight decay
 1e-4). Runs alternate between the frameworks and the table gives medians after warm-up, so
 load from other processes hits both alike; the ratio is eca_flax / PyTorch throughput (> 1:
@@ -19,7 +19,7 @@ the time and parameters ECA adds; ``--se`` adds the paper's SE baseline (``atten
 ResNets) for the time and parameters SE adds (ResNet-50: 80 against 2,530,992).
 ``--dispatch`` shows the per-call cost outside the compiled program at batch 1. XLA flags go in
 ``--xla-flags`` (or the XLA_FLAGS environment variable); by default the benchmark adds
-``eca_flax.xla_flags.recommended()``, the XLA:CPU flags train.py also sets (docs/benchmarks.md).
+``eca_flax.cli.xla_flags.recommended()``, the XLA:CPU flags train.py also sets (docs/benchmarks.md).
 """
 
 from eca_flax.benchmark.cli import main, parse_args, run

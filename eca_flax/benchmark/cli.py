@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from eca_flax import xla_flags
 from eca_flax.benchmark.runs import (
     BenchmarkError,
     Result,
@@ -25,6 +24,7 @@ from eca_flax.benchmark.timing import (
     machine_description,
     peak_flops,
 )
+from eca_flax.cli import xla_flags
 
 # The original README's "Param." (params / 2^20) and "FLOPs" (thop MACs / 2^30) at 224x224.
 README_FIGURES = {
@@ -145,10 +145,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--xla-flags",
         default=" ".join(xla_flags.recommended()),
         help="appended to XLA_FLAGS before jax starts, unless XLA_FLAGS already sets them "
-        "(default: eca_flax.xla_flags.recommended(), the flags train.py sets; '' for none)",
+        "(default: eca_flax.cli.xla_flags.recommended(), the flags train.py sets; '' for none)",
     )
     args = parser.parse_args(argv)
-    from eca_flax.registry import list_models, model_info
+    from eca_flax.models.registry import list_models, model_info
 
     unknown = [m for m in args.models if m not in list_models()]
     if unknown:
@@ -159,8 +159,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
     if args.se and (args.no_plain or any(model_info(m).family != "resnet" for m in args.models)):
-        parser.error("--se compares SE with the plain network of a ResNet: drop --no-plain and "
-                     "MobileNetV2")  # fmt: skip
+        parser.error(
+            "--se compares SE with the plain network of a ResNet: drop --no-plain and MobileNetV2"
+        )
     return args
 
 
@@ -193,8 +194,15 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Re
             rows.append(result)
             timers += t
         if args.torch:
-            result, t = build_torch(name, images, labels, device, dtype=args.dtype,
-                                    mode=args.mode, channels_last=args.channels_last)  # fmt: skip
+            result, t = build_torch(
+                name,
+                images,
+                labels,
+                device,
+                dtype=args.dtype,
+                mode=args.mode,
+                channels_last=args.channels_last,
+            )
             rows.append(result)
             timers += t
         log(f"{name}: timing {len(timers)} functions, interleaved ...")
@@ -203,17 +211,26 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Re
     log(f"load average at end: {os.getloadavg()[0]:.2f}")
     if device == "cuda":
         torch = sys.modules["torch"]
-        log(f"peak device memory: jax {_fmt(device_peak_bytes() / 2**30, '.2f')} GiB, "
-            f"torch {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")  # fmt: skip
+        log(
+            f"peak device memory: jax {_fmt(device_peak_bytes() / 2**30, '.2f')} GiB, "
+            f"torch {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        )
     log("")
-    log(format_table(results, image_size=args.image_size,
-                     peak=peak_flops(args.dtype, args.peak_tflops)))  # fmt: skip
+    log(
+        format_table(
+            results, image_size=args.image_size, peak=peak_flops(args.dtype, args.peak_tflops)
+        )
+    )
     if args.dispatch:
         log("")
         log(f"dispatch overhead, {args.models[0]}, batch 1 (median wall time per call):")
-        overhead = dispatch_overhead(args.models[0], image_size=args.image_size,
-                                     repeats=args.repeats, warmup=args.warmup,
-                                     min_sample_s=args.min_sample_s)  # fmt: skip
+        overhead = dispatch_overhead(
+            args.models[0],
+            image_size=args.image_size,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            min_sample_s=args.min_sample_s,
+        )
         for label, seconds in overhead:
             log(f"  {label:45s} {seconds * 1e3:9.3f} ms")
     return results

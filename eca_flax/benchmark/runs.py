@@ -106,7 +106,7 @@ def build_jax(
     from flax import nnx
 
     import eca_flax
-    from eca_flax.registry import DTYPES
+    from eca_flax.models.registry import DTYPES
 
     batch_size = len(images)
     make = lambda: eca_flax.create_model(
@@ -175,7 +175,7 @@ def build_torch(
 ) -> tuple[Result, list[Timer]]:
     """The PyTorch reference with the same batch: eval inference and an SGD train step."""
     torch = import_torch()
-    from eca_flax import torch_reference
+    from eca_flax.models import torch_reference
 
     torch.manual_seed(0)
     model = torch_reference.build(name).to(device)

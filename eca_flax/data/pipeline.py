@@ -107,8 +107,16 @@ class _TrainExample:
     ``first_step + i // P``, which holds the stream positions [s * G, (s + 1) * G).
     """
 
-    def __init__(self, records, *, seed: int, per_epoch: int, layout: tuple[int, int, int, int],
-                 skip_damaged: bool, **augment):  # fmt: skip
+    def __init__(
+        self,
+        records,
+        *,
+        seed: int,
+        per_epoch: int,
+        layout: tuple[int, int, int, int],
+        skip_damaged: bool,
+        **augment,
+    ):
         self.records, self.seed, self.per_epoch = records, seed, per_epoch
         self.first_step, self.global_batch, self.offset, self.per_process = layout
         self.skip_damaged, self.augment = skip_damaged, augment
@@ -151,8 +159,12 @@ class _EvalExample:
 
     def __call__(self, position: int) -> dict:
         index = self.start + int(position)
-        out = {"image": self.blank, "label": np.int32(0), "mask": np.float32(0.0),
-               "damaged": np.int32(0)}  # fmt: skip
+        out = {
+            "image": self.blank,
+            "label": np.int32(0),
+            "mask": np.float32(0.0),
+            "damaged": np.int32(0),
+        }
         if index >= self.end:
             return out
         try:
@@ -161,8 +173,12 @@ class _EvalExample:
             if not self.skip_damaged:
                 raise DataError(f"{e}{_SKIP_HINT}") from None
             return {**out, "damaged": np.int32(1)}
-        return {"image": image, "label": np.int32(label), "mask": np.float32(1.0),
-                "damaged": np.int32(0)}  # fmt: skip
+        return {
+            "image": image,
+            "label": np.int32(label),
+            "mask": np.float32(1.0),
+            "damaged": np.int32(0),
+        }
 
     def _transform(self, data: bytes) -> np.ndarray:
         return transforms.eval_transform(data, **self.eval_args)
@@ -242,10 +258,12 @@ def eval_iterator(
         raise DataError(f"{dataset}: the validation split is empty")
     start, end = index * n // count, (index + 1) * n // count
     num_batches = math.ceil(math.ceil(n / count) / per_process)  # the same on every process
-    load = _EvalExample(records, start, end, skip_damaged, image_size=image_size,
-                        resize_size=resize_size)  # fmt: skip
-    return _batches(range(num_batches * per_process), load, per_process,
-                    threads or default_threads(), workers=0)  # fmt: skip
+    load = _EvalExample(
+        records, start, end, skip_damaged, image_size=image_size, resize_size=resize_size
+    )
+    return _batches(
+        range(num_batches * per_process), load, per_process, threads or default_threads(), workers=0
+    )
 
 
 def preprocess_for_eval(

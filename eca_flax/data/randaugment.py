@@ -39,13 +39,40 @@ FILL = (124, 116, 104)  # round(255 * transforms.MEAN_RGB), timm's img_mean
 RESAMPLE = Image.BILINEAR
 
 # timm's _RAND_TRANSFORMS and _RAND_INCREASING_TRANSFORMS ("inc1"), in timm's order.
-OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-       "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
-       "TranslateYRel")  # fmt: skip
-INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-                  "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-                  "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
-                  "TranslateXRel", "TranslateYRel")  # fmt: skip
+OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+INCREASING_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +105,9 @@ def parse(spec: str) -> RandAugment | None:
     for section in sections:
         m = re.fullmatch(r"(m|n|mstd|inc)(\d+(?:\.\d+)?)", section)
         if not m:
-            raise ValueError(f"randaugment={spec!r}: unknown section {section!r}; use mM, nN, "
-                             "mstdS, inc0/inc1")  # fmt: skip
+            raise ValueError(
+                f"randaugment={spec!r}: unknown section {section!r}; use mM, nN, mstdS, inc0/inc1"
+            )
         fields[m[1]] = float(m[2])
     out = RandAugment(
         magnitude=fields.get("m", LEVEL_MAX),

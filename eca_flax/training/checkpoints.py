@@ -33,10 +33,12 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 import eca_flax
-from eca_flax import files, orbax_io, pretrained, registry
+from eca_flax import files
+from eca_flax.models import registry
 from eca_flax.training.config import ConfigError, TrainingError
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import copy_weights
+from eca_flax.weights import orbax_io, pretrained
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints.damaged"
@@ -45,14 +47,22 @@ FORMAT = "eca_flax.training_checkpoint/2"
 STATE_KEYS = ("step", "opt_state", "rng")  # the train item; params and BN stats are the model
 # Changing these changes what a step number means (the data position) or the model itself.
 # optimizer_state: the layout of the optimizer's state (optimizer, weight decay, its mask).
-RESUME_KEYS = ("arch", "k_size", "attention", "num_classes", "batch_size", "image_size",
-               "optimizer", "optimizer_state")  # fmt: skip
+RESUME_KEYS = (
+    "arch",
+    "k_size",
+    "attention",
+    "num_classes",
+    "batch_size",
+    "image_size",
+    "optimizer",
+    "optimizer_state",
+)
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
     """Drops Orbax's warnings about mid-epoch checkpoints without metrics and about the items of
     a step (``model``) having no _CHECKPOINT_METADATA of their own: both by design here (the
-    errors its threads log are dropped by eca_flax.unraisable)."""
+    errors its threads log are dropped by eca_flax.cli.unraisable)."""
     message = record.getMessage()
     return "did not provide metrics" not in message and "_CHECKPOINT_METADATA" not in message
 
@@ -95,8 +105,10 @@ class WorkdirLock:
             owner = {}
         host, pid = owner.get("host", "?"), owner.get("pid", "?")
         if host == me["host"] and isinstance(pid, int) and not _alive(pid):
-            logger.warning(f"{self.path}: left by pid {pid} on {host}, which no longer runs: "
-                           "taking the workdir over")  # fmt: skip
+            logger.warning(
+                f"{self.path}: left by pid {pid} on {host}, which no longer runs: "
+                "taking the workdir over"
+            )
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
             return
@@ -160,8 +172,10 @@ def model_meta(
 
 def _weights(state: Mapping) -> dict:
     """The params and BN statistics of a train state as one pure dict (the pretrained layout)."""
-    flat = {**traverse_util.flatten_dict(state["params"]),
-            **traverse_util.flatten_dict(state["batch_stats"])}  # fmt: skip
+    flat = {
+        **traverse_util.flatten_dict(state["params"]),
+        **traverse_util.flatten_dict(state["batch_stats"]),
+    }
     return traverse_util.unflatten_dict(flat)
 
 
@@ -270,8 +284,10 @@ class Checkpoints:
         items = _items(pretrained.abstract(like))
         if "ema" in items and "ema" not in sums:
             del items["ema"]
-            logger.warning(f"checkpoint {step} has no EMA (saved with ema_decay=0): the EMA "
-                           "starts at its weights")  # fmt: skip
+            logger.warning(
+                f"checkpoint {step} has no EMA (saved with ema_decay=0): the EMA "
+                "starts at its weights"
+            )
         args = {k: ocp.args.StandardRestore(v) for k, v in items.items()}
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         for item in items:
@@ -284,13 +300,18 @@ class Checkpoints:
 
     def _set_aside(self, step_dir: str, problem: str) -> None:
         """Moves a damaged checkpoint to checkpoints.damaged/ (process 0) and says so."""
-        dest = os.path.join(self.workdir, DAMAGED_DIR, f"{os.path.basename(step_dir)}-"
-                            f"{time.strftime('%Y%m%d-%H%M%S')}")  # fmt: skip
+        dest = os.path.join(
+            self.workdir,
+            DAMAGED_DIR,
+            f"{os.path.basename(step_dir)}-{time.strftime('%Y%m%d-%H%M%S')}",
+        )
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             shutil.move(step_dir, dest)
-        logger.warning(f"checkpoint {step_dir} is damaged ({problem}): moved to {dest}; "
-                       "resuming from the one before")  # fmt: skip
+        logger.warning(
+            f"checkpoint {step_dir} is damaged ({problem}): moved to {dest}; "
+            "resuming from the one before"
+        )
         self.manager.reload()
 
     def close(self) -> None:
@@ -354,8 +375,9 @@ def read_ema(path: str, model: nnx.Module) -> nnx.Module | None:
     variables = registry.weight_paths(ema)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = pretrained.abstract({p: v.get_value() for p, v in variables.items()}, device)
-    weights = orbax_io.read_weights(os.path.join(step_dir, "ema"), target,
-                                    what=f"{step_dir}/meta", expected=expected)  # fmt: skip
+    weights = orbax_io.read_weights(
+        os.path.join(step_dir, "ema"), target, what=f"{step_dir}/meta", expected=expected
+    )
     for p, var in variables.items():
         var.set_value(weights[p])
     return ema
@@ -408,8 +430,12 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn
 
 def _check_source(config: ml_collections.ConfigDict, meta: dict, path: str, num_classes: int):
     """The init_from checkpoint must be the configured architecture (and classes, to evaluate)."""
-    want = {"arch": config.model, "k_size": config.k_size, "attention": config.attention,
-            "num_classes": num_classes}  # fmt: skip
+    want = {
+        "arch": config.model,
+        "k_size": config.k_size,
+        "attention": config.attention,
+        "num_classes": num_classes,
+    }
     keys = ["arch", "attention"] + (["k_size"] if config.k_size else [])
     keys += ["num_classes"] if config.eval_only else []
     for key, have, wanted in pretrained.differences(meta, want, keys):

@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from eca_flax import registry
 from eca_flax.data import randaugment
+from eca_flax.models import registry
 
 
 class ConfigError(ValueError):
@@ -73,9 +73,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         "hflip": True,
     },
 }
-POSITIVE_FIELDS = ("batch_size", "image_size", "num_epochs", "base_batch_size", "log_every_steps",
-                   "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs",
-                   "distributed_timeout_s")  # fmt: skip
+POSITIVE_FIELDS = (
+    "batch_size",
+    "image_size",
+    "num_epochs",
+    "base_batch_size",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_every_epochs",
+    "distributed_timeout_s",
+)
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -94,8 +94,12 @@ def evaluate(
     images = int(round(float(totals["count"])))
     if not images:
         raise data.DataError(f"{config.dataset}: no readable validation image")
-    result = EvalResult(float(totals["top1"]) / images, float(totals["top5"]) / images, images,
-                        skipped=int(totals["damaged"]))  # fmt: skip
+    result = EvalResult(
+        float(totals["top1"]) / images,
+        float(totals["top5"]) / images,
+        images,
+        skipped=int(totals["damaged"]),
+    )
     if keep_logits:
         result.logits = np.concatenate([k[0] for k in kept])
         result.labels = np.concatenate([k[1] for k in kept])

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from eca_flax import data, pretrained
+from eca_flax import data
 from eca_flax.training import checkpoints, reporting
 from eca_flax.training.config import (
     ConfigError,
@@ -45,6 +45,7 @@ from eca_flax.training.steps import (
     make_train_step,
     split_weights,
 )
+from eca_flax.weights import pretrained
 
 
 @dataclasses.dataclass
@@ -90,8 +91,10 @@ class Preemption:
     def requested(self, step: int) -> bool:
         if self.signal == "Ctrl-C" and not self._announced:  # not in the handler: a log line
             self._announced = True  # there could land inside another write to the stream
-            logger.warning("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again "
-                           "stops at once, without saving)")  # fmt: skip
+            logger.warning(
+                "Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again "
+                "stops at once, without saving)"
+            )
         if self.signal or not self.multihost:
             return self.signal is not None
         from jax.experimental import multihost_utils
@@ -127,8 +130,12 @@ def export_pretrained(
     step = int(host(state["step"]))
     about = {"weights": "raw"}
     if evals.ema is not None:
-        about = {"weights": "ema", "ema_decay": config.ema_decay, "ema_warmup": config.ema_warmup,
-                 "raw_top1": 100 * evals.raw.top1}  # fmt: skip
+        about = {
+            "weights": "ema",
+            "ema_decay": config.ema_decay,
+            "ema_warmup": config.ema_warmup,
+            "raw_top1": 100 * evals.raw.top1,
+        }
     pretrained.save_pretrained(
         model,
         path,
@@ -265,8 +272,9 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
         raise
     except KeyboardInterrupt:  # the second Ctrl-C
         run.ckpt.close()
-        raise Interrupted(f"stopped at step {step}; the last good checkpoint is "
-                          f"{run.ckpt.last_good()}") from None  # fmt: skip
+        raise Interrupted(
+            f"stopped at step {step}; the last good checkpoint is {run.ckpt.last_good()}"
+        ) from None
     finally:
         run.close()
 
@@ -284,8 +292,9 @@ class _Run:
         )
         schedule = make_schedule(config, plan)
         self.tx = make_optimizer(config, schedule)
-        self.train_step = make_train_step(self.model, self.tx, schedule, mesh, config,
-                                          num_classes=plan.num_classes)  # fmt: skip
+        self.train_step = make_train_step(
+            self.model, self.tx, schedule, mesh, config, num_classes=plan.num_classes
+        )
         self.ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
         self.board: reporting.TensorBoard | None = None  # opened once the workdir is ours
         self.profiler: reporting.Profiler | None = None
@@ -302,8 +311,11 @@ class _Run:
         fresh = init_state(self.model, self.tx, c.seed, self.mesh, ema=c.ema_decay > 0)
         self.meta = checkpoints.model_meta(self.model, c, plan.num_classes, fresh["opt_state"])
         step, state = self.ckpt.restore_latest(fresh, self.meta)
-        logger.info(f"resuming from {self.ckpt.root}/{step} (step {step})" if step else
-                    f"starting from {self.source}")  # fmt: skip
+        logger.info(
+            f"resuming from {self.ckpt.root}/{step} (step {step})"
+            if step
+            else f"starting from {self.source}"
+        )
         reporting.save_config(self.workdir, c, plan, self.meta, self.source)
         logger.info(
             f"training {c.model} on {c.dataset} with {self.mesh.devices.size} devices "

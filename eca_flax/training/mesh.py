@@ -72,9 +72,13 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 def _no_coordinator(address: str, who: str, timeout: int) -> None:
     """The watchdog's end: one line, exit code 1 (nothing has been written yet)."""
-    print(f"error: {who}: no answer from {address} within {timeout} s (distributed_timeout_s); "
-          "are all processes started, with the same JAX_COORDINATOR_ADDRESS and "
-          "JAX_NUM_PROCESSES?", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"error: {who}: no answer from {address} within {timeout} s (distributed_timeout_s); "
+        "are all processes started, with the same JAX_COORDINATOR_ADDRESS and "
+        "JAX_NUM_PROCESSES?",
+        file=sys.stderr,
+        flush=True,
+    )
     os._exit(1)
 
 

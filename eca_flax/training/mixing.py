@@ -37,8 +37,9 @@ class Mixing:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> Mixing | None:
         """The config's mixing, or None when both alphas are 0 (no mixing)."""
-        mixing = cls(config.mixup_alpha, config.cutmix_alpha, config.mixup_switch_prob,
-                     config.mixup_prob)  # fmt: skip
+        mixing = cls(
+            config.mixup_alpha, config.cutmix_alpha, config.mixup_switch_prob, config.mixup_prob
+        )
         return mixing if mixing.mixup_alpha > 0 or mixing.cutmix_alpha > 0 else None
 
 
@@ -69,8 +70,12 @@ def cutmix_box(
     half_w = jnp.floor(width * ratio).astype(jnp.int32) // 2
     cy = jax.random.randint(k_y, (), 0, height)
     cx = jax.random.randint(k_x, (), 0, width)
-    return (jnp.clip(cy - half_h, 0, height), jnp.clip(cy + half_h, 0, height),
-            jnp.clip(cx - half_w, 0, width), jnp.clip(cx + half_w, 0, width))  # fmt: skip
+    return (
+        jnp.clip(cy - half_h, 0, height),
+        jnp.clip(cy + half_h, 0, height),
+        jnp.clip(cx - half_w, 0, width),
+        jnp.clip(cx + half_w, 0, width),
+    )
 
 
 def mix_batch(

@@ -3,7 +3,7 @@
 Everything reproduces the PyTorch original exactly: explicit symmetric padding (never 'SAME'),
 BatchNorm with PyTorch's epsilon and momentum, max-pool padding that acts as -inf, and
 PyTorch's default initialisers where the original keeps them. Convolutions and the max-pool
-run through ``eca_flax.cpu_kernels`` (faster formulations on XLA:CPU, lax elsewhere).
+run through ``eca_flax.models.cpu_kernels`` (faster formulations on XLA:CPU, lax elsewhere).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax import cpu_kernels
+from eca_flax.models import cpu_kernels
 
 Array = jax.Array
 Dtype = Any
@@ -193,10 +193,20 @@ class SE(nnx.Module):
         if hidden < 1:
             raise ValueError(f"SE needs channels >= reduction, got {channels} and {reduction}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = nnx.Linear(channels, hidden, kernel_init=torch_default_init(channels),
-                              bias_init=torch_default_init(channels), **kw)  # fmt: skip
-        self.fc2 = nnx.Linear(hidden, channels, kernel_init=torch_default_init(hidden),
-                              bias_init=torch_default_init(hidden), **kw)  # fmt: skip
+        self.fc1 = nnx.Linear(
+            channels,
+            hidden,
+            kernel_init=torch_default_init(channels),
+            bias_init=torch_default_init(channels),
+            **kw,
+        )
+        self.fc2 = nnx.Linear(
+            hidden,
+            channels,
+            kernel_init=torch_default_init(hidden),
+            bias_init=torch_default_init(hidden),
+            **kw,
+        )
 
     def __call__(self, x: Array) -> Array:
         # Pool and gate in float32 as ECA does; the fc layers compute in the model's dtype.

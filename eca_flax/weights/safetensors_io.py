@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from eca_flax.files import one_line, write_file
-from eca_flax.pretrained import (
+from eca_flax.weights.pretrained import (
     FORMAT,
     HINT,
     MODEL_JSON,
@@ -106,8 +106,9 @@ def read_weights(path: Path, target: Flat, *, expected: str | None = None) -> Fl
     path = Path(path).expanduser()
     with _opened(path) as f:
         names = {_flax_path(name): name for name in f.keys()}  # noqa: SIM118 - not a dict
-        shapes = {p: types.SimpleNamespace(shape=f.get_slice(n).get_shape()) for p, n in
-                  names.items()}  # fmt: skip
+        shapes = {
+            p: types.SimpleNamespace(shape=f.get_slice(n).get_shape()) for p, n in names.items()
+        }
         check_stored(path, shapes, target)
         stored = {}
         for p, name in names.items():

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eca_flax.pth import ConversionError, strip_prefix
+from eca_flax.weights.pth import ConversionError, strip_prefix
 
 if TYPE_CHECKING:
-    from eca_flax.convert import ArchSpec
+    from eca_flax.weights.convert import ArchSpec
 
 VERIFY_TOLERANCE = 1e-4  # max |delta logit| relative to max |logit|
 
@@ -73,8 +73,10 @@ def verification_images(image_size: int = 224, random_images: int = 2) -> tuple[
         from eca_flax.data import preprocess_for_eval
     except ImportError as e:
         raise ConversionError(f"--verify needs scikit-learn ({e})") from None
-    photos = [preprocess_for_eval(Path(f).read_bytes(), image_size)
-              for f in load_sample_images().filenames]  # fmt: skip
+    photos = [
+        preprocess_for_eval(Path(f).read_bytes(), image_size)
+        for f in load_sample_images().filenames
+    ]
     noise = np.random.default_rng(0).standard_normal((random_images, image_size, image_size, 3))
     images = np.concatenate([np.stack(photos), noise.astype(np.float32)])
     what = f"{len(photos)} photos + {random_images} random images, {image_size}x{image_size}"
@@ -85,7 +87,7 @@ def verify_with_torch(
     model: nnx.Module, spec: ArchSpec, state_dict: Mapping[str, np.ndarray], images: np.ndarray
 ) -> LogitComparison:
     """Run the PyTorch reference holding ``state_dict`` and ``model`` on NHWC ``images``."""
-    from eca_flax import torch_reference
+    from eca_flax.models import torch_reference
 
     want = torch_reference.logits(
         spec.arch, strip_prefix(state_dict), images, k_size=spec.k_size,

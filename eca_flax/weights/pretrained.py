@@ -37,8 +37,8 @@ from flax import nnx, traverse_util
 
 from eca_flax.data.transforms import default_resize_size
 from eca_flax.files import write_directory
-from eca_flax.layers import attention_choice
-from eca_flax.registry import (
+from eca_flax.models.layers import attention_choice
+from eca_flax.models.registry import (
     WEIGHTS,
     abstract_model,
     abstract_paths,
@@ -56,8 +56,7 @@ STATE_DIR = "state"
 SAFETENSORS = ".safetensors"  # the suffix of single-file weights (safetensors_io)
 HINT = "(convert a .pth file with convert_torch_weights.py SRC DST)"
 MODEL_KEYS = ("arch", "k_size", "num_classes", "attention")  # every weights file's description
-_CORE_KEYS = ("format", *MODEL_KEYS, "image_size", "resize_size", "params", "source",
-              "checksum")  # fmt: skip
+_CORE_KEYS = ("format", *MODEL_KEYS, "image_size", "resize_size", "params", "source", "checksum")
 _EXTRA_DEFAULTS = {"epoch": None, "best_prec1": None}
 
 Path_ = str | os.PathLike[str]
@@ -143,8 +142,9 @@ def restore_model(
         saved = _weight_shapes(arch, num_classes=saved_classes, **spec)
         shapes = _weight_shapes(arch, num_classes=num_classes, **spec)
         fresh = {p for p, s in shapes.items() if saved[p].shape != s.shape}
-        model = empty_model(arch, num_classes=num_classes, dtype=dtype, seed=seed, init=fresh,
-                            **spec)  # fmt: skip
+        model = empty_model(
+            arch, num_classes=num_classes, dtype=dtype, seed=seed, init=fresh, **spec
+        )
     except ValueError as e:  # k_size / arch combinations that create_model rejects
         raise PretrainedError(f"{where}: {e}") from None
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -160,8 +160,9 @@ def _weight_shapes(
     arch: str, *, k_size: Any, num_classes: int, attention: str | None
 ) -> dict[tuple, jax.ShapeDtypeStruct]:
     """Shape and dtype of every weight of that model, without building it."""
-    model = abstract_model(arch, resolve_k_size(arch, k_size), num_classes,
-                      attention_choice(attention), "float32")  # fmt: skip
+    model = abstract_model(
+        arch, resolve_k_size(arch, k_size), num_classes, attention_choice(attention), "float32"
+    )
     return {p: v.get_value() for p, v in weight_paths(model).items()}
 
 
@@ -172,8 +173,10 @@ def _weight_shapes(
 def flatten(tree: Any) -> Flat:
     """{path: leaf} of a nested dict (or Orbax tree metadata); digit keys become list indices."""
     flat = traverse_util.flatten_dict(dict(tree), is_leaf=lambda _, v: not hasattr(v, "items"))
-    return {tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p): v
-            for p, v in flat.items()}  # fmt: skip
+    return {
+        tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p): v
+        for p, v in flat.items()
+    }
 
 
 def checksum(tree: Any) -> str:
@@ -264,11 +267,11 @@ def save_pretrained(
     text = json.dumps(meta, indent=2) + "\n"  # fails here, before anything is written
     check_destination(path, overwrite)
     if single_file:
-        from eca_flax import safetensors_io
+        from eca_flax.weights import safetensors_io
 
         safetensors_io.write_model(path, flatten(state), text)
     else:
-        from eca_flax import orbax_io
+        from eca_flax.weights import orbax_io
 
         write_directory(path, lambda tmp: orbax_io.write_state(tmp, state, text), PretrainedError)
 
@@ -311,8 +314,9 @@ def _description(
         raise PretrainedError(f"the model has unloaded weights: {', '.join(unfilled[:5])}")
     if diff := differences(have, {"arch": arch, "attention": attention}, ("arch", "attention")):
         key, value, _ = diff[0]
-        raise PretrainedError(f"the model is not {arch} with attention={attention!r}: its {key} "
-                              f"is {value!r}")  # fmt: skip
+        raise PretrainedError(
+            f"the model is not {arch} with attention={attention!r}: its {key} is {value!r}"
+        )
     extra = dict(extra or {})
     if clash := sorted(set(extra) & {*_CORE_KEYS, "converter_version"}):
         raise PretrainedError(f"extra may not set {', '.join(clash)}")
@@ -358,7 +362,7 @@ def read_model_json(path: Path_) -> dict:
     checked: raises PretrainedError otherwise."""
     path = Path(path).expanduser()
     if is_safetensors(path):
-        from eca_flax import safetensors_io
+        from eca_flax.weights import safetensors_io
 
         return safetensors_io.read_description(path)
     if not path.exists():
@@ -416,7 +420,7 @@ def load_pretrained(
     meta = read_model_json(path)
     expected = meta.get("checksum")
     if is_safetensors(path):
-        from eca_flax import safetensors_io
+        from eca_flax.weights import safetensors_io
 
         read = lambda target: safetensors_io.read_weights(path, target, expected=expected)
         where = str(path)
@@ -424,7 +428,7 @@ def load_pretrained(
         state_dir = Path(path).expanduser() / STATE_DIR
         if not state_dir.is_dir():
             raise PretrainedError(f"{path}: no {STATE_DIR}/ checkpoint beside {MODEL_JSON}")
-        from eca_flax import orbax_io
+        from eca_flax.weights import orbax_io
 
         read = lambda target: orbax_io.read_weights(state_dir, target, expected=expected)
         where = str(Path(path) / MODEL_JSON)

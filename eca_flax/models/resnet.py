@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.layers import (
+from eca_flax.models.layers import (
     Sequential,
     attention_attribute,
     attention_choice,

@@ -5,8 +5,8 @@ XLA reads ``XLA_FLAGS`` once, when jax starts its first backend. The command-lin
 ``convert_torch_weights.py``) call :func:`use_recommended` before their first computation; in
 your own program, call it before anything runs on a device:
 
-    import eca_flax.xla_flags
-    eca_flax.xla_flags.use_recommended()
+    import eca_flax.cli.xla_flags
+    eca_flax.cli.xla_flags.use_recommended()
 
 Flags already named in ``XLA_FLAGS`` keep the value given there, so a user can override any of
 them. Unknown flag names make XLA abort at start-up, so the flags are only added for jaxlib

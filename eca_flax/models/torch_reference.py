@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from eca_flax import resnet
-from eca_flax.layers import attention_attribute
-from eca_flax.registry import KSize, model_attention, model_info, resolve_k_size
+from eca_flax.models import resnet
+from eca_flax.models.layers import attention_attribute
+from eca_flax.models.registry import KSize, model_attention, model_info, resolve_k_size
 
 
 class ECALayer(nn.Module):
@@ -352,5 +352,5 @@ def randomize(model: nn.Module, seed: int = 0, residual_scale: float = 1.0) -> n
 
 
 def numpy_state_dict(model: nn.Module) -> dict:
-    """The state_dict as numpy arrays (what eca_flax.convert.load_state_dict takes)."""
+    """The state_dict as numpy arrays (what eca_flax.weights.convert.load_state_dict takes)."""
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

@@ -210,7 +210,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], out: Path) -> None:
     written to a temporary file beside it and renamed, so there is never a partial ``out`` (a
     full disk or Ctrl-C leave the old one, if any, and nothing else)."""
     if out.suffix.lower() == ".safetensors":
-        from eca_flax import safetensors_io
+        from eca_flax.weights import safetensors_io
 
         metadata = {"format": safetensors_io.TORCH_FORMAT}
         safetensors_io.write_tensors(out, state_dict, metadata, ConversionError)

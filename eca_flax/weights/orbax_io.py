@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from eca_flax.files import one_line
-from eca_flax.pretrained import (
+from eca_flax.weights.pretrained import (
     MODEL_JSON,
     STATE_DIR,
     Flat,

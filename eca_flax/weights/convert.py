@@ -8,7 +8,7 @@ their rank: conv OIHW -> HWIO, 1-D conv (O, I, k) -> (k, I, O), linear (out, in)
 
 On top of that rule, everything ``convert_torch_weights.py`` does: inferring the
 architecture, kernel sizes and classes from the tensors alone (``infer_arch``), converting a
-``.pth`` file (read by ``eca_flax.pth``) to a pretrained directory or .safetensors file
+``.pth`` file (read by ``eca_flax.weights.pth``) to a pretrained directory or .safetensors file
 (``convert_file``), checking the result against the PyTorch reference (``verify.verify_with_torch``)
 and exporting back (``export_torch``). torch is imported inside the functions that need it only, so
 ``import eca_flax`` never needs torch.
@@ -27,10 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eca_flax import mobilenetv2, pth, resnet
-from eca_flax.pretrained import check_destination, load_pretrained, save_pretrained
-from eca_flax.pth import PREFIX, ConversionError, list_keys, strip_prefix
-from eca_flax.registry import (
+from eca_flax.models import mobilenetv2, resnet
+from eca_flax.models.registry import (
     KSize,
     count_params,
     empty_model,
@@ -39,7 +37,10 @@ from eca_flax.registry import (
     resolve_k_size,
     weight_paths,
 )
-from eca_flax.verify import verification_images, verify_with_torch
+from eca_flax.weights import pth
+from eca_flax.weights.pretrained import check_destination, load_pretrained, save_pretrained
+from eca_flax.weights.pth import PREFIX, ConversionError, list_keys, strip_prefix
+from eca_flax.weights.verify import verification_images, verify_with_torch
 
 _LEAF = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
 _TO_FLAX_AXES = {4: (2, 3, 1, 0), 3: (2, 1, 0), 2: (1, 0)}

@@ -180,9 +180,13 @@ def conv_general_dilated(
         and preferred_element_type is None
         and not any(v is not None for v in kwargs.values())
     )
-    if not (_enabled and simple and _takes_cpu_path(lhs, rhs, padding, lhs_dilation,
-                                                    rhs_dilation, dimension_numbers,
-                                                    feature_group_count)):  # fmt: skip
+    if not (
+        _enabled
+        and simple
+        and _takes_cpu_path(
+            lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
+        )
+    ):
         return lax_conv(lhs, rhs)
     strides = (int(window_strides[0]), int(window_strides[1]))
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax import mobilenetv2, resnet
-from eca_flax.layers import adaptive_kernel_size, attention_choice
+from eca_flax.models import mobilenetv2, resnet
+from eca_flax.models.layers import adaptive_kernel_size, attention_choice
 
 KSize = None | str | int | Sequence[int]
 # Compute dtypes by config name (parameters stay float32).
@@ -229,8 +229,13 @@ def empty_model(
     dropout RNG of MobileNetV2) and the weight paths listed in ``init`` (a new head) get exactly
     the values ``create_model(..., rngs=nnx.Rngs(seed))`` would give them.
     """
-    key = (arch, resolve_k_size(arch, k_size), int(num_classes), attention_choice(attention),
-           jnp.dtype(dtype).name)  # fmt: skip
+    key = (
+        arch,
+        resolve_k_size(arch, k_size),
+        int(num_classes),
+        attention_choice(attention),
+        jnp.dtype(dtype).name,
+    )
     model = nnx.clone(abstract_model(*key))
     _, _, rest = nnx.split(model, WEIGHTS, ...)
     if init or jax.tree.leaves(rest):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.layers import Sequential, attention_choice, batch_norm, conv2d, make_attention
+from eca_flax.models.layers import Sequential, attention_choice, batch_norm, conv2d, make_attention
 
 Array = jax.Array
 Dtype = Any

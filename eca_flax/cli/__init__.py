@@ -1,0 +1,1 @@
+"""The application shell: what the command lines install in the process (and the library never)."""

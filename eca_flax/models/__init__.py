@@ -1,0 +1,1 @@
+"""The networks: ECA-ResNet and ECA-MobileNetV2 (NNX), their layers, and the model registry."""
