@@ -140,7 +140,8 @@ class ECAResNet(nnx.Module):
     """ECA-ResNet for NHWC images normalized with the ImageNet mean/std; returns float32 logits.
 
     ``k_size`` gives one ECA kernel size per stage; ``attention`` is "eca", "eca_ns", "se"
-    (Squeeze-and-Excitation, reduction 16; ``k_size`` unused) or None.
+    (Squeeze-and-Excitation, reduction 16; ``k_size`` unused) or None. ``num_classes=0`` builds
+    a backbone without ``fc``: ``stage_features`` works, calling it for logits is a TypeError.
     Use ``model.eval()`` for inference (running BN statistics) and ``model.train()`` to train.
     """
 
@@ -174,12 +175,17 @@ class ECAResNet(nnx.Module):
                 inplanes = planes * block.expansion
             setattr(self, f"layer{i + 1}", Sequential(blocks))
         self.num_features = inplanes
-        self.fc = nnx.Linear(
-            inplanes,
-            num_classes,
-            kernel_init=torch_default_init(inplanes),
-            bias_init=torch_default_init(inplanes),
-            **kw,
+        # num_classes=0: a backbone without fc (stage_features only), e.g. from a detector
+        self.fc = (
+            nnx.Linear(
+                inplanes,
+                num_classes,
+                kernel_init=torch_default_init(inplanes),
+                bias_init=torch_default_init(inplanes),
+                **kw,
+            )
+            if num_classes
+            else None
         )
 
     def stem(self, x: Array) -> Array:
@@ -197,6 +203,12 @@ class ECAResNet(nnx.Module):
         return c2, c3, c4, c5
 
     def __call__(self, x: Array) -> Array:
+        if self.fc is None:
+            raise TypeError(
+                "this ECA-ResNet is a backbone without a classifier (num_classes=0, e.g. "
+                "converted from a detection checkpoint): use model.stage_features(x) for C2-C5, "
+                "or load_pretrained(path, num_classes=N) for a new N-class head"
+            )
         c5 = self.stage_features(x)[-1]
         pooled = jnp.mean(c5.astype(jnp.float32), axis=(1, 2))  # any input size works
         return self.fc(pooled.astype(self.dtype)).astype(jnp.float32)

@@ -354,3 +354,16 @@ def randomize(model: nn.Module, seed: int = 0, residual_scale: float = 1.0) -> n
 def numpy_state_dict(model: nn.Module) -> dict:
     """The state_dict as numpy arrays (what eca_flax.weights.convert.load_state_dict takes)."""
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def stage_features(model: nn.Module, images) -> list[np.ndarray]:
+    """C2-C5: the outputs of layer1..layer4 (NHWC numpy) of a reference ResNet on NHWC
+    ``images``, as a detector's backbone hands them to its neck (the model's mode as it is)."""
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        features = []
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            x = layer(x)
+            features.append(x.numpy().transpose(0, 2, 3, 1))
+        return features

@@ -425,6 +425,11 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn
         where=path,
     )
     head = "" if meta["num_classes"] == num_classes else f", new {num_classes}-class head"
+    if not meta["num_classes"]:  # a converted detector's backbone (stage_features only)
+        logger.info(
+            f"note: init_from {path} is a backbone without a classifier (converted from a "
+            f"detection checkpoint); training it with a new {num_classes}-class head"
+        )
     return model, f"{path} ({meta['arch']}, k_size {tuple(meta['k_size'])}{head})"
 
 
@@ -453,6 +458,11 @@ def _check_source(config: ml_collections.ConfigDict, meta: dict, path: str, num_
             raise ConfigError(
                 f"init_from {path} has attention {have or 'none'!r} but the config asks for "
                 f"{wanted or 'none'!r}"
+            )
+        if not have:
+            raise ConfigError(
+                f"eval_only: init_from {path} is a backbone without a classifier (converted from "
+                "a detection checkpoint); train a head on it first"
             )
         raise ConfigError(
             f"eval_only: the checkpoint has {have} classes but {config.dataset} has {wanted}; "

@@ -38,9 +38,18 @@ from eca_flax.models.registry import (
     weight_paths,
 )
 from eca_flax.weights import pth
-from eca_flax.weights.pretrained import check_destination, load_pretrained, save_pretrained
+from eca_flax.weights.pretrained import (
+    check_destination,
+    load_pretrained,
+    read_model_json,
+    save_pretrained,
+)
 from eca_flax.weights.pth import PREFIX, ConversionError, list_keys, strip_prefix
-from eca_flax.weights.verify import verification_images, verify_with_torch
+from eca_flax.weights.verify import (
+    verification_images,
+    verify_backbone_with_torch,
+    verify_with_torch,
+)
 
 _LEAF = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
 _TO_FLAX_AXES = {4: (2, 3, 1, 0), 3: (2, 1, 0), 2: (1, 0)}
@@ -152,7 +161,7 @@ class ArchSpec:
 
     def describe(self) -> str:
         """E.g. 'eca_resnet50, k=3,5,5,7, 1000 classes'."""
-        classes = f"{self.num_classes} classes"
+        classes = f"{self.num_classes} classes" if self.num_classes else "backbone (no classifier)"
         if self.attention is None:
             return f"{self.arch} without ECA layers (attention=None, the plain baseline), {classes}"
         if self.attention == "se":
@@ -284,6 +293,46 @@ def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
     return ArchSpec(arch, k_size, _head_classes(sd, head), attention)
 
 
+# Every key of the classification ECA-ResNets' state_dicts (ECA, SE or none), in one pattern.
+_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"  # a BatchNorm2d's leaves
+_RESNET_KEY = re.compile(
+    rf"conv1\.weight|bn1\.{_BN}|fc\.(weight|bias)|layer[1-4]\.\d+\.(conv[123]\.weight"
+    rf"|bn[123]\.{_BN}|eca\.conv\.weight|se\.fc[12]\.(weight|bias)|downsample\.0\.weight"
+    rf"|downsample\.1\.{_BN})"
+)
+
+
+def backbone_arch(checkpoint: pth.Checkpoint) -> ArchSpec:
+    """``infer_arch`` for a detector's backbone (``checkpoint.detection``): num_classes 0, and
+    a backbone that is not an ECA-ResNet (another key layout, grouped convolutions, another
+    depth) is one ConversionError naming the first key that does not fit."""
+    where = f"{checkpoint.path}: the detector's backbone is not an ECA-ResNet"
+    sd = checkpoint.state_dict
+    unknown = [k for k in sd if not _RESNET_KEY.fullmatch(k)]
+    if unknown:
+        raise ConversionError(
+            f"{where}: {pth.BACKBONE}{unknown[0]} is not a key of the classification ECA-ResNets "
+            f"(conv1, bn1, layerS.B.convN/bnN/eca.conv/downsample){_more(len(unknown) - 1)}"
+        )
+    for key, value in sd.items():
+        shape = tuple(np.shape(value))
+        if key.endswith(".conv2.weight") and len(shape) == 4 and shape[1] != shape[0]:
+            raise ConversionError(
+                f"{where}: {pth.BACKBONE}{key} has shape {shape}, a grouped 3x3 convolution "
+                f"({shape[0] // max(shape[1], 1)} groups, as in ResNeXt or RegNet); ECA-ResNet's "
+                f"is ({shape[0]}, {shape[0]}, 3, 3)"
+            )
+    try:
+        spec = infer_arch(sd)
+    except ConversionError as e:
+        raise ConversionError(f"{where}: {e}") from None
+    return dataclasses.replace(spec, num_classes=0)
+
+
+def _more(n: int) -> str:
+    return f"; {n} more keys it does not recognise" if n > 0 else ""
+
+
 def confirm_arch(spec: ArchSpec, *, arch: str | None = None, k_size: KSize = None) -> None:
     """Check the user's --arch / --k-size against what the file holds; they never override it."""
     if arch is not None and arch != spec.arch:
@@ -315,12 +364,18 @@ def say(line: str) -> None:
 
 
 def summary(spec: ArchSpec, params: int, checkpoint: pth.Checkpoint | None = None) -> str:
-    """'eca_resnet50, k=3,5,5,7, 1000 classes, 25,557,112 params, epoch 100, best_prec1 77.42'."""
+    """'eca_resnet50, k=3,5,5,7, 1000 classes, 25,557,112 params, epoch 100, best_prec1 77.42';
+    for a detector's backbone, then '; neck, rpn_head: 16 tensors not converted (detector parts)'.
+    """
     parts = [spec.describe(), f"{params:,} params"]
     if checkpoint is not None and checkpoint.epoch is not None:
         parts.append(f"epoch {checkpoint.epoch}")
     if checkpoint is not None and checkpoint.best_prec1 is not None:
         parts.append(f"best_prec1 {checkpoint.best_prec1:.2f}")
+    if checkpoint is not None and checkpoint.detection is not None:
+        version = checkpoint.detection.meta.get("mmdet_version")
+        parts.append(f"from a detector{f' (mmdet {version})' if version else ''}")
+        return ", ".join(parts) + "; " + checkpoint.detection.describe_left_out()
     return ", ".join(parts)
 
 
@@ -345,7 +400,8 @@ def convert_file(
     """
     check_destination(dst, overwrite)  # fail before reading a large file
     checkpoint = pth.read_checkpoint(src, allow_unsafe_pickle=allow_unsafe_pickle)
-    spec = infer_arch(checkpoint.state_dict)
+    detection = checkpoint.detection  # an mmdetection file: its backbone, num_classes 0
+    spec = backbone_arch(checkpoint) if detection else infer_arch(checkpoint.state_dict)
     confirm_arch(spec, arch=arch, k_size=k_size)
     model = empty_model(
         spec.arch, k_size=spec.k_size, num_classes=spec.num_classes, attention=spec.attention
@@ -353,7 +409,8 @@ def convert_file(
     try:
         load_state_dict(model, checkpoint.state_dict)
     except ConversionError as e:
-        raise ConversionError(f"{checkpoint.path}: {e} (read as {spec.describe()})") from None
+        part = f" {pth.BACKBONE}*" if detection else ""
+        raise ConversionError(f"{checkpoint.path}:{part} {e} (read as {spec.describe()})") from None
     model.eval()
     log(summary(spec, count_params(model), checkpoint))
     if checkpoint.arch_field and checkpoint.arch_field != spec.arch:
@@ -362,12 +419,19 @@ def convert_file(
         log("note: no ECA layers in this state_dict: converted as the plain model (attention=None)")
     if verify:
         images, what = verification_images()
-        result = verify_with_torch(model, spec, checkpoint.state_dict, images)
+        check = verify_backbone_with_torch if detection else verify_with_torch
+        result = check(model, spec, checkpoint.state_dict, images)
         log(f"verify ({what}): {result.describe()}")
         if not result.ok:
             raise ConversionError(f"verification failed: {result.describe()}; nothing written")
     source = {"file": checkpoint.path.name, "sha256": checkpoint.sha256()}
     extra = {"epoch": checkpoint.epoch, "best_prec1": checkpoint.best_prec1}
+    if detection:  # model.json says what the backbone came from (export_torch reads prefix)
+        extra["backbone"] = {
+            "prefix": pth.BACKBONE,
+            "left_out": detection.left_out,
+            "mmdet_meta": detection.meta,
+        }
     save_pretrained(
         model,
         dst,
@@ -393,12 +457,16 @@ def export_torch(
 
     The keys are exactly the original model's (num_batches_tracked included, as 0), without
     'module.', so ``model.load_state_dict(torch.load(out), strict=True)`` (or
-    ``safetensors.torch.load_file(out)``) works on the original architecture. Written to a
-    temporary file and renamed: no partial ``out``.
+    ``safetensors.torch.load_file(out)``) works on the original architecture. A backbone
+    converted from a detector goes back under its ``backbone.`` prefix, without fc: a detector
+    loads it with ``strict=False``. Written to a temporary file and renamed: no partial ``out``.
     """
     out = Path(out).expanduser()
     pth.check_output(out, overwrite)
-    tensors = state_dict(load_pretrained(src))
+    backbone = read_model_json(src).get("backbone") or {}
+    prefix = backbone.get("prefix", "") if isinstance(backbone, dict) else ""
+    tensors = state_dict(load_pretrained(src), prefix=prefix)
     pth.save_state_dict(tensors, out)
-    log(f"wrote {out}: {len(tensors)} tensors")
+    under = f" under {prefix} (a detector's backbone: load it with strict=False)" if prefix else ""
+    log(f"wrote {out}: {len(tensors)} tensors{under}")
     return tensors

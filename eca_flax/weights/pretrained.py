@@ -37,6 +37,7 @@ from flax import nnx, traverse_util
 
 from eca_flax.data.transforms import default_resize_size
 from eca_flax.files import write_directory
+from eca_flax.models import resnet
 from eca_flax.models.layers import attention_choice
 from eca_flax.models.registry import (
     WEIGHTS,
@@ -72,7 +73,9 @@ class PretrainedError(Exception):
 
 
 def num_classes_of(model: nnx.Module) -> int:
-    """The number of logits the model's classifier produces."""
+    """The number of logits the model's classifier produces (0: a backbone without one)."""
+    if isinstance(model, resnet.ECAResNet) and model.fc is None:
+        return 0  # built with num_classes=0: a backbone, e.g. converted from a detector
     head = getattr(model, "fc", None) or getattr(model, "classifier", [None, None])[1]
     if not isinstance(head, nnx.Linear):
         raise TypeError(f"not an eca_flax model: {type(model).__name__}")
@@ -131,17 +134,20 @@ def restore_model(
     ``read(target)`` returns arrays for the flat ``target`` of placeholders (the stored shapes,
     on this process's first device). A ``num_classes`` other than the stored one replaces every
     weight whose shape differs (the classifier) by a fresh initialisation (``seed``), for
-    fine-tuning. ``dtype`` is the compute dtype; parameters stay float32.
+    fine-tuning; ``num_classes=0`` gives an ECA-ResNet backbone without one (``stage_features``).
+    ``dtype`` is the compute dtype; parameters stay float32.
     """
     arch, saved_classes = meta["arch"], int(meta["num_classes"])
     num_classes = saved_classes if num_classes is None else int(num_classes)
-    if num_classes < 1:
+    backbone = num_classes == 0 and arch.startswith("eca_resnet")  # stage_features only
+    if num_classes < 1 and not backbone:
         raise PretrainedError(f"num_classes must be positive, got {num_classes}")
     spec = dict(k_size=meta["k_size"], attention=meta["attention"])
     try:
         saved = _weight_shapes(arch, num_classes=saved_classes, **spec)
         shapes = _weight_shapes(arch, num_classes=num_classes, **spec)
-        fresh = {p for p, s in shapes.items() if saved[p].shape != s.shape}
+        # the head where its shape differs, or where the saved model is a backbone without one
+        fresh = {p for p, s in shapes.items() if p not in saved or saved[p].shape != s.shape}
         model = empty_model(
             arch, num_classes=num_classes, dtype=dtype, seed=seed, init=fresh, **spec
         )

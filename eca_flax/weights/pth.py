@@ -2,8 +2,9 @@
 
 ``read_checkpoint`` reads what the original training script saved (torch.save's zip and legacy
 formats, storages of any device, the training dict or a bare state_dict, with or without
-'module.'), refusing pickles that would run code. ``save_state_dict`` writes a state_dict
-atomically. torch is imported inside the functions, so importing this module needs no torch.
+'module.', or an mmdetection checkpoint's backbone), refusing pickles that would run code.
+``save_state_dict`` writes a state_dict atomically. torch is imported inside the functions, so
+importing this module needs no torch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ import numpy as np
 from eca_flax.files import write_file
 
 PREFIX = "module."
+BACKBONE = "backbone."  # where mmdetection's detectors keep their backbone's keys
+# Top-level modules of mmdetection detectors (two-stage, single-stage, mask heads): a state_dict
+# with any of them (or with backbone.* keys, or an mmdet 'meta') is a detection checkpoint.
+DETECTOR_PARTS = (
+    "neck", "rpn_head", "roi_head", "bbox_head", "mask_head", "semantic_head", "mask_iou_head",
+    "shared_head", "bbox_roi_extractor", "mask_roi_extractor", "panoptic_head",
+)  # fmt: skip
 MAX_LISTED_KEYS = 10  # error messages list this many keys, then say how many more
 
 
@@ -52,6 +60,7 @@ class Checkpoint:
     epoch: int | None = None
     best_prec1: float | None = None
     arch_field: str | None = None  # the file's own 'arch' entry: informative only, never trusted
+    detection: Detection | None = None  # a detector's file: state_dict is its backbone's
 
     def sha256(self) -> str:
         """The hex SHA-256 of the file (recorded in model.json)."""
@@ -60,6 +69,66 @@ class Checkpoint:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class Detection:
+    """What a detection checkpoint (mmdetection's ``{"meta", "state_dict"}``) held besides the
+    backbone that ``Checkpoint.state_dict`` gets (its ``backbone.`` prefix removed)."""
+
+    left_out: dict[str, int]  # top-level part (neck, rpn_head, ...) -> its tensors, in file order
+    meta: dict[str, Any]  # mmdetection's 'meta' (mmdet_version, epoch, config, ...), JSON-safe
+
+    def describe_left_out(self) -> str:
+        """'neck, rpn_head, roi_head: 212 tensors not converted (detector parts)'."""
+        if not self.left_out:
+            return "no detector parts besides the backbone"
+        n = sum(self.left_out.values())
+        return f"{', '.join(self.left_out)}: {n} tensors not converted (detector parts)"
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` when JSON can hold it (tuples become lists), else None."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, list | tuple) and all(
+        v is None or isinstance(v, str | bool | int | float) for v in value
+    ):
+        return list(value)
+    return _as_number(value, float) if hasattr(value, "numel") else None
+
+
+def split_detector(
+    path: Path, container: Mapping[str, Any], state_dict: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], Detection | None]:
+    """(backbone state_dict, Detection) for an mmdetection checkpoint, (state_dict, None) for
+    anything else. mmdetection saves ``{"meta": {mmdet_version, config, epoch, ...},
+    "state_dict": {"backbone.conv1.weight", ..., "neck.*", "rpn_head.*", "roi_head.*"}}``;
+    one with no ``backbone.`` keys is a ConversionError naming what it holds."""
+    meta = container.get("meta")
+    meta = meta if isinstance(meta, Mapping) else {}
+    tops = [key.split(".", 1)[0] for key in state_dict]
+    mmdet = any(str(k).startswith("mmdet") for k in meta)
+    if not (mmdet or "backbone" in tops or set(tops) & set(DETECTOR_PARTS)):
+        return state_dict, None
+    left_out: dict[str, int] = {}
+    for top in tops:
+        if top != "backbone":
+            left_out[top] = left_out.get(top, 0) + 1
+    detection = Detection(
+        left_out=left_out,
+        meta={str(k): safe for k, v in meta.items() if (safe := _json_safe(v)) is not None},
+    )
+    if "backbone" not in tops:
+        parts = ", ".join(f"{part} ({n} tensors)" for part, n in left_out.items())
+        raise ConversionError(
+            f"{path}: a detection checkpoint with no {BACKBONE}* keys, so no backbone to "
+            f"convert; it holds {parts}"
+        )
+    backbone = {
+        k.removeprefix(BACKBONE): v for k, v in state_dict.items() if k.startswith(BACKBONE)
+    }
+    return backbone, detection
 
 
 def _serialization(path: Path) -> str | None:
@@ -101,7 +170,8 @@ def read_checkpoint(
 
     Accepts torch.save's zip and legacy formats, storages tagged for any device (loaded on the
     CPU), a dict with 'state_dict' (plus 'epoch', 'arch', 'best_prec1', 'optimizer') or a bare
-    state_dict, keys with or without 'module.'. Loads with ``weights_only=True`` unless
+    state_dict, keys with or without 'module.'; an mmdetection detector's checkpoint gives its
+    backbone (``split_detector``). Loads with ``weights_only=True`` unless
     ``allow_unsafe_pickle`` (trusted files only: their pickle can run arbitrary code).
     """
     path = Path(path).expanduser()
@@ -133,13 +203,16 @@ def read_checkpoint(
                 f"{path}: {key} is a {tensor.dtype} {tensor.layout} tensor, not a plain one"
             ) from None
     arch = meta.get("arch")
+    state_dict, detection = split_detector(path, meta, strip_prefix(arrays))
+    epoch = meta.get("epoch", detection.meta.get("epoch") if detection else None)
     return Checkpoint(
         path=path,
         serialization=kind,
-        state_dict=strip_prefix(arrays),
-        epoch=_as_number(meta.get("epoch"), int),
+        state_dict=state_dict,
+        epoch=_as_number(epoch, int),
         best_prec1=_as_number(meta.get("best_prec1"), float),
         arch_field=arch if isinstance(arch, str) else None,
+        detection=detection,
     )
 
 

@@ -1,10 +1,11 @@
-"""Checking a converted model against the PyTorch original: the same logits on the same
-images, within ``VERIFY_TOLERANCE`` (``convert_torch_weights.py --verify`` and the tests)."""
+"""Checking a converted model against the PyTorch original: the same logits (a detector's
+backbone: the same C2-C5 features) on the same images, within ``VERIFY_TOLERANCE``
+(``convert_torch_weights.py --verify`` and the tests)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,40 @@ def compare_logits(reference: np.ndarray, converted: np.ndarray) -> LogitCompari
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureComparison:
+    """How closely two backbones' C2-C5 features (reference, converted) agree."""
+
+    images: int
+    relative: tuple[float, ...]  # per stage: max |delta| / max |reference feature|
+
+    @property
+    def ok(self) -> bool:
+        """Every stage within VERIFY_TOLERANCE relative."""
+        return all(r <= VERIFY_TOLERANCE for r in self.relative)
+
+    def describe(self) -> str:
+        """One line with the figures and the verdict."""
+        verdict = "OK" if self.ok else f"FAILED (tolerance {VERIFY_TOLERANCE:g} relative)"
+        figures = ", ".join(f"C{i + 2} {r:.2e}" for i, r in enumerate(self.relative))
+        return f"max |Δfeature| relative to max |feature|: {figures}: {verdict}"
+
+
+def compare_features(
+    reference: Sequence[np.ndarray], converted: Sequence[np.ndarray]
+) -> FeatureComparison:
+    """Compare per-stage (N, H, W, C) features by max |delta| / max |reference|."""
+    relative = []
+    for i, (ref, got) in enumerate(zip(reference, converted, strict=True)):
+        ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+        if ref.shape != got.shape:
+            raise ValueError(f"C{i + 2}: shapes {ref.shape} and {got.shape} differ")
+        scale = float(np.abs(ref).max())
+        delta = float(np.abs(ref - got).max())
+        relative.append(delta / scale if scale > 0 else delta)
+    return FeatureComparison(images=len(reference[0]), relative=tuple(relative))
+
+
 def verification_images(image_size: int = 224, random_images: int = 2) -> tuple[np.ndarray, str]:
     """scikit-learn's two sample photos (original eval preprocessing) and random images."""
     try:
@@ -96,3 +131,21 @@ def verify_with_torch(
     model.eval()
     got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images)))
     return compare_logits(want, got)
+
+
+def verify_backbone_with_torch(
+    model: nnx.Module, spec: ArchSpec, state_dict: Mapping[str, np.ndarray], images: np.ndarray
+) -> FeatureComparison:
+    """C2-C5 of the PyTorch reference holding a backbone ``state_dict`` (no fc) and of
+    ``model.stage_features`` on NHWC ``images``."""
+    import torch
+
+    from eca_flax.models import torch_reference
+
+    reference = torch_reference.build(spec.arch, k_size=spec.k_size, attention=spec.attention)
+    weights = {k: torch.from_numpy(np.asarray(v)) for k, v in strip_prefix(state_dict).items()}
+    reference.load_state_dict(weights, strict=False)  # the converter has checked every key
+    want = torch_reference.stage_features(reference.eval(), images)
+    model.eval()
+    got = nnx.jit(lambda m, x: m.stage_features(x))(model, jnp.asarray(images))
+    return compare_features(want, [np.asarray(g) for g in got])
