@@ -12,6 +12,11 @@ name ending in .safetensors, one safetensors file (model.json in its metadata), 
 ``eca_flax.load_pretrained(DST)``; it is written atomically and never half-written.
 --to-torch writes DST's weights as a state_dict the original PyTorch model loads strictly
 (torch.load, or safetensors.torch.load_file for OUT.safetensors).
+
+SRC may also be an mmdetection detector (the COCO releases: Faster/Mask R-CNN, RetinaNet):
+its ECA-ResNet under 'backbone.' becomes a backbone without classifier (stage_features gives
+C2-C5); the neck and heads are reported and left out, and --to-torch writes the backbone back
+under 'backbone.' for a detector to load with strict=False.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -399,3 +401,48 @@ def test_detection_checkpoint_without_backbone_keys(tmp_path, capsys):
         "tensors)",
     )
     assert not dst.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# The README's commands, as written, on a random-weight Mask R-CNN file.
+
+
+@pytest.mark.slow
+def test_readme_detection_commands(tmp_path, monkeypatch, capsys):
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### COCO detection backbones") :]
+    section = section[: section.index("\n## ")]
+    command = next(
+        line for line in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines()
+        if line.startswith("python convert_torch_weights.py")
+    )  # fmt: skip
+    example = next(b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "FPN" in b)
+    monkeypatch.chdir(tmp_path)
+    ref = tr.random_reference("eca_resnet50", seed=4, k_size=(3, 3, 7, 7))
+    _, _, src, dst = shlex.split(command)
+    save_detector(tmp_path / src, backbone_of(ref), "mask_rcnn")
+    rc, out, err = run(capsys, *shlex.split(command)[2:])
+    assert rc == 0, err
+    assert out.startswith("eca_resnet50, k=3,3,7,7, backbone (no classifier), 23,508,116 params")
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    shapes = [tuple(namespace[p].shape) for p in ("p3", "p4", "p5")]
+    assert shapes == [(1, 48, 64, 256), (1, 24, 32, 256), (1, 12, 16, 256)]
+    assert "(1, 48, 64, 256) (1, 24, 32, 256) (1, 12, 16, 256)" in capsys.readouterr().out
+    # The table: the six releases with the AP published in the original README.
+    rows = [
+        "|".join(cell.strip(" `") for cell in line.strip("|").split("|"))
+        for line in section.splitlines()
+        if line.startswith(("| Faster R-CNN |", "| Mask R-CNN |", "| RetinaNet |"))
+    ]
+    assert rows == RELEASES.strip().splitlines()
+
+
+RELEASES = """
+Faster R-CNN|faster_rcnn_ecanet50_k5_bs8_lr0.01|eca_resnet50|5,5,5,5|38.0|–
+Faster R-CNN|faster_rcnn_ecanet101_3357_bs8_lr0.01|eca_resnet101|3,3,5,7|40.3|–
+Mask R-CNN|mask_rcnn_ecanet50_k3377_bs8_lr0.01|eca_resnet50|3,3,7,7|39.0|35.6
+Mask R-CNN|mask_rcnn_ecanet101_k3357_bs8_lr0.01|eca_resnet101|3,3,5,7|41.3|37.4
+RetinaNet|RetinaNet_ecanet50_k3377_bs8_lr0.01|eca_resnet50|3,3,7,7|37.3|–
+RetinaNet|RetinaNet_ecanet101_k3357_bs8_lr0.01|eca_resnet101|3,3,5,7|39.1|–
+"""
