@@ -126,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         meta = read_model_json(args.weights)  # a wrong --weights fails before decoding images
+        if not meta["num_classes"]:
+            raise PretrainedError(
+                f"{args.weights}: a backbone without a classifier (converted from a detection "
+                "checkpoint); it has no classes to predict"
+            )
         size, resize = eval_size(meta, args.image_size)
         images = load_images(args.images, size, resize)
         model = load_pretrained(args.weights)

@@ -21,10 +21,12 @@ import pytest
 import torch
 
 import eca_flax
+from eca_flax import predict
 from eca_flax.models import torch_reference as tr
 from eca_flax.training import checkpoints
 from eca_flax.training import config as cfg
 from eca_flax.weights import verify
+from eca_flax.weights.pretrained import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("convert_cli", ROOT / "convert_torch_weights.py")
@@ -224,7 +226,8 @@ def test_released_detector_backbone(name, k_size, kind, tmp_path, capsys):
     for i, (f, stride) in enumerate(zip(got, (4, 8, 16, 32))):
         assert f.shape == (2, HEIGHT // stride, WIDTH // stride, 256 * 2**i)
     result = verify.compare_features(want, got)
-    print(f"{name} {kind}: {result.describe()}")  # the measured figures (pytest -s)
+    with capsys.disabled():  # the measured figures, in the test log
+        print(f"\n{name} {kind} {HEIGHT}x{WIDTH}: {result.describe()}")
     assert result.ok and max(result.relative) <= TOLERANCE, result.describe()
     with pytest.raises(TypeError, match="backbone without a classifier.*stage_features"):
         model(x)
@@ -284,7 +287,7 @@ def r18(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
     return ref, src, root / "converted"
 
 
-def test_new_head_and_init_from(r18, capsys):
+def test_new_head_and_init_from(r18, tmp_path, capsys):
     ref, _, dst = r18
     tuned = eca_flax.load_pretrained(dst, num_classes=7)
     assert tuned.fc.kernel.shape == (512, 7)
@@ -295,7 +298,13 @@ def test_new_head_and_init_from(r18, capsys):
         ref.layer3[0].conv2.weight.detach().numpy().transpose(2, 3, 1, 0),
     )
     # A classifier's file loads as a backbone too (num_classes=0).
-    assert eca_flax.load_pretrained(dst, num_classes=0).fc is None
+    classifier = tmp_path / "classifier"
+    save_pretrained(tuned, classifier, arch="eca_resnet18", attention="eca")
+    body = eca_flax.load_pretrained(classifier, num_classes=0)
+    assert body.fc is None and np.array_equal(body.bn1.mean[...], tuned.bn1.mean[...])
+    # predict has no classes to give.
+    assert predict.main(["--weights", str(dst), str(tmp_path / "cat.jpg")]) == 1
+    assert "a backbone without a classifier" in capsys.readouterr().err
 
     config = cfg.default_config()
     config.model, config.image_size, config.batch_size = "eca_resnet18", 32, 8
