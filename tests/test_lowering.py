@@ -66,3 +66,17 @@ def test_problems_sees_float32_convolutions_in_a_bfloat16_program():
         "convolutions in f32" in line
         for line in lowering.problems(dataclasses.replace(p, config=bf16))
     )
+
+
+@pytest.mark.slow
+def test_benchmark_lower_for_prints_counts_and_flops():
+    from eca_flax.benchmark import cli
+
+    lines = []
+    args = cli.parse_args(["--lower-for", "tpu", "--models", "eca_resnet18", "--batch-size", "8"])
+    args.image_size = 32
+    assert cli.lower_for(args, lines.append) == 0
+    text = "\n".join(lines)
+    assert "sgd_bfloat16 (train, eca_resnet18, tpu)" in text and "convolution 59" in text
+    assert "(XLA cost analysis of the tpu lowering, unoptimized HLO)" in text
+    assert text.count("flops: ") == len(lowering.CASES) and "0 problems" in text
