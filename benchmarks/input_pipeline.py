@@ -15,7 +15,7 @@ sizes a host: cores at this per-core rate to feed --target images/s.
 Then, for hosts bigger than this one: the share of the train transform that holds the GIL
 (``gil_profile``, CPU time, so load from other processes does not count) and the Amdahl
 ceiling it sets for threads at 16 cores and at this machine's; threads against grain worker
-processes at each core count here (best of --repeats alternating runs); JPEG decoders on the
+processes on 1, 2 and all cores (best of --repeats alternating runs); JPEG decoders on the
 same images (PIL, PIL's draft mode, simplejpeg if installed); and what ``data_workers="auto"``
 (``eca_flax.data.pipeline.auto_workers``) picks. ``--gil-only`` skips the timed pipelines.
 """
@@ -319,7 +319,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=5000.0, help="images/s to size a host for")
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--repeats", type=int, default=3, help="threads/workers runs per core count (best kept)"
+        "--repeats", type=int, default=1, help="threads/workers runs per core count (best kept)"
     )
     parser.add_argument(
         "--gil-only", action="store_true", help="only the GIL profile and the decoder comparison"
@@ -402,7 +402,7 @@ def gil_report(root: pathlib.Path, cores: int, args) -> None:
         print("| cores | threads (1 process) | workers (1 thread each) | load |")
         print("|---|---|---|---|")
         rates = {}
-        for n in range(1, cores + 1):
+        for n in sorted({1, min(2, cores), cores}):
             t = w = 0.0
             for _ in range(args.repeats):  # alternating, the best of each: the quietest moment
                 t = max(t, run_child(REPO, "train", n, root, args)["images_per_s"])
