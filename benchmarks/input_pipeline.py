@@ -382,7 +382,7 @@ def gil_report(root: pathlib.Path, cores: int, args) -> None:
         f"  {profile['ms_per_image']:.3f} ms/image ({1e3 / profile['ms_per_image']:.0f} img/s "
         f"of CPU time); in PIL's GIL-free C calls (ms): {free}"
     )
-    check = gil_release_check(root)
+    check = gil_release_check(root, min(1.0, args.seconds))
     print(
         f"  GIL share: {share:.3f} (an upper bound: numpy's copies, which also release it, "
         "count as held). A Python thread runs at "
