@@ -91,14 +91,36 @@ def child(
         for batch in make(f"folder:{root}", None, **kwargs):
             if start is None:  # after the first batch: start-up is not throughput
                 start, per_image = time.perf_counter(), sum(v.nbytes for v in batch.values())
+                cpu = _tree_cpu_s()
                 continue
             images += batch_size
             if time.perf_counter() - start > seconds:
                 break
+    wall, cpu_end = time.perf_counter() - start, _tree_cpu_s()
     return {
-        "images_per_s": images / (time.perf_counter() - start),
+        "images_per_s": images / wall,
         "bytes_per_image": per_image / batch_size,
+        # CPU time of this process and its workers per image: what the machine's other load
+        # does not change much (prefetching makes it approximate, to a few buffered batches).
+        "cpu_ms_per_image": 1e3 * (cpu_end - cpu) / images if cpu and cpu_end else None,
     }
+
+
+def _tree_cpu_s() -> float | None:
+    """User + system CPU seconds of this process and all its descendants (psutil), or None."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def run_child(
@@ -399,16 +421,23 @@ def gil_report(root: pathlib.Path, cores: int, args) -> None:
         rates = None
     else:
         print(f"\nthreads against grain workers (train, img/s, best of {args.repeats} runs):")
-        print("| cores | threads (1 process) | workers (1 thread each) | load |")
+        print(
+            "| cores | threads (1 process): img/s (CPU ms/image) | workers (1 thread each) | load |"
+        )
         print("|---|---|---|---|")
-        rates = {}
+        rates, cpu = {}, {}
         for n in sorted({1, min(2, cores), cores}):
             t = w = 0.0
             for _ in range(args.repeats):  # alternating, the best of each: the quietest moment
-                t = max(t, run_child(REPO, "train", n, root, args)["images_per_s"])
-                w = max(w, run_child(REPO, "train", n, root, args, workers=n)["images_per_s"])
+                a = run_child(REPO, "train", n, root, args)
+                b = run_child(REPO, "train", n, root, args, workers=n)
+                t, w = max(t, a["images_per_s"]), max(w, b["images_per_s"])
+                for key, r in (((n, "t"), a), ((n, "w"), b)):
+                    if r.get("cpu_ms_per_image"):
+                        cpu[key] = min(cpu.get(key, math.inf), r["cpu_ms_per_image"])
             rates[n] = (t, w)
-            print(f"| {n} | {t:.1f} | {w:.1f} | {_load()} |")
+            cpu_t, cpu_w = (_fmt_ms(cpu.get((n, k))) for k in "tw")
+            print(f"| {n} | {t:.1f} ({cpu_t}) | {w:.1f} ({cpu_w}) | {_load()} |")
         one = rates[1][0]
         if cores > 1:
             scaling = rates[cores][0] / one
@@ -420,6 +449,16 @@ def gil_report(root: pathlib.Path, cores: int, args) -> None:
             )
         else:
             efficiency = pipeline.WORKER_EFFICIENCY
+        if (1, "t") in cpu and (cores, "w") in cpu:
+            # Load-robust: CPU per image of one thread against that of the workers (their
+            # IPC and bookkeeping); the GIL does not show in CPU time, Amdahl covers it.
+            cpu_eff = cpu[(1, "t")] / cpu[(cores, "w")]
+            rate = 1e3 / cpu[(1, "t")]
+            print(
+                f"  by CPU time: one thread {rate:.0f} img/s per core; workers {cpu_eff:.0%} as "
+                f"efficient; 16 cores: threads {rate * amdahl(share, 16):,.0f}, workers "
+                f"{rate * 16 * cpu_eff:,.0f} img/s"
+            )
         print(
             f"  16 cores, threads: {one:.0f} x {amdahl(share, 16):.2f} = "
             f"{one * amdahl(share, 16):,.0f} img/s; workers: {one:.0f} x 16 x {efficiency:.2f} = "
@@ -431,6 +470,10 @@ def gil_report(root: pathlib.Path, cores: int, args) -> None:
     print(f"\ndecoders on the same images (decode + train crop, CPU ms/image; load {_load()}):")
     for name, ms, note in decoders(root):
         print(f"  {name:12s} {ms:.3f} ms  {note}")
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _load() -> str:

@@ -63,11 +63,12 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-# benchmarks/input_pipeline.py (docs/benchmarks.md, "Input pipeline"): the share of the train
-# transform's CPU time that holds the GIL (PIL's Python-side JPEG parsing, the crop box, glue;
-# the rest is PIL's C decoding and resampling), and what grain worker processes of one thread
-# each make of N cores (N workers' images/s / (N x one thread's)), on a 2-core AMD EPYC.
-TRAIN_GIL_SHARE = 0.39
+# benchmarks/input_pipeline.py (docs/benchmarks.md, "Sized for big hosts"), 2-core AMD EPYC:
+# the share of the train transform's CPU time that holds the GIL (PIL's Python-side JPEG
+# parsing, the crop box, glue; the rest is PIL's C decoding and resampling), and what grain
+# workers of one thread each make of N cores: N workers' images/s / (N x one thread's), 652 /
+# (2 x 378) in the quietest measurement (issue 21).
+TRAIN_GIL_SHARE = 0.30
 WORKER_EFFICIENCY = 0.86
 # Workers only where they are predicted to beat threads by more than this: a worker costs a
 # process (start-up, memory) and an IPC copy of every batch, and at 2 cores the two measured
