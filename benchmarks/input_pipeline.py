@@ -102,25 +102,30 @@ def child(
         "bytes_per_image": per_image / batch_size,
         # CPU time of this process and its workers per image: what the machine's other load
         # does not change much (prefetching makes it approximate, to a few buffered batches).
-        "cpu_ms_per_image": 1e3 * (cpu_end - cpu) / images if cpu and cpu_end else None,
+        "cpu_ms_per_image": (
+            1e3 * sum(t - cpu.get(pid, 0.0) for pid, t in cpu_end.items()) / images
+            if cpu and cpu_end
+            else None
+        ),
     }
 
 
-def _tree_cpu_s() -> float | None:
-    """User + system CPU seconds of this process and all its descendants (psutil), or None."""
+def _tree_cpu_s() -> dict[int, float] | None:
+    """User + system CPU seconds of this process and each descendant, by pid (psutil), or
+    None without psutil."""
     try:
         import psutil
     except ImportError:
         return None
     me = psutil.Process()
-    total = 0.0
+    out = {}
     for p in [me, *me.children(recursive=True)]:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            out[p.pid] = t.user + t.system
         except psutil.Error:
             pass
-    return total
+    return out
 
 
 def run_child(
@@ -169,17 +174,20 @@ def _train_images(root: pathlib.Path, count: int) -> list[bytes]:
     return [f.read_bytes() for f in sorted(root.glob("train/*/*.JPEG"))[:count]]
 
 
-def gil_profile(root: pathlib.Path, count: int = 128, rounds: int = 3) -> dict:
+def gil_profile(root: pathlib.Path, count: int = 128, rounds: int = 7) -> dict:
     """The share of one image's train transform that holds the GIL, on this thread's CPU time
     (not wall time: other processes on the machine do not count).
 
-    Total: the transform of ``count`` images, unprofiled (best of ``rounds``). GIL-free: the
-    time inside PIL's C calls (GIL_FREE_CALLS), from cProfile with the thread's CPU clock; the
-    profiler slows only the Python part, which is why the total is taken without it. The rest
-    (PIL's Python-side file parsing, the crop box, numpy copies, the Python glue) holds the GIL.
+    Each round times the transform of ``count`` images unprofiled (the total), then once more
+    under cProfile with the thread's CPU clock for the time inside PIL's C calls
+    (GIL_FREE_CALLS); the profiler slows only the Python part, which is why the total is taken
+    without it. The share is the median over rounds of 1 - C time / total (adjacent runs, so
+    the machine's load hits both alike). The rest (PIL's Python-side file parsing, the crop
+    box, numpy copies, the Python glue) holds the GIL.
     """
     import cProfile
     import pstats
+    import statistics
 
     import numpy as np
 
@@ -192,22 +200,27 @@ def gil_profile(root: pathlib.Path, count: int = 128, rounds: int = 3) -> dict:
             transforms.train_transform(data, np.random.default_rng(i), 224)
 
     run()  # warm-up: imports, PIL plugins, allocator
-    total = math.inf
+    shares, totals, calls = [], [], []
     for _ in range(rounds):
         start = time.thread_time()
         run()
-        total = min(total, time.thread_time() - start)
-    prof = cProfile.Profile(time.thread_time)
-    prof.runcall(run)
-    per_call = {}
-    for (_, _, name), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
-        if name in GIL_FREE_CALLS:
-            per_call[name.split("'")[1]] = 1e3 * tottime / len(images)
-    free = sum(per_call.values()) / 1e3 * len(images)
+        total = time.thread_time() - start
+        prof = cProfile.Profile(time.thread_time)
+        prof.runcall(run)
+        per_call = {}
+        for (_, _, name), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
+            if name in GIL_FREE_CALLS:
+                per_call[name.split("'")[1]] = 1e3 * tottime / len(images)
+        free = sum(per_call.values()) * len(images) / 1e3
+        shares.append(max(0.0, 1.0 - free / total))
+        totals.append(total)
+        calls.append(per_call)
+    middle = shares.index(statistics.median_low(shares))
     return {
-        "ms_per_image": 1e3 * total / len(images),
-        "gil_free_ms": per_call,
-        "gil_share": max(0.0, 1.0 - free / total),
+        "ms_per_image": 1e3 * totals[middle] / len(images),
+        "gil_free_ms": calls[middle],
+        "gil_share": shares[middle],
+        "range": (min(shares), max(shares)),
     }
 
 
@@ -406,8 +419,9 @@ def gil_report(root: pathlib.Path, cores: int, args) -> None:
     )
     check = gil_release_check(root, min(1.0, args.seconds))
     print(
-        f"  GIL share: {share:.3f} (an upper bound: numpy's copies, which also release it, "
-        "count as held). A Python thread runs at "
+        f"  GIL share: {share:.3f} (median of 7 rounds, range "
+        f"{profile['range'][0]:.3f}-{profile['range'][1]:.3f}; an upper bound: numpy's copies, "
+        "which also release it, count as held). A Python thread runs at "
         + ", ".join(f"{v:.2f}x" for v in check.values())
         + f" of its idle rate beside {' / '.join(check)} loops (1.0: GIL released)"
     )
@@ -454,10 +468,19 @@ def gil_report(root: pathlib.Path, cores: int, args) -> None:
             # IPC and bookkeeping); the GIL does not show in CPU time, Amdahl covers it.
             cpu_eff = cpu[(1, "t")] / cpu[(cores, "w")]
             rate = 1e3 / cpu[(1, "t")]
+            # The pipeline's GIL share: grain's per-image work (reading, batching) holds it too.
+            free = sum(profile["gil_free_ms"].values())
+            pipe = max(share, 1.0 - free / cpu[(1, "t")])
             print(
-                f"  by CPU time: one thread {rate:.0f} img/s per core; workers {cpu_eff:.0%} as "
-                f"efficient; 16 cores: threads {rate * amdahl(share, 16):,.0f}, workers "
-                f"{rate * 16 * cpu_eff:,.0f} img/s"
+                f"  by CPU time: the pipeline {cpu[(1, 't')]:.2f} ms/image on one thread "
+                f"({rate:.0f} img/s per core), {free:.2f} of it in PIL's GIL-free calls: GIL "
+                f"share of the pipeline {pipe:.3f}, Amdahl at 16 threads {amdahl(pipe, 16):.2f}x "
+                f"(ceiling {1 / pipe:.2f}x); workers {cpu_eff:.0%} as efficient per CPU second"
+            )
+            print(
+                f"  16 cores by CPU time: threads {rate:.0f} x {amdahl(pipe, 16):.2f} = "
+                f"{rate * amdahl(pipe, 16):,.0f} img/s; workers {rate:.0f} x 16 x {cpu_eff:.2f} "
+                f"= {rate * 16 * cpu_eff:,.0f} img/s (target {args.target:,.0f})"
             )
         print(
             f"  16 cores, threads: {one:.0f} x {amdahl(share, 16):.2f} = "
