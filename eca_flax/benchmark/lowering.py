@@ -172,9 +172,7 @@ class Program:
     def cpu_compiled_flops(self) -> float | None:
         """XLA's cost analysis after compiling this very module for the CPU (the platform check
         disabled): the same program after XLA:CPU's passes. Slow (a full compile)."""
-        exported = jax.export.deserialize(self.exported.serialize())
-        args = jax.tree.unflatten(self.exported.in_tree, self.exported.in_avals)[0]
-        return _flops(jax.jit(exported.call).trace(*args).lower().compile())
+        return _flops(jax.jit(self.exported.call).lower(*self.args).compile())
 
 
 def _flops(stage: Any) -> float | None:
