@@ -142,6 +142,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="peak for MFU")
     parser.add_argument(
+        "--lower-for",
+        choices=("cuda", "tpu"),
+        help="no timing: export train.py's steps for this platform here (jax.export, abstract "
+        "shapes) and print their op counts, flops and any problem (eca_flax.benchmark.lowering)",
+    )
+    parser.add_argument(
+        "--compile-cpu",
+        action="store_true",
+        help="with --lower-for: also compile each exported module for this CPU, for XLA:CPU's "
+        "flop count of the same program (slow)",
+    )
+    parser.add_argument(
         "--xla-flags",
         default=" ".join(xla_flags.recommended()),
         help="appended to XLA_FLAGS before jax starts, unless XLA_FLAGS already sets them "
@@ -236,8 +248,39 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Re
     return results
 
 
+def lower_for(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    """``--lower-for``: every step of ``lowering.CASES`` of each model, exported for the
+    platform at the batch and image size asked; returns the number of problems found."""
+    from eca_flax.benchmark import lowering
+
+    log(f"machine: {machine_description()}; load average {os.getloadavg()[0]:.2f}")
+    log(
+        f"lowering for {args.lower_for} (jax.export, abstract shapes, nothing runs): batch "
+        f"{args.batch_size}, {args.image_size}x{args.image_size}, 1000 classes"
+    )
+    found = 0
+    for name in args.models:
+        for case in lowering.CASES:
+            program = lowering.lower(
+                case,
+                args.lower_for,
+                model=name,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                num_classes=1000,
+            )
+            for line in lowering.summary(program, compile_cpu=args.compile_cpu):
+                log(line)
+            found += len(lowering.problems(program))
+    log(f"{found} problems; load average at end {os.getloadavg()[0]:.2f}")
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.lower_for:  # exit status 1 when a lowered program has a problem
+        xla_flags.add(args.xla_flags)
+        return 1 if lower_for(args) else 0
     try:
         run(args)
     except BenchmarkError as e:

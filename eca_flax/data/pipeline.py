@@ -63,6 +63,30 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
+# benchmarks/input_pipeline.py (docs/benchmarks.md, "Sized for big hosts"), 2-core AMD EPYC:
+# the share of the train transform's CPU time that holds the GIL (PIL's Python-side JPEG
+# parsing, the crop box, glue; the rest is PIL's C decoding and resampling), and what grain
+# workers of one thread each make of N cores: N workers' images/s / (N x one thread's), 652 /
+# (2 x 378) in the quietest measurement (issue 21).
+TRAIN_GIL_SHARE = 0.30
+WORKER_EFFICIENCY = 0.86
+# Workers only where they are predicted to beat threads by more than this: a worker costs a
+# process (start-up, memory) and an IPC copy of every batch, and at 2 cores the two measured
+# within noise of each other.
+WORKER_MARGIN = 1.25
+
+
+def auto_workers(cores: int, gil_share: float = TRAIN_GIL_SHARE) -> tuple[int, int]:
+    """(grain worker processes, decoding threads in each) for ``data_workers="auto"`` on
+    ``cores`` cores: threads in this process (0 workers) while Amdahl's law for the GIL share
+    keeps them within WORKER_MARGIN of what workers make (WORKER_EFFICIENCY x cores), else one
+    worker of one thread per core (each process has its own GIL)."""
+    threads = 1.0 / (gil_share + (1.0 - gil_share) / cores)
+    if cores * WORKER_EFFICIENCY > WORKER_MARGIN * threads:
+        return cores, 1
+    return 0, cores
+
+
 def _batches(
     positions: range, load: Callable[[int], dict], per_process: int, threads: int, workers: int
 ) -> Iterator[Batch]:
@@ -229,7 +253,9 @@ def train_iterator(
         randaugment=ra.parse(randaugment),
     )
     forever = range(2**40 * per_process)
-    return _batches(forever, load, per_process, threads or default_threads(), workers)
+    if threads is None:  # every core: split among the workers, if any
+        threads = max(1, default_threads() // max(workers, 1))
+    return _batches(forever, load, per_process, threads, workers)
 
 
 def eval_iterator(

@@ -37,7 +37,8 @@ def decode(data: bytes) -> Image.Image:
     """
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # decode now: a truncated file raises here, not later
-        return image.convert("RGB")
+        # convert() of an RGB image is a full copy (PIL's): RGB JPEGs are returned as decoded.
+        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:
@@ -143,14 +144,16 @@ def train_transform(
         image = image.resize(
             (image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h)
         )
+        if hflip and rng.random() < 0.5:  # in PIL: no extra numpy copy (and no GIL held)
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
         out = np.asarray(image)
     else:
         fitted = np.asarray(center_crop(resize_shorter(image, image_size), image_size))
         padded = np.pad(fitted, ((pad, pad), (pad, pad), (0, 0)))
         dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
         out = padded[dy : dy + image_size, dx : dx + image_size]
-    if hflip and rng.random() < 0.5:
-        out = out[:, ::-1]
+        if hflip and rng.random() < 0.5:
+            out = out[:, ::-1]
     if randaugment is not None:
         out = np.asarray(ra.apply(Image.fromarray(np.ascontiguousarray(out)), randaugment, rng))
     return np.ascontiguousarray(out)

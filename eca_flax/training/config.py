@@ -8,6 +8,7 @@ the recipe; ``make_plan`` derives the sizes that need the dataset and the device
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -115,7 +116,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.mixup_prob = 1.0  # The chance a batch is mixed at all.
     c.skip_damaged_images = False  # Skip unreadable images (counted per epoch) instead of stopping.
     c.data_threads = 0  # Decoding threads per process; 0: one per core.
-    c.data_workers = 0  # grain worker processes (each with data_threads); 0: threads only.
+    # grain worker processes (each with data_threads; 0: threads only). "auto": threads while
+    # the GIL lets them scale, else one worker per core (data.pipeline.auto_workers).
+    c.data_workers = ml_collections.FieldReference("auto", field_type=object)
     c.seed = 0  # Initialisation, data order, augmentation and dropout.
     # Evaluation.
     c.eval_only = False  # Evaluate init_from (or the workdir's latest checkpoint) and stop.
@@ -209,13 +212,30 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         raise ConfigError(f"ema_decay must be in [0, 1) (0: no EMA), got {c.ema_decay}")
     if c.ema_warmup and not c.ema_decay:
         raise ConfigError("ema_warmup=True needs an ema_decay > 0")
-    for name in ("data_threads", "data_workers"):
-        if c[name] < 0:
-            raise ConfigError(f"{name} must be >= 0, got {c[name]}")
+    _resolve_workers(c)
     _check_procedure(c)
     profile_range(c)
     c.lock()
     return c
+
+
+def _resolve_workers(c: ml_collections.ConfigDict) -> None:
+    """data_threads >= 0; data_workers a count >= 0, or "auto": data.pipeline.auto_workers for
+    this process's cores (the count then replaces "auto")."""
+    from eca_flax.data import pipeline
+
+    workers = c.data_workers
+    if workers == "auto":
+        workers = pipeline.auto_workers(len(os.sched_getaffinity(0)))[0]
+    if isinstance(workers, str) and workers.strip().isdigit():
+        workers = int(workers)
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise ConfigError(f"data_workers must be 'auto' or a count >= 0, got {workers!r}")
+    with c.ignore_type():
+        c.data_workers = workers
+    for name in ("data_threads", "data_workers"):
+        if c[name] < 0:
+            raise ConfigError(f"{name} must be >= 0, got {c[name]}")
 
 
 def _check_procedure(c: ml_collections.ConfigDict) -> None:

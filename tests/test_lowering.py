@@ -1,0 +1,82 @@
+"""The GPU and TPU programs of the real train and eval steps, lowered on this CPU.
+
+``eca_flax.benchmark.lowering`` builds the steps train.py runs (training.steps with a config's
+optimizer, schedule, mixing and EMA) and exports them with ``jax.export`` for "cuda" and "tpu"
+from abstract shapes: tracing and lowering only, nothing is compiled or run. A small network
+(ECA-ResNet-18, 32x32, batch 8) has every kind of layer the big ones have.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import pytest
+
+from eca_flax.benchmark import lowering
+
+PROGRAMS = [(case, platform) for case in lowering.CASES for platform in lowering.PLATFORMS]
+
+
+@functools.cache
+def program(case: str, platform: str) -> lowering.Program:
+    return lowering.lower(case, platform)
+
+
+@pytest.mark.parametrize(("case", "platform"), PROGRAMS)
+def test_accelerator_program(case, platform):
+    p = program(case, platform)
+    counts = p.op_counts()
+    bf16 = p.config.dtype == "bfloat16"
+    # The network's own convolutions: eca_resnet18 has 20 conv layers (stem, 16 in the blocks,
+    # 3 downsamples); a train step adds each one's weight gradient and all but the stem's input
+    # gradient.
+    assert p.conv_layers == 20
+    assert counts["convolution"] == (20 if p.kind == "eval" else 3 * 20 - 1)
+    conv_types = {t for op in p.ops() if op.name == "convolution" for _, t in op.operands}
+    assert conv_types == ({"bf16"} if bf16 else {"f32"})
+    # No host callbacks, no effects.
+    assert not [t for t in p.custom_call_targets() if "callback" in t.lower()]
+    assert not p.exported.ordered_effects and not p.exported.unordered_effects
+    # The batch enters as uint8; the train state (every leaf) is donated.
+    types = p.argument_types()
+    assert [t for shape, t in types.values() if shape == (8, 32, 32, 3)] == ["ui8"]
+    if p.kind == "train":
+        assert set(p.donated()) == set(range(p.num_state_args))
+    else:
+        assert not p.donated()
+    # Everything above, and BatchNorm statistics, loss and dot_general operands (problems()).
+    assert lowering.problems(p) == []
+
+
+def test_problems_sees_a_cpu_formulation(monkeypatch):
+    """The gate off: cpu_kernels' CPU branch taken in a cuda program (1x1 convolutions and
+    weight gradients as dot_general, the max-pool gradient as comparisons) is reported."""
+    monkeypatch.setattr(jax.lax, "platform_dependent", lambda *a, cpu, default: cpu(*a))
+    p = lowering.lower("sgd_bfloat16", "cuda")
+    found = "\n".join(lowering.problems(p))
+    assert "convolutions, expected 59" in found
+    assert "dot_general ops on feature maps" in found
+    assert "without select_and_scatter" in found
+
+
+def test_problems_sees_float32_convolutions_in_a_bfloat16_program():
+    p = program("sgd_float32", "cuda")
+    _, bf16 = lowering.case_config("sgd_bfloat16", "eca_resnet18")
+    assert any(
+        "convolutions in f32" in line
+        for line in lowering.problems(dataclasses.replace(p, config=bf16))
+    )
+
+
+@pytest.mark.slow
+def test_benchmark_lower_for_prints_counts_and_flops():
+    from eca_flax.benchmark import cli
+
+    lines = []
+    args = cli.parse_args(["--lower-for", "tpu", "--models", "eca_resnet18", "--batch-size", "8"])
+    args.image_size = 32
+    assert cli.lower_for(args, lines.append) == 0
+    text = "\n".join(lines)
+    assert "sgd_bfloat16 (train, eca_resnet18, tpu)" in text and "convolution 59" in text
+    assert "(XLA cost analysis of the tpu lowering, unoptimized HLO)" in text
+    assert text.count("flops: ") == len(lowering.CASES) and "0 problems" in text
