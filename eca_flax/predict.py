@@ -4,11 +4,11 @@
 
 DST is a pretrained directory (``convert_torch_weights.py SRC DST`` or a training workdir's
 ``pretrained/``) or .safetensors file (``convert_torch_weights.py SRC DST.safetensors``).
-Images go through the original eval preprocessing at the size the model was evaluated at
-(model.json; released models: shorter side to 256 bilinear with antialiasing, center crop 224,
-ImageNet mean/std; ``eca_flax.data.preprocess_for_eval``). The 1000 ImageNet class names ship
-with the package (``imagenet_classes.txt``: synset id and name, in class-index order), so this
-works offline.
+Images go through the model's own eval preprocessing, as its model.json records it (released
+models: shorter side to 256 bilinear with antialiasing, center crop 224, ImageNet mean/std;
+timm's: their test size, floor(size / crop_pct), bicubic; ``eca_flax.data.preprocess_for_eval``).
+The 1000 ImageNet class names ship with the package (``imagenet_classes.txt``: synset id and
+name, in class-index order), so this works offline.
 """
 
 from __future__ import annotations
@@ -62,7 +62,12 @@ def top_k(model: nnx.Module, images: np.ndarray, k: int = 5) -> list[list[tuple[
     return out
 
 
-def load_images(paths: Sequence[str], image_size: int, resize_size: int | None) -> np.ndarray:
+def load_images(
+    paths: Sequence[str],
+    image_size: int,
+    resize_size: int | None,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
     """Every image through the eval preprocessing (uint8); a missing or undecodable file is a
     one-line ValueError naming it."""
     from PIL import UnidentifiedImageError
@@ -77,7 +82,8 @@ def load_images(paths: Sequence[str], image_size: int, resize_size: int | None) 
         if not path.is_file():
             raise ValueError(f"{name}: no such file")
         try:
-            images.append(eval_transform(path.read_bytes(), image_size, resize_size))
+            data = path.read_bytes()
+            images.append(eval_transform(data, image_size, resize_size, interpolation))
         except UnidentifiedImageError:
             raise ValueError(f"{name}: not an image (unknown format)") from None
         except DECODE_ERRORS as e:  # truncated or corrupt image data
@@ -86,12 +92,15 @@ def load_images(paths: Sequence[str], image_size: int, resize_size: int | None) 
     return np.stack(images)
 
 
-def eval_size(meta: dict, image_size: int | None) -> tuple[int, int | None]:
-    """(crop, resize) for a model: ``image_size`` if given (resize by the 256/224 rule), else
-    the sizes its model.json records (224 and 256 for converted released weights)."""
-    if image_size is not None:
-        return image_size, None
-    return int(meta.get("image_size") or 224), meta.get("resize_size")
+def eval_size(meta: dict, image_size: int | None) -> tuple[int, int | None, str]:
+    """(crop, resize, interpolation) for a model: the sizes its model.json records (224 and 256
+    for converted released weights, timm's test size and crop_pct), or ``image_size`` if given
+    (resize by the 256/224 rule, by the crop_pct for timm's models)."""
+    from eca_flax.data.transforms import override_eval
+    from eca_flax.weights.pretrained import eval_settings
+
+    settings = override_eval(eval_settings(meta), image_size)
+    return settings["image_size"], settings["resize_size"], settings["interpolation"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,8 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{args.weights}: a backbone without a classifier (converted from a detection "
                 "checkpoint); it has no classes to predict"
             )
-        size, resize = eval_size(meta, args.image_size)
-        images = load_images(args.images, size, resize)
+        images = load_images(args.images, *eval_size(meta, args.image_size))
         model = load_pretrained(args.weights)
     except (PretrainedError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -35,7 +35,7 @@ from eca_flax.models import torch_reference as tr
 from eca_flax.weights import convert, pretrained, pth, verify
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = eca_flax.list_models()
+NAMES = eca_flax.list_models("ECA-Net")  # the original release (timm's: tests/test_timm.py)
 
 
 def _load_cli():

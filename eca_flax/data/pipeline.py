@@ -267,6 +267,7 @@ def eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     resize_size: int | None = None,
+    interpolation: str = "bilinear",
     skip_damaged: bool = False,
     threads: int | None = None,
 ) -> Iterator[Batch]:
@@ -284,8 +285,15 @@ def eval_iterator(
         raise DataError(f"{dataset}: the validation split is empty")
     start, end = index * n // count, (index + 1) * n // count
     num_batches = math.ceil(math.ceil(n / count) / per_process)  # the same on every process
+    transforms.interpolation_filter(interpolation)
     load = _EvalExample(
-        records, start, end, skip_damaged, image_size=image_size, resize_size=resize_size
+        records,
+        start,
+        end,
+        skip_damaged,
+        image_size=image_size,
+        resize_size=resize_size,
+        interpolation=interpolation,
     )
     return _batches(
         range(num_batches * per_process), load, per_process, threads or default_threads(), workers=0
@@ -293,9 +301,30 @@ def eval_iterator(
 
 
 def preprocess_for_eval(
-    image_bytes: bytes, image_size: int = 224, resize_size: int | None = None
+    image_bytes: bytes,
+    image_size: int | None = None,
+    resize_size: int | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    interpolation: str | None = None,
 ) -> np.ndarray:
     """Eval preprocessing of one encoded image -> normalized float32 (image_size, image_size, 3):
-    exactly what the eval pipeline feeds the model (its uint8 output, normalized)."""
-    _check_positive("image_size", image_size)
-    return transforms.normalize(transforms.eval_transform(image_bytes, image_size, resize_size))
+    exactly what the eval pipeline feeds the model (its uint8 output, normalized).
+
+    With ``weights`` (a pretrained directory or .safetensors file), the preprocessing its
+    model.json records (``pretrained.eval_settings``: timm's models their test size, crop_pct,
+    bicubic; the original's 256 -> 224 bilinear); arguments given override it
+    (``transforms.override_eval``). Without, the original's: 224, resize by the 256/224 ratio,
+    bilinear.
+    """
+    settings = transforms.ORIGINAL_EVAL
+    if weights is not None:
+        from eca_flax.weights.pretrained import eval_settings, read_model_json
+
+        settings = eval_settings(read_model_json(weights))
+    settings = transforms.override_eval(settings, image_size, resize_size, interpolation)
+    _check_positive("image_size", settings["image_size"])
+    image = transforms.eval_transform(
+        image_bytes, settings["image_size"], settings["resize_size"], settings["interpolation"]
+    )
+    return transforms.normalize(image, settings["mean"], settings["std"])

@@ -1,7 +1,8 @@
 """The original's image transforms, torchvision's semantics on PIL images, in uint8.
 
 Train: RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip;
-eval: Resize(round(size * 256 / 224)) + CenterCrop(size). Both decode with PIL (``convert("RGB")``
+eval: Resize(round(size * 256 / 224)) + CenterCrop(size), bilinear (timm's models: their own
+sizes, bicubic, recorded in model.json). Both decode with PIL (``convert("RGB")``
 like torchvision's ImageFolder loader) and return uint8 HWC arrays; the normalization
 (``x / 255 - mean) / std``) happens on the device, in the jitted steps. Randomness comes from a
 numpy Generator the caller seeds per example, so a transform is a pure function of its inputs.
@@ -20,6 +21,8 @@ from eca_flax.data import randaugment as ra
 MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
 RATIO_RANGE = (3 / 4, 4 / 3)
+# torchvision's InterpolationMode names -> PIL filters (what Resize uses on PIL images).
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 # What PIL raises for files it cannot decode (truncated, corrupt, not an image at all).
 DECODE_ERRORS = (
     UnidentifiedImageError,
@@ -41,15 +44,24 @@ def decode(data: bytes) -> Image.Image:
         return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+def interpolation_filter(name: str) -> int:
+    """The PIL filter of "bilinear" or "bicubic"; ValueError naming the choices otherwise."""
+    try:
+        return INTERPOLATIONS[name]
+    except KeyError:
+        raise ValueError(f"interpolation {name!r}; choices: {', '.join(INTERPOLATIONS)}") from None
+
+
+def resize_shorter(image: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
     """torchvision Resize(size): the shorter side to ``size``, the longer to
-    int(size * long / short), bilinear (PIL antialiases when shrinking)."""
+    int(size * long / short), bilinear or bicubic (PIL antialiases when shrinking)."""
+    resample = interpolation_filter(interpolation)
     w, h = image.size
     if min(w, h) == size:
         return image
     if w <= h:
-        return image.resize((size, int(size * h / w)), Image.BILINEAR)
-    return image.resize((int(size * w / h), size), Image.BILINEAR)
+        return image.resize((size, int(size * h / w)), resample)
+    return image.resize((int(size * w / h), size), resample)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -64,18 +76,61 @@ def default_resize_size(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def eval_transform(data: bytes, image_size: int, resize_size: int | None = None) -> np.ndarray:
+def eval_transform(
+    data: bytes,
+    image_size: int,
+    resize_size: int | None = None,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
     """Decode, Resize(resize_size) + CenterCrop(image_size): uint8 (S, S, 3), exactly PIL's."""
     resize_size = default_resize_size(image_size) if resize_size is None else resize_size
     if resize_size < image_size:
         raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}")
-    return np.asarray(center_crop(resize_shorter(decode(data), resize_size), image_size))
+    resized = resize_shorter(decode(data), resize_size, interpolation)
+    return np.asarray(center_crop(resized, image_size))
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
+# The original's eval preprocessing (``eval_settings`` of a pretrained model gives a model's own).
+ORIGINAL_EVAL = {
+    "image_size": 224,
+    "resize_size": None,  # the 256/224 ratio
+    "crop_pct": None,
+    "interpolation": "bilinear",
+    "mean": MEAN_RGB,
+    "std": STD_RGB,
+}
+
+
+def override_eval(
+    settings: dict,
+    image_size: int | None = None,
+    resize_size: int | None = None,
+    interpolation: str | None = None,
+) -> dict:
+    """``settings`` (like ORIGINAL_EVAL) with the given fields replaced. Another ``image_size``
+    without ``resize_size`` resizes to floor(size / crop_pct) for a model with a crop_pct
+    (timm's), else by the original's 256/224 ratio."""
+    out = dict(settings)
+    if image_size is not None:
+        crop_pct = out.get("crop_pct")
+        out["image_size"] = int(image_size)
+        out["resize_size"] = int(math.floor(image_size / crop_pct)) if crop_pct else None
+    if resize_size is not None:
+        out["resize_size"] = int(resize_size)
+    if interpolation is not None:
+        interpolation_filter(interpolation)
+        out["interpolation"] = interpolation
+    return out
+
+
+def normalize(
+    image: np.ndarray,
+    mean: tuple[float, ...] = MEAN_RGB,
+    std: tuple[float, ...] = STD_RGB,
+) -> np.ndarray:
     """uint8 RGB -> (x / 255 - mean) / std, float32 (what the jitted steps do on the device)."""
     x = np.asarray(image, np.float32) / 255.0
-    return (x - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STD_RGB, np.float32)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def random_resized_crop_box(

@@ -257,3 +257,44 @@ def make_attention(
         param_dtype=param_dtype,
         rngs=rngs,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter-free layers of timm's ResNet-D/T layouts, as modules so that ``Sequential`` indices
+# keep PyTorch's (``conv1.2`` is the stem's first ReLU, ``downsample.0`` the avg-down pool).
+
+
+class ReLU(nnx.Module):
+    """``torch.nn.ReLU`` as a layer of a ``Sequential``."""
+
+    def __call__(self, x: Array) -> Array:
+        return nnx.relu(x)
+
+
+class AvgDown(nnx.Module):
+    """``AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)`` of timm's avg-down
+    shortcut, or identity for stride 1.
+
+    With ceil_mode an odd side gets a last window hanging one pixel past the edge; PyTorch
+    averages it over the pixels inside only, so the sum is divided by the count of real pixels.
+    """
+
+    def __init__(self, stride: int):
+        self.stride = stride
+
+    def __call__(self, x: Array) -> Array:
+        if self.stride == 1:
+            return x
+        s = self.stride
+        h, w = x.shape[1:3]
+        pad = ((0, 0), (0, (-(h - 2)) % s), (0, (-(w - 2)) % s), (0, 0))
+        window, strides = (1, 2, 2, 1), (1, s, s, 1)
+        total = jax.lax.reduce_window(x.astype(jnp.float32), 0.0, jax.lax.add, window, strides, pad)
+        ones = jnp.ones((1, h, w, 1), jnp.float32)
+        count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, pad)
+        return (total / count).astype(x.dtype)
+
+
+def timm_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
+    """timm's ECA kernel size: the paper's rule (``adaptive_kernel_size``), at least 3."""
+    return max(adaptive_kernel_size(channels, gamma, b), 3)

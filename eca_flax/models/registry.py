@@ -1,8 +1,11 @@
 """Model registry: ``create_model(name, ...)``, ``list_models()`` and per-model release info.
 
-Each entry records the architecture and what the authors released for it: the checkpoint
-file, its ECA kernel sizes, the exact learnable parameter count and the published
-ImageNet accuracy (single 224 centre crop).
+Each entry records the architecture and what was released for it. The original ECA-Net
+models (source "ECA-Net"): the checkpoint file, its ECA kernel sizes, the exact learnable
+parameter count and the published ImageNet accuracy (single 224 centre crop). timm's
+ECA-ResNets (source "timm"): the ResNet ``Design`` (stem, avg-down, groups, pruned widths),
+the parameter count, and each pretrained tag with its eval preprocessing, published top-1 at
+its test size and Hugging Face Hub repo.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.models import mobilenetv2, resnet
-from eca_flax.models.layers import adaptive_kernel_size, attention_choice
+from eca_flax.models import mobilenetv2, pruned, resnet
+from eca_flax.models.layers import adaptive_kernel_size, attention_choice, timm_kernel_size
 
 KSize = None | str | int | Sequence[int]
 # Compute dtypes by config name (parameters stay float32).
@@ -26,19 +29,57 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 WEIGHTS = (nnx.Param, nnx.BatchStat)  # what checkpoints and pretrained files store
 
 
+ORIGINAL = "ECA-Net"  # the authors' release (BangguWu/ECANet)
+TIMM = "timm"  # huggingface/pytorch-image-models
+EVAL_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # every model here
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedTag:
+    """One published set of weights of a timm model: ``timm/<model>.<tag>`` on the Hub."""
+
+    tag: str  # e.g. "ra2_in1k"
+    input_size: int  # training resolution (and timm's default eval size)
+    crop_pct: float
+    test_size: int  # the resolution the published top-1 is measured at
+    test_crop_pct: float
+    top1: float  # published ImageNet top-1 at test_size (timm's results-imagenet.csv)
+    interpolation: str = "bicubic"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """What the authors released for one architecture."""
+    """What was released for one architecture."""
 
     name: str
     family: str  # "resnet" or "mobilenet_v2"
     release_k_size: tuple[int, ...]  # per stage (ResNet) or (k for c < 96, k for c >= 96)
-    checkpoint: str
+    checkpoint: str  # the original's released file ("" for timm's: see ``tags``)
     params: int
     eca_params: int
-    top1: float
-    top5: float
-    depth: int = 0  # ResNets: the key of resnet.LAYOUTS
+    top1: float | None  # the best published top-1 (original: 224 crop; timm: ``best_tag``)
+    top5: float | None
+    depth: int = 0  # original ResNets: the key of resnet.LAYOUTS
+    source: str = ORIGINAL
+    layers: tuple[int, ...] = ()  # timm ResNets: Bottleneck blocks per stage
+    design: resnet.Design = resnet.Design()
+    tags: tuple[PretrainedTag, ...] = ()  # timm's published weights (none: untrained)
+
+    @property
+    def tag_names(self) -> tuple[str, ...]:
+        """The published tags, e.g. ('ra2_in1k', 'a1_in1k', ...)."""
+        return tuple(t.tag for t in self.tags)
+
+    def hub_repo(self, tag: str | None = None) -> str | None:
+        """'timm/ecaresnet50t.ra2_in1k' (the first tag by default); None without weights."""
+        if not self.tags:
+            return None
+        return f"timm/{self.name}.{tag or self.tags[0].tag}"
+
+    @property
+    def best_tag(self) -> PretrainedTag | None:
+        """The tag with the highest published top-1."""
+        return max(self.tags, key=lambda t: t.top1, default=None)
 
 
 _MODELS = {
@@ -60,9 +101,84 @@ _MODELS = {
 }  # fmt: skip
 
 
-def list_models() -> list[str]:
-    """Names accepted by ``create_model``."""
-    return list(_MODELS)
+def _timm(
+    name: str,
+    layers: tuple[int, ...],
+    stem: str,
+    params: int,
+    tags=(),
+    groups: int = 1,
+    base_width: int = 64,
+) -> ModelInfo:
+    """A timm ECA-ResNet entry: Bottleneck blocks, avg-down shortcuts, ECA under ``se`` with
+    timm's kernel rule on each stage's (unpruned) width, published top-1 of its best tag."""
+    widths = pruned.block_widths(name) if name in pruned.PRUNED else None
+    design = resnet.Design(
+        stem=stem,
+        avg_down=True,
+        groups=groups,
+        base_width=base_width,
+        widths=widths,
+        attention_name="se",
+    )
+    ks = tuple(timm_kernel_size(w * 4) for w in resnet.STAGE_WIDTHS)
+    best = max((t.top1 for t in tags), default=None)
+    return ModelInfo(
+        name,
+        "resnet",
+        ks,
+        "",
+        params,
+        sum(n * k for n, k in zip(layers, ks)),
+        best,
+        None,
+        source=TIMM,
+        layers=layers,
+        design=design,
+        tags=tuple(tags),
+    )
+
+
+_MIIL = PretrainedTag("miil_in1k", 224, 0.875, 288, 0.95, 0.0)
+_TIMM_MODELS = (
+    _timm("ecaresnet26t", (2, 2, 2, 2), "tiered", 16_011_916,
+          [PretrainedTag("ra2_in1k", 256, 0.875, 320, 0.95, 79.900)]),
+    _timm("ecaresnet50d", (3, 4, 6, 3), "deep", 25_576_350,
+          [dataclasses.replace(_MIIL, top1=81.648)]),
+    _timm("ecaresnet50d_pruned", (3, 4, 6, 3), "deep", 19_939_713,
+          [dataclasses.replace(_MIIL, top1=80.808)]),
+    _timm("ecaresnet50t", (3, 4, 6, 3), "tiered", 25_573_814,
+          [PretrainedTag("ra2_in1k", 256, 0.875, 320, 0.95, 82.370),
+           PretrainedTag("a1_in1k", 224, 0.95, 288, 1.0, 82.110),
+           PretrainedTag("a2_in1k", 224, 0.95, 288, 1.0, 81.682),
+           PretrainedTag("a3_in1k", 160, 0.95, 224, 0.95, 79.548)]),
+    _timm("ecaresnetlight", (1, 1, 11, 3), "plain", 30_162_046,
+          [dataclasses.replace(_MIIL, top1=81.430)]),
+    _timm("ecaresnet101d", (3, 4, 23, 3), "deep", 44_568_563,
+          [dataclasses.replace(_MIIL, top1=83.006)]),
+    _timm("ecaresnet101d_pruned", (3, 4, 23, 3), "deep", 24_876_040,
+          [dataclasses.replace(_MIIL, top1=82.016)]),
+    _timm("ecaresnet200d", (3, 24, 36, 3), "deep", 64_693_400),
+    _timm("ecaresnet269d", (3, 30, 48, 8), "deep", 102_093_077,
+          [PretrainedTag("ra2_in1k", 320, 0.95, 352, 1.0, 84.968)]),
+    _timm("ecaresnext26t_32x4d", (2, 2, 2, 2), "tiered", 15_406_220, groups=32, base_width=4),
+    _timm("ecaresnext50t_32x4d", (3, 4, 6, 3), "tiered", 25_045_686, groups=32, base_width=4),
+)  # fmt: skip
+_MODELS.update((m.name, m) for m in _TIMM_MODELS)
+
+
+def list_models(source: str | None = None) -> list[str]:
+    """Names accepted by ``create_model``; with ``source`` ("ECA-Net" or "timm"), its models."""
+    return [n for n, m in _MODELS.items() if source is None or m.source == source]
+
+
+def resnet_layout(name: str) -> tuple[type, tuple[int, ...], resnet.Design]:
+    """(block class, blocks per stage, design) of ResNet ``name``."""
+    info = model_info(name)
+    if info.source == TIMM:
+        return resnet.Bottleneck, info.layers, info.design
+    block, layers = resnet.LAYOUTS[info.depth]
+    return block, layers, info.design
 
 
 def model_info(name: str) -> ModelInfo:
@@ -78,7 +194,7 @@ def eca_channels(name: str) -> tuple[int, ...]:
     info = model_info(name)
     if info.family == "mobilenet_v2":
         return mobilenetv2.block_channels()
-    block, _ = resnet.LAYOUTS[info.depth]
+    block, _, _ = resnet_layout(name)
     return tuple(w * block.expansion for w in resnet.STAGE_WIDTHS)
 
 
@@ -88,14 +204,17 @@ def resolve_k_size(name: str, k_size: KSize = None) -> tuple[int, ...]:
     Accepts None (the released sizes), "adaptive" (the paper's formula on each ECA layer's
     channel count), the original CLI's digit string ("3557"), an int (every layer), or a
     sequence. ResNets take 4 sizes (one per stage); MobileNetV2 takes 2 (k where the table's
-    c < 96, k elsewhere: the release is "13") or 17 (one per block).
+    c < 96, k elsewhere: the release is "13") or 17 (one per block). timm's models release
+    timm's rule (the paper's, at least 3: 5,5,5,7), which "adaptive" gives them too; a pruned
+    model's rule reads the unpruned widths, as timm's kernels do.
     """
     info = model_info(name)
     n = 4 if info.family == "resnet" else mobilenetv2.NUM_BLOCKS
     if k_size is None:
         ks: tuple[int, ...] = info.release_k_size
     elif isinstance(k_size, str) and k_size == "adaptive":
-        ks = tuple(adaptive_kernel_size(c) for c in eca_channels(name))
+        rule = timm_kernel_size if info.source == TIMM else adaptive_kernel_size
+        ks = tuple(rule(c) for c in eca_channels(name))
     elif isinstance(k_size, str):
         if not re.fullmatch(r"\d+", k_size.replace(",", "")):
             raise ValueError(
@@ -156,14 +275,16 @@ def create_model(
     )
     if info.family == "mobilenet_v2":
         return mobilenetv2.ECAMobileNetV2(ks, **common)
-    block, layers = resnet.LAYOUTS[info.depth]
-    return resnet.ECAResNet(block, layers, ks, **common)
+    block, layers, design = resnet_layout(name)
+    return resnet.ECAResNet(block, layers, ks, design=design, arch=name, **common)
 
 
 def arch_of(model: nnx.Module) -> str:
     """The registry name ``model`` was built as (the inverse of ``create_model``'s name)."""
     if isinstance(model, mobilenetv2.ECAMobileNetV2) and model.width_mult == 1.0:
         return "eca_mobilenet_v2"
+    if isinstance(model, resnet.ECAResNet) and getattr(model, "arch", None) in _MODELS:
+        return model.arch
     if isinstance(model, resnet.ECAResNet) and f"eca_resnet{model.depth}" in _MODELS:
         return f"eca_resnet{model.depth}"
     raise ValueError(f"{type(model).__name__} is not one of {', '.join(_MODELS)}")

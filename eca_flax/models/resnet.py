@@ -1,13 +1,17 @@
 """ECA-ResNet: ResNet v1.5 (stride on the 3x3) with an ECA layer after each block's last BN.
 
-The whole network is here: its blocks, the depth table (``LAYOUTS``) and the stem and head.
-Attribute names follow the PyTorch state_dict of the original (``conv1``, ``bn1``,
+The whole network is here: its blocks, the depth table (``LAYOUTS``), the stem and head, and
+the options (``Design``) of timm's ECA-ResNets: deep / tiered stems, the avg-down shortcut,
+grouped 3x3 convolutions (ResNeXt), per-block widths (the pruned models) and the attention's
+attribute name. Attribute names follow the PyTorch state_dicts (``conv1``, ``bn1``,
 ``layer1[0].conv2``, ``layer1[0].eca.conv``, ``layer2[0].downsample[0]``, ``fc``); the SE
-baseline keeps its layer in the same place as ``layer1[0].se.fc1`` / ``.fc2``.
+baseline keeps its layer in the same place as ``layer1[0].se.fc1`` / ``.fc2``; timm keeps ECA
+under ``se`` (``layer1[0].se.conv``) and its stem in ``conv1[0..6]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eca_flax.models.layers import (
+    AvgDown,
+    ReLU,
     Sequential,
     attention_attribute,
     attention_choice,
@@ -28,14 +34,44 @@ from eca_flax.models.layers import (
 
 Array = jax.Array
 Dtype = Any
+BlockWidths = tuple[int, int, int]  # a Bottleneck's conv1, conv2 and conv3 output channels
+STEMS = {"deep": (32, 32), "tiered": (24, 32)}  # 3x3 stems' first two widths (then 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Design:
+    """The ResNet options beyond depth and kernel sizes; the default is the original ECA-ResNet.
+
+    ``stem``: "plain" (7x7/2 conv), "deep" (3x3 convs 32, 32, 64) or "tiered" (24, 32, 64).
+    ``avg_down``: shortcuts AvgPool2d(2, stride, ceil_mode, count_include_pad=False) + 1x1 conv
+    + BN (ResNet-D) instead of a strided 1x1 conv. ``groups`` / ``base_width``: the 3x3 conv's
+    groups and width per group (ResNeXt 32x4d: 32, 4). ``widths``: per stage, per block the
+    (conv1, conv2, conv3) output channels, for pruned networks (None: the regular widths).
+    ``attention_name``: the attribute the attention layer lives in (None: "eca", or "se" for
+    SE, as the original; timm: "se" for its ECA too).
+    """
+
+    stem: str = "plain"
+    avg_down: bool = False
+    groups: int = 1
+    base_width: int = 64
+    widths: tuple[tuple[BlockWidths, ...], ...] | None = None
+    attention_name: str | None = None
+
+    def __post_init__(self):
+        if self.stem != "plain" and self.stem not in STEMS:
+            raise ValueError(f"unknown stem {self.stem!r}; choices: plain, {', '.join(STEMS)}")
 
 
 class _Block(nnx.Module):
     """What both blocks share: the attention layer after the last BN, then the residual add."""
 
-    def _attach_attention(self, attention: str | None, channels: int, k_size: int, **kw) -> None:
-        """Keep the attention layer as ``self.eca`` (ECA, ECA-NS, none) or ``self.se`` (SE)."""
-        self.attention_attr = attention_attribute(attention)
+    def _attach_attention(
+        self, attention: str | None, channels: int, k_size: int, name: str | None, **kw
+    ) -> None:
+        """Keep the attention layer as ``self.eca`` (ECA, ECA-NS, none) or ``self.se`` (SE), or
+        under ``name`` (timm's "se")."""
+        self.attention_attr = name or attention_attribute(attention)
         setattr(self, self.attention_attr, make_attention(attention, channels, k_size, **kw))
 
     def _attend_and_add(self, out: Array, x: Array) -> Array:
@@ -59,18 +95,22 @@ class BasicBlock(_Block):
         stride: int,
         k_size: int,
         attention: str | None,
+        design: Design = Design(),
+        widths: BlockWidths | None = None,
         *,
         dtype: Dtype,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
     ):
+        if design.groups != 1 or design.base_width != 64 or widths is not None:
+            raise ValueError("BasicBlock supports only groups=1, base_width=64, regular widths")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv1 = conv2d(inplanes, planes, 3, stride=stride, **kw)
         self.bn1 = batch_norm(planes, **kw)
         self.conv2 = conv2d(planes, planes, 3, **kw)
         self.bn2 = batch_norm(planes, **kw)
-        self._attach_attention(attention, planes, k_size, **kw)
-        self.downsample = _downsample(inplanes, planes * self.expansion, stride, **kw)
+        self._attach_attention(attention, planes, k_size, design.attention_name, **kw)
+        self.downsample = _downsample(inplanes, planes, stride, design.avg_down, **kw)
 
     def __call__(self, x: Array) -> Array:
         out = nnx.relu(self.bn1(self.conv1(x)))
@@ -79,7 +119,11 @@ class BasicBlock(_Block):
 
 
 class Bottleneck(_Block):
-    """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(x4)-BN-ECA, + shortcut, ReLU."""
+    """conv1x1-BN-ReLU-conv3x3(stride, groups)-BN-ReLU-conv1x1(x4)-BN-ECA, + shortcut, ReLU.
+
+    The inner width is floor(planes * base_width / 64) * groups (ResNeXt), unless ``widths``
+    gives all three convolutions' outputs (a pruned block).
+    """
 
     expansion = 4
 
@@ -90,21 +134,26 @@ class Bottleneck(_Block):
         stride: int,
         k_size: int,
         attention: str | None,
+        design: Design = Design(),
+        widths: BlockWidths | None = None,
         *,
         dtype: Dtype,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        out_ch = planes * self.expansion
-        self.conv1 = conv2d(inplanes, planes, 1, **kw)
-        self.bn1 = batch_norm(planes, **kw)
-        self.conv2 = conv2d(planes, planes, 3, stride=stride, **kw)
-        self.bn2 = batch_norm(planes, **kw)
-        self.conv3 = conv2d(planes, out_ch, 1, **kw)
+        if widths is None:
+            width = planes * design.base_width // 64 * design.groups
+            widths = (width, width, planes * self.expansion)
+        w1, w2, out_ch = widths
+        self.conv1 = conv2d(inplanes, w1, 1, **kw)
+        self.bn1 = batch_norm(w1, **kw)
+        self.conv2 = conv2d(w1, w2, 3, stride=stride, groups=design.groups, **kw)
+        self.bn2 = batch_norm(w2, **kw)
+        self.conv3 = conv2d(w2, out_ch, 1, **kw)
         self.bn3 = batch_norm(out_ch, **kw)
-        self._attach_attention(attention, out_ch, k_size, **kw)
-        self.downsample = _downsample(inplanes, out_ch, stride, **kw)
+        self._attach_attention(attention, out_ch, k_size, design.attention_name, **kw)
+        self.downsample = _downsample(inplanes, out_ch, stride, design.avg_down, **kw)
 
     def __call__(self, x: Array) -> Array:
         out = nnx.relu(self.bn1(self.conv1(x)))
@@ -113,10 +162,14 @@ class Bottleneck(_Block):
         return self._attend_and_add(out, x)
 
 
-def _downsample(inplanes: int, out_ch: int, stride: int, **kw) -> Sequential | None:
-    """Projection shortcut conv1x1(stride)-BN where the shape changes, else identity."""
+def _downsample(inplanes: int, out_ch: int, stride: int, avg_down: bool, **kw) -> Sequential | None:
+    """Projection shortcut where the shape changes, else identity: conv1x1(stride)-BN, or with
+    ``avg_down`` AvgPool(2, stride)-conv1x1-BN (``downsample[1]``, ``[2]`` as in timm)."""
     if stride == 1 and inplanes == out_ch:
         return None
+    if avg_down:
+        conv = conv2d(inplanes, out_ch, 1, **kw)
+        return Sequential([AvgDown(stride), conv, batch_norm(out_ch, **kw)])
     return Sequential([conv2d(inplanes, out_ch, 1, stride=stride, **kw), batch_norm(out_ch, **kw)])
 
 
@@ -136,12 +189,27 @@ def depth_of(block: type, layers: Sequence[int]) -> int | None:
     return next((d for d, lay in LAYOUTS.items() if lay == (block, tuple(layers))), None)
 
 
+def _stem(stem: str, **kw) -> nnx.Conv | Sequential:
+    """``conv1``: 7x7/2 3->64 (plain), or conv3x3/2-BN-ReLU-conv3x3-BN-ReLU-conv3x3 to 64 (deep,
+    tiered: timm's ``conv1.0`` ... ``conv1.6``)."""
+    if stem == "plain":
+        return conv2d(3, 64, 7, stride=2, padding=3, **kw)
+    c0, c1 = STEMS[stem]
+    return Sequential([
+        conv2d(3, c0, 3, stride=2, **kw), batch_norm(c0, **kw), ReLU(),
+        conv2d(c0, c1, 3, **kw), batch_norm(c1, **kw), ReLU(),
+        conv2d(c1, 64, 3, **kw),
+    ])  # fmt: skip
+
+
 class ECAResNet(nnx.Module):
     """ECA-ResNet for NHWC images normalized with the ImageNet mean/std; returns float32 logits.
 
     ``k_size`` gives one ECA kernel size per stage; ``attention`` is "eca", "eca_ns", "se"
-    (Squeeze-and-Excitation, reduction 16; ``k_size`` unused) or None. ``num_classes=0`` builds
-    a backbone without ``fc``: ``stage_features`` works, calling it for logits is a TypeError.
+    (Squeeze-and-Excitation, reduction 16; ``k_size`` unused) or None. ``design`` selects the
+    stem, shortcut, groups and widths (default: the original's); ``arch`` is the registry name
+    the model is built as (``registry.arch_of``). ``num_classes=0`` builds a backbone without
+    ``fc``: ``stage_features`` works, calling it for logits is a TypeError.
     Use ``model.eval()`` for inference (running BN statistics) and ``model.train()`` to train.
     """
 
@@ -153,26 +221,34 @@ class ECAResNet(nnx.Module):
         *,
         num_classes: int = 1000,
         attention: str | None = "eca",
+        design: Design = Design(),
+        arch: str | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         if len(layers) != 4 or len(k_size) != 4:
             raise ValueError(f"need 4 stages and 4 kernel sizes, got {layers} and {k_size}")
+        if design.widths is not None and tuple(map(len, design.widths)) != tuple(layers):
+            raise ValueError(f"widths for {tuple(map(len, design.widths))} blocks, not {layers}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.k_size = tuple(int(k) for k in k_size)
         self.attention = attention_choice(attention)
-        self.depth = depth_of(block, layers)  # None for layouts other than the five above
-        self.conv1 = conv2d(3, 64, 7, stride=2, padding=3, **kw)
+        self.arch = arch
+        # None for layouts other than the original five
+        self.depth = depth_of(block, layers) if design == Design() else None
+        self.conv1 = _stem(design.stem, **kw)
         self.bn1 = batch_norm(64, **kw)
         inplanes = 64
         for i, (planes, n, k) in enumerate(zip(STAGE_WIDTHS, layers, self.k_size)):
             stride = 1 if i == 0 else 2
             blocks = []
             for b in range(n):
-                blocks.append(block(inplanes, planes, stride if b == 0 else 1, k, attention, **kw))
-                inplanes = planes * block.expansion
+                widths = None if design.widths is None else design.widths[i][b]
+                s = stride if b == 0 else 1
+                blocks.append(block(inplanes, planes, s, k, attention, design, widths, **kw))
+                inplanes = widths[-1] if widths else planes * block.expansion
             setattr(self, f"layer{i + 1}", Sequential(blocks))
         self.num_features = inplanes
         # num_classes=0: a backbone without fc (stage_features only), e.g. from a detector
@@ -189,7 +265,7 @@ class ECAResNet(nnx.Module):
         )
 
     def stem(self, x: Array) -> Array:
-        """conv 7x7/2 - BN - ReLU - max-pool 3x3/2: stride 4 output."""
+        """conv 7x7/2 (or the 3x3 stem) - BN - ReLU - max-pool 3x3/2: stride 4 output."""
         x = x.astype(self.dtype)
         return max_pool_3x3_s2(nnx.relu(self.bn1(self.conv1(x))))
 

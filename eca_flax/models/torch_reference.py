@@ -7,6 +7,10 @@ imports it, so eca_flax itself needs no torch. Module names reproduce the origin
 keys: ResNet ``conv1``/``bn1``/``layerS.B.{conv,bn}N``/``layerS.B.eca.conv``/``downsample``/
 ``fc``, MobileNetV2 ``features.i.conv.j``/``classifier.1``. The SE baseline (``attention="se"``,
 ResNets) names its layer ``layerS.B.se`` with Linear ``fc1`` / ``fc2``.
+
+timm's ECA-ResNets (``TimmResNet``, written from timm_eca_facts.md) have timm's keys: the
+3x3 stem ``conv1.0``/``.1``/``.3``/``.4``/``.6``, ``bn1``, Bottlenecks with ECA under
+``layerS.B.se.conv``, avg-down shortcuts ``downsample.1`` (conv) / ``.2`` (BN), ``fc``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from torch import nn
 
 from eca_flax.models import resnet
 from eca_flax.models.layers import attention_attribute
-from eca_flax.models.registry import KSize, model_attention, model_info, resolve_k_size
+from eca_flax.models.registry import (
+    TIMM,
+    KSize,
+    model_attention,
+    model_info,
+    resnet_layout,
+    resolve_k_size,
+)
 
 
 class ECALayer(nn.Module):
@@ -187,6 +198,95 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class TimmBottleneck(nn.Module):
+    """timm's Bottleneck: conv1 1x1, conv2 3x3 (stride, groups), conv3 1x1, each with BN; the
+    attention (``se``) after bn3; ReLU after the residual add."""
+
+    def __init__(self, inplanes, widths, stride, k_size, groups, attention, downsample):
+        super().__init__()
+        w1, w2, out = widths
+        self.conv1 = nn.Conv2d(inplanes, w1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w1)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(w1, w2, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(w2)
+        self.act2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(w2, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.se = _attention(attention, out, k_size)
+        self.act3 = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.se is not None:
+            out = self.se(out)
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.act3(out + shortcut)
+
+
+class TimmResNet(nn.Module):
+    """timm's ResNet as its ECA models use it: plain / deep / tiered stem, max-pool, Bottleneck
+    stages (widths from ``design`` or planes * base_width / 64 * groups), avg-down shortcuts
+    (AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False), 1x1 conv, BN), avg-pool, fc.
+    """
+
+    def __init__(self, layers, design, num_classes=1000, k_size=(5, 5, 5, 7), attention="eca"):
+        super().__init__()
+        if design.stem == "plain":
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        else:
+            c0, c1 = resnet.STEMS[design.stem]
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(3, c0, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(c0),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c0, c1, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c1, 64, 3, padding=1, bias=False),
+            )
+        self.bn1 = nn.BatchNorm2d(64)
+        self.act1 = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        inplanes = 64
+        for i, (planes, n) in enumerate(zip(resnet.STAGE_WIDTHS, layers)):
+            blocks = []
+            for b in range(n):
+                stride = 2 if i > 0 and b == 0 else 1
+                if design.widths is not None:
+                    widths = design.widths[i][b]
+                else:
+                    width = planes * design.base_width // 64 * design.groups
+                    widths = (width, width, planes * 4)
+                downsample = None
+                if stride != 1 or inplanes != widths[2]:
+                    pool = (
+                        nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+                        if stride > 1
+                        else nn.Identity()
+                    )
+                    conv = nn.Conv2d(inplanes, widths[2], 1, bias=False)
+                    downsample = nn.Sequential(pool, conv, nn.BatchNorm2d(widths[2]))
+                blocks.append(
+                    TimmBottleneck(
+                        inplanes, widths, stride, int(k_size[i]), design.groups, attention,
+                        downsample,
+                    )
+                )  # fmt: skip
+                inplanes = widths[2]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.global_pool(x), 1))
+
+
 class ConvBNReLU(nn.Sequential):
     def __init__(self, in_planes, out_planes, kernel_size=3, stride=1, groups=1):
         padding = (kernel_size - 1) // 2
@@ -287,7 +387,9 @@ def build(
     attention = model_attention(name, attention)
     if info.family == "mobilenet_v2":
         return ECAMobileNetV2(num_classes, attention=attention, block_k_sizes=ks)
-    block, layers = resnet.LAYOUTS[info.depth]
+    block, layers, design = resnet_layout(name)
+    if info.source == TIMM:
+        return TimmResNet(layers, design, num_classes, ks, attention)
     torch_block = ECABottleneck if block.expansion == 4 else ECABasicBlock
     return ResNet(torch_block, layers, num_classes, ks, attention)
 
@@ -318,9 +420,12 @@ def residual_scale(name: str) -> float:
 
     With random weights, ResNet-101/152's 33 and 50 undamped blocks amplify float32 rounding
     until even PyTorch disagrees with itself in float64 by 20-70%; 0.25 keeps them well
-    conditioned. The shallower models need none.
+    conditioned. The shallower models need none. By blocks: 16 (ResNet-50's) need none, timm's
+    ecaresnet200d / 269d (66 and 89 blocks) 0.1.
     """
-    return 0.25 if model_info(name).depth > 50 else 1.0
+    info = model_info(name)
+    blocks = sum(resnet_layout(name)[1]) if info.family == "resnet" else 0
+    return 1.0 if blocks <= 16 else 0.25 if blocks <= 50 else 0.1
 
 
 def random_reference(name: str, seed: int = 0, **build_kwargs) -> nn.Module:
@@ -346,8 +451,8 @@ def randomize(model: nn.Module, seed: int = 0, residual_scale: float = 1.0) -> n
             elif isinstance(m, nn.Conv1d):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g))
         for m in model.modules():
-            if isinstance(m, ECABottleneck | ECABasicBlock):
-                (m.bn3 if isinstance(m, ECABottleneck) else m.bn2).weight.mul_(residual_scale)
+            if isinstance(m, ECABottleneck | ECABasicBlock | TimmBottleneck):
+                (m.bn2 if isinstance(m, ECABasicBlock) else m.bn3).weight.mul_(residual_scale)
     return model
 
 
@@ -367,3 +472,67 @@ def stage_features(model: nn.Module, images) -> list[np.ndarray]:
             x = layer(x)
             features.append(x.numpy().transpose(0, 2, 3, 1))
         return features
+
+
+# --------------------------------------------------------------------------------------------
+# timm's Hugging Face Hub layout.
+
+
+def hub_config(name: str, model: nn.Module, tag: str | None = None) -> dict:
+    """config.json as timm's ``save_for_hf`` writes it for ``name`` (tag: the registry's first),
+    its pretrained_cfg from the registry (timm_eca_facts.md)."""
+    info = model_info(name)
+    t = next((t for t in info.tags if t.tag == tag), info.tags[0] if info.tags else None)
+    input_size, crop = (t.input_size, t.crop_pct) if t else (224, 0.875)
+    test_size, test_crop = (t.test_size, t.test_crop_pct) if t else (input_size, crop)
+    pretrained_cfg = {
+        "tag": t.tag if t else "untrained",
+        "custom_load": False,
+        "input_size": [3, input_size, input_size],
+        "test_input_size": [3, test_size, test_size],
+        "fixed_input_size": False,
+        "interpolation": t.interpolation if t else "bicubic",
+        "crop_pct": crop,
+        "test_crop_pct": test_crop,
+        "crop_mode": "center",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "num_classes": model.fc.out_features,
+        "pool_size": [input_size // 32, input_size // 32],
+        "first_conv": "conv1" if isinstance(model.conv1, nn.Conv2d) else "conv1.0",
+        "classifier": "fc",
+    }
+    return {
+        "architecture": name,
+        "num_classes": model.fc.out_features,
+        "num_features": model.fc.in_features,
+        "global_pool": "avg",
+        "pretrained_cfg": pretrained_cfg,
+    }
+
+
+def save_hub_folder(
+    name: str,
+    model: nn.Module,
+    path,
+    *,
+    tag: str | None = None,
+    config: dict | None = None,
+    bin_file: bool = False,
+) -> None:
+    """``model`` as a Hub folder: config.json + model.safetensors (float32, num_batches_tracked
+    as int64, metadata {"format": "pt"}), or pytorch_model.bin (torch.save) with ``bin_file``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = hub_config(name, model, tag) if config is None else config
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if bin_file:
+        torch.save(tensors, path / "pytorch_model.bin")
+    else:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

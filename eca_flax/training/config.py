@@ -106,6 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_image_size = -1  # Eval center crops; -1: image_size (RSB A3 trains at 160, tests 224).
     c.eval_resize_size = -1  # Eval: resize the shorter side to this, center crop eval_image_size;
     # -1: round(eval_image_size * 256 / 224), the original's Resize(256) + CenterCrop(224).
+    c.eval_interpolation = ""  # Eval resize filter: "bilinear" or "bicubic"; "": bilinear, or
+    # with eval_only, init_from's own eval preprocessing (its model.json: timm's bicubic, sizes).
     c.augment = "inception_crop"  # Or "pad_crop:N" (shifts of up to N px, for small images).
     c.min_crop_area = 0.08  # Random resized crop area range [min_crop_area, 1].
     c.hflip = True  # Random horizontal flips.
@@ -200,6 +202,11 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         )
     if not 0.0 < c.min_crop_area <= 1.0:
         raise ConfigError(f"min_crop_area must be in (0, 1], got {c.min_crop_area}")
+    if c.eval_only and c.init_from:
+        _eval_from_init(c)
+    if not c.eval_interpolation:
+        c.eval_interpolation = "bilinear"
+    _choice("eval_interpolation", c.eval_interpolation, ("bilinear", "bicubic"))
     if c.eval_image_size <= 0:
         c.eval_image_size = c.image_size
     if 0 < c.eval_resize_size < c.eval_image_size:
@@ -236,6 +243,34 @@ def _resolve_workers(c: ml_collections.ConfigDict) -> None:
     for name in ("data_threads", "data_workers"):
         if c[name] < 0:
             raise ConfigError(f"{name} must be >= 0, got {c[name]}")
+
+
+def _eval_from_init(c: ml_collections.ConfigDict) -> None:
+    """eval_only: the eval fields left at their defaults take init_from's recorded eval
+    preprocessing (a converter output of a timm model: test size, crop_pct, bicubic). The
+    original's models, workdirs and checkpoints keep the config's."""
+    import os
+
+    from eca_flax.data.transforms import override_eval
+    from eca_flax.weights import pretrained
+
+    path = os.path.expanduser(c.init_from)
+    if not (pretrained.is_safetensors(path) or os.path.isfile(os.path.join(path, "model.json"))):
+        return
+    try:
+        meta = pretrained.read_model_json(path)
+    except pretrained.PretrainedError:
+        return  # build_model reports it
+    if "preprocessing" not in meta:  # the original's models: the config's fields, as always
+        return
+    settings = pretrained.eval_settings(meta)
+    if c.eval_image_size > 0:
+        settings = override_eval(settings, c.eval_image_size)
+    c.eval_image_size = settings["image_size"]
+    if c.eval_resize_size <= 0:
+        c.eval_resize_size = settings["resize_size"]
+    if not c.eval_interpolation:
+        c.eval_interpolation = settings["interpolation"]
 
 
 def _check_procedure(c: ml_collections.ConfigDict) -> None:

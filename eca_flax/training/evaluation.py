@@ -75,6 +75,7 @@ def evaluate(
         global_batch_size=plan.eval_batch_size,
         image_size=config.eval_image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
+        interpolation=config.eval_interpolation,
         skip_damaged=config.skip_damaged_images,
         threads=config.data_threads or None,
     )

@@ -59,6 +59,13 @@ class RunResult:
     eval_ema: EvalResult | None = None  # The EMA's evaluation (ema_decay > 0).
 
 
+def eval_interpolation(config: ml_collections.ConfigDict) -> dict:
+    """model.json's "preprocessing" for a bicubic eval (timm's models); bilinear needs none."""
+    if config.eval_interpolation == "bilinear":
+        return {}
+    return {"preprocessing": {"interpolation": config.eval_interpolation}}
+
+
 class Preemption:
     """SIGTERM and Ctrl-C: the loop finishes its step, saves, waits for the save and stops.
 
@@ -144,6 +151,7 @@ def export_pretrained(
         image_size=config.eval_image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
         extra={
+            **eval_interpolation(config),
             "epoch": step // plan.steps_per_epoch,
             "step": step,
             "top1": 100 * result.top1,

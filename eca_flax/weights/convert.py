@@ -27,13 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eca_flax.models import mobilenetv2, resnet
+from eca_flax.models import mobilenetv2
 from eca_flax.models.registry import (
+    ORIGINAL,
+    TIMM,
     KSize,
     count_params,
     empty_model,
     list_models,
     model_info,
+    resnet_layout,
     resolve_k_size,
     weight_paths,
 )
@@ -217,10 +220,10 @@ def _resnet_arch(sd: Mapping[str, np.ndarray]) -> str:
             s = int(m.group(1)) - 1
             blocks[s] = max(blocks[s], int(m.group(2)) + 1)
     bottleneck = any(re.fullmatch(r"layer[1-4]\.\d+\.conv3\.weight", k) for k in sd)
-    for name in list_models():
+    for name in list_models(ORIGINAL):
         info = model_info(name)
         if info.family == "resnet":
-            block, layers = resnet.LAYOUTS[info.depth]
+            block, layers, _ = resnet_layout(name)
             if tuple(layers) == tuple(blocks) and (block.expansion == 4) == bottleneck:
                 return name
     kind = "bottleneck" if bottleneck else "basic"
@@ -236,15 +239,17 @@ def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
 
     ResNet depth and block type come from the ``layerS.B.*`` keys, MobileNetV2 from
     ``features.*``; each ECA kernel size from its ``eca.conv.weight`` shape (SE ResNets:
-    ``se.fc1.weight`` keys); num_classes from the classifier. Nothing else (in particular not
-    the file's 'arch' entry) is consulted.
+    ``se.fc1.weight`` keys); num_classes from the classifier. timm's ECA-ResNets (3x3 stems,
+    avg-down shortcuts, ECA under ``se``) are told by ``hub.infer_timm_arch``. Nothing else (in
+    particular not the file's 'arch' entry or config.json) is consulted.
     """
+    from eca_flax.weights import hub
+
     sd = strip_prefix(state_dict)
-    if any(re.search(r"(^|\.)se\.conv\.weight$", k) for k in sd):
-        raise ConversionError(
-            "this looks like a timm ecaresnet checkpoint (ECA modules named 'se'): timm's "
-            "ECA-ResNets are ResNet-D variants, a different architecture from the original"
-        )
+    if hub.is_timm_layout(sd):
+        return hub.infer_timm_arch(sd)
+    if foreign := hub.foreign_timm_model(sd):
+        raise ConversionError(f"not an ECA-Net state_dict: {foreign}")
     if any(k.startswith("features.") for k in sd):
         family, head = "mobilenet_v2", "classifier.1"
         arch = "eca_mobilenet_v2"
@@ -398,10 +403,13 @@ def convert_file(
     before anything is written. On any error nothing is written (ConversionError or
     PretrainedError with a one-line message).
     """
+    from eca_flax.weights import hub
+
     check_destination(dst, overwrite)  # fail before reading a large file
-    checkpoint = pth.read_checkpoint(src, allow_unsafe_pickle=allow_unsafe_pickle)
+    checkpoint, config = hub.read_source(src, allow_unsafe_pickle=allow_unsafe_pickle)
     detection = checkpoint.detection  # an mmdetection file: its backbone, num_classes 0
     spec = backbone_arch(checkpoint) if detection else infer_arch(checkpoint.state_dict)
+    hub.confirm_config(spec, config, str(src))
     confirm_arch(spec, arch=arch, k_size=k_size)
     model = empty_model(
         spec.arch, k_size=spec.k_size, num_classes=spec.num_classes, attention=spec.attention
@@ -432,6 +440,7 @@ def convert_file(
             "left_out": detection.left_out,
             "mmdet_meta": detection.meta,
         }
+    sizes = timm_eval_sizes(spec, config, extra, log)
     save_pretrained(
         model,
         dst,
@@ -440,9 +449,31 @@ def convert_file(
         source=source,
         extra=extra,
         overwrite=overwrite,
+        **sizes,
     )
     log(f"wrote {dst}")
     return model
+
+
+def timm_eval_sizes(
+    spec: ArchSpec, config: Mapping | None, extra: dict, log: Callable[[str], None]
+) -> dict[str, int]:
+    """A timm model's eval preprocessing for model.json: ``extra["preprocessing"]`` (config.json's
+    or the registry's) and the image_size / resize_size arguments of ``save_pretrained`` (the
+    test size and floor(size / test crop_pct)); nothing for the original's models."""
+    from eca_flax.weights import hub
+
+    if model_info(spec.arch).source != TIMM:
+        return {}
+    pre = hub.eval_preprocessing(spec.arch, config)
+    extra["preprocessing"] = pre
+    size, crop = pre["test_input_size"], pre["test_crop_pct"]
+    resize = hub.resize_for_crop(size, crop)
+    log(
+        f"eval preprocessing ({pre['origin']}): resize {resize} {pre['interpolation']}, "
+        f"center crop {size} (crop_pct {crop})"
+    )
+    return {"image_size": size, "resize_size": resize}
 
 
 def export_torch(

@@ -341,6 +341,24 @@ def _description(
     }
 
 
+def eval_settings(meta: Mapping) -> dict[str, Any]:
+    """The eval preprocessing model.json records, as ``transforms.ORIGINAL_EVAL``'s keys.
+    timm's models record theirs under "preprocessing" (test size, crop_pct, bicubic, mean,
+    std); the original's are their image_size / resize_size, bilinear, ImageNet mean/std."""
+    from eca_flax.data.transforms import ORIGINAL_EVAL
+
+    size = int(meta.get("image_size") or 224)
+    pre = meta.get("preprocessing") or {}
+    return {
+        "image_size": size,
+        "resize_size": int(meta.get("resize_size") or default_resize_size(size)),
+        "crop_pct": pre.get("test_crop_pct"),
+        "interpolation": pre.get("interpolation", ORIGINAL_EVAL["interpolation"]),
+        "mean": tuple(pre.get("mean", ORIGINAL_EVAL["mean"])),
+        "std": tuple(pre.get("std", ORIGINAL_EVAL["std"])),
+    }
+
+
 def check_destination(path: Path_, overwrite: bool) -> None:
     """Refuse an existing ``path`` unless ``overwrite`` and it is a pretrained or empty dir (a
     file, for a .safetensors path)."""
