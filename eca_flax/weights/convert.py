@@ -40,7 +40,7 @@ from eca_flax.models.registry import (
     resolve_k_size,
     weight_paths,
 )
-from eca_flax.weights import pth
+from eca_flax.weights import hub, pth
 from eca_flax.weights.pretrained import (
     check_destination,
     load_pretrained,
@@ -243,8 +243,6 @@ def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
     avg-down shortcuts, ECA under ``se``) are told by ``hub.infer_timm_arch``. Nothing else (in
     particular not the file's 'arch' entry or config.json) is consulted.
     """
-    from eca_flax.weights import hub
-
     sd = strip_prefix(state_dict)
     if hub.is_timm_layout(sd):
         return hub.infer_timm_arch(sd)
@@ -403,8 +401,6 @@ def convert_file(
     before anything is written. On any error nothing is written (ConversionError or
     PretrainedError with a one-line message).
     """
-    from eca_flax.weights import hub
-
     check_destination(dst, overwrite)  # fail before reading a large file
     checkpoint, config = hub.read_source(src, allow_unsafe_pickle=allow_unsafe_pickle)
     detection = checkpoint.detection  # an mmdetection file: its backbone, num_classes 0
@@ -461,8 +457,6 @@ def timm_eval_sizes(
     """A timm model's eval preprocessing for model.json: ``extra["preprocessing"]`` (config.json's
     or the registry's) and the image_size / resize_size arguments of ``save_pretrained`` (the
     test size and floor(size / test crop_pct)); nothing for the original's models."""
-    from eca_flax.weights import hub
-
     if model_info(spec.arch).source != TIMM:
         return {}
     pre = hub.eval_preprocessing(spec.arch, config)
