@@ -15,8 +15,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from eca_flax.data import randaugment
+from eca_flax.data import pipeline, randaugment
+from eca_flax.data.transforms import override_eval
 from eca_flax.models import registry
+from eca_flax.weights import pretrained
 
 
 class ConfigError(ValueError):
@@ -229,8 +231,6 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def _resolve_workers(c: ml_collections.ConfigDict) -> None:
     """data_threads >= 0; data_workers a count >= 0, or "auto": data.pipeline.auto_workers for
     this process's cores (the count then replaces "auto")."""
-    from eca_flax.data import pipeline
-
     workers = c.data_workers
     if workers == "auto":
         workers = pipeline.auto_workers(len(os.sched_getaffinity(0)))[0]
@@ -249,11 +249,6 @@ def _eval_from_init(c: ml_collections.ConfigDict) -> None:
     """eval_only: the eval fields left at their defaults take init_from's recorded eval
     preprocessing (a converter output of a timm model: test size, crop_pct, bicubic). The
     original's models, workdirs and checkpoints keep the config's."""
-    import os
-
-    from eca_flax.data.transforms import override_eval
-    from eca_flax.weights import pretrained
-
     path = os.path.expanduser(c.init_from)
     if not (pretrained.is_safetensors(path) or os.path.isfile(os.path.join(path, "model.json"))):
         return
