@@ -68,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's progress chatter
     try:
-        from eca_flax.weights.convert import ConversionError, convert_file, export_torch
-        from eca_flax.weights.pretrained import PretrainedError
+        from eca_flax.errors import Error
+        from eca_flax.weights.convert import convert_file, export_torch
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         return 130
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 allow_unsafe_pickle=args.allow_unsafe_pickle,
             )
-    except (ConversionError, PretrainedError, OSError) as e:
+    except (Error, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -67,12 +67,9 @@ def unknown_field(error: AttributeError) -> str:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input or a fault the user can fix: reported as one line."""
-    from eca_flax import data
-    from eca_flax.training.config import ConfigError, TrainingError
-    from eca_flax.weights import pretrained
-    from eca_flax.weights.convert import ConversionError
+    from eca_flax import errors
 
-    return ConfigError, TrainingError, data.DataError, pretrained.PretrainedError, ConversionError
+    return (errors.Error,)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eca_flax.errors import PretrainedError
+
 BATCH = 32
 
 
@@ -118,7 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     xla_flags.use_recommended()  # Takes effect only before the first computation.
     from eca_flax.weights.pretrained import (
-        PretrainedError,
         load_pretrained,
         num_classes_of,
         read_model_json,

@@ -31,6 +31,7 @@ from faults import popen_interruptible, run_on_small_disk
 from flax import nnx
 
 import eca_flax
+from eca_flax import errors
 from eca_flax.models import torch_reference as tr
 from eca_flax.weights import convert, pretrained, pth, verify
 
@@ -321,10 +322,10 @@ def test_infer_arch_from_shapes_alone(released):
     r34 = {k: v.numpy() for k, v in tr.build("eca_resnet34").state_dict().items()}
     assert convert.infer_arch(r34) == convert.ArchSpec("eca_resnet34", (3, 3, 5, 7), 1000, "eca")
     r34["layer3.2.eca.conv.weight"] = np.zeros((1, 1, 3), np.float32)
-    with pytest.raises(convert.ConversionError, match=r"layer3 mixes ECA kernel sizes \[3, 5\]"):
+    with pytest.raises(errors.ConversionError, match=r"layer3 mixes ECA kernel sizes \[3, 5\]"):
         convert.infer_arch(r34)
     timm_like = {k.replace(".eca.", ".se."): v for k, v in r34.items()}
-    with pytest.raises(convert.ConversionError, match="timm"):
+    with pytest.raises(errors.ConversionError, match="timm"):
         convert.infer_arch(timm_like)
     # SE ResNets in our layout (layerS.B.se.fc1/fc2, Linear): attention="se", any depth.
     se50 = {k: v.numpy() for k, v in tr.build("eca_resnet50", attention="se").state_dict().items()}
@@ -339,7 +340,7 @@ def test_infer_arch_from_shapes_alone(released):
         **dataclasses.asdict(convert.infer_arch(conv_like))
     )
     with pytest.raises(
-        convert.ConversionError,
+        errors.ConversionError,
         match=r"shape mismatch for layer\d\.\d\.se\.fc\d\.weight: checkpoint \(\d+, \d+, 1, 1\)",
     ):
         convert.load_state_dict(model, conv_like)
@@ -513,43 +514,43 @@ def test_load_pretrained_new_head_and_dtype(small, tmp_path, capsys):
 
 
 def test_load_pretrained_errors(small, tmp_path, capsys):
-    with pytest.raises(pretrained.PretrainedError, match="no such directory"):
+    with pytest.raises(errors.PretrainedError, match="no such directory"):
         eca_flax.load_pretrained(tmp_path / "missing")
-    with pytest.raises(pretrained.PretrainedError, match="no model.json"):
+    with pytest.raises(errors.PretrainedError, match="no model.json"):
         eca_flax.load_pretrained(tmp_path)
     dst = tmp_path / "out"
     assert run(capsys, small[2], dst)[0] == 0
     meta = json.loads((dst / "model.json").read_text())
     (dst / "model.json").write_text(json.dumps({**meta, "format": "other/2"}))
-    with pytest.raises(pretrained.PretrainedError, match="format 'other/2'"):
+    with pytest.raises(errors.PretrainedError, match="format 'other/2'"):
         eca_flax.load_pretrained(dst)
     (dst / "model.json").write_text(json.dumps({**meta, "k_size": [3, 3, 3, 3]}))
     with pytest.raises(
-        pretrained.PretrainedError,
+        errors.PretrainedError,
         match=r"layer1/0/eca/conv/kernel is stored with shape \(1, 1, 1\) but model.json implies "
         r"\(3, 1, 1\)",
     ):
         eca_flax.load_pretrained(dst)
     (dst / "model.json").write_text(json.dumps(meta))
     (dst / "state").rename(tmp_path / "state")
-    with pytest.raises(pretrained.PretrainedError, match="no state/ checkpoint"):
+    with pytest.raises(errors.PretrainedError, match="no state/ checkpoint"):
         eca_flax.load_pretrained(dst)
     assert_error(*run(capsys, "--to-torch", dst, tmp_path / "x.pth")[::2], "no state/ checkpoint")
     (dst / "model.json").rename(tmp_path / "saved.json")
-    with pytest.raises(pretrained.PretrainedError, match="no model.json"):
+    with pytest.raises(errors.PretrainedError, match="no model.json"):
         eca_flax.load_pretrained(dst)
 
 
 def test_save_pretrained_checks_the_model(small, tmp_path):
     model = eca_flax.models.registry.empty_model("eca_resnet18")
-    with pytest.raises(pretrained.PretrainedError, match="unloaded weights"):
+    with pytest.raises(errors.PretrainedError, match="unloaded weights"):
         pretrained.save_pretrained(model, tmp_path / "a", arch="eca_resnet18", attention="eca")
     model = convert.convert_file(small[2], tmp_path / "first", log=lambda _: None)
-    with pytest.raises(pretrained.PretrainedError, match="not eca_resnet34"):
+    with pytest.raises(errors.PretrainedError, match="not eca_resnet34"):
         pretrained.save_pretrained(model, tmp_path / "b", arch="eca_resnet34", attention="eca")
-    with pytest.raises(pretrained.PretrainedError, match="not eca_resnet18"):
+    with pytest.raises(errors.PretrainedError, match="not eca_resnet18"):
         pretrained.save_pretrained(model, tmp_path / "c", arch="eca_resnet18", attention=None)
-    with pytest.raises(pretrained.PretrainedError, match="extra may not set k_size"):
+    with pytest.raises(errors.PretrainedError, match="extra may not set k_size"):
         pretrained.save_pretrained(
             model, tmp_path / "c", arch="eca_resnet18", attention="eca", extra={"k_size": 3}
         )

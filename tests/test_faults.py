@@ -30,7 +30,7 @@ import pytest
 from faults import popen_interruptible, run_on_small_disk
 from flax import nnx
 
-from eca_flax import data
+from eca_flax import errors
 from eca_flax.cli import unraisable
 from eca_flax.training import checkpoints, loop
 from eca_flax.training import config as cfg
@@ -188,7 +188,7 @@ def test_resume_refuses_another_configuration(trained, tiny, fields, message):
     Orbax would otherwise report like damage); one line names both values, nothing is written."""
     before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
     with pytest.raises(
-        cfg.ConfigError,
+        errors.ConfigError,
         match=f"{trained}/checkpoints/10 was trained with another configuration: {message}",
     ):
         train(config(tiny, num_train_steps=10, **fields), trained)
@@ -203,7 +203,7 @@ def test_workdir_lock(tiny, tmp_path, capfd):
     try:
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid, "since": "x"}))
         with pytest.raises(
-            cfg.ConfigError,
+            errors.ConfigError,
             match=f"workdir {tmp_path} is in use by pid {owner.pid} on {socket.gethostname()}",
         ):
             train(config(tiny, num_train_steps=1), tmp_path)
@@ -247,7 +247,7 @@ def test_damaged_validation_image_keeps_the_epoch_checkpoint(tiny, tmp_path):
     shutil.copytree(tiny, dataset)
     (dataset / "val" / "1" / "text.jpg").write_text("not an image\n")
     c = config(dataset, num_epochs=2, checkpoint_every_steps=100)
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(errors.DataError) as error:
         train(c, tmp_path / "run")
     assert str(error.value) == (
         f"{dataset}/val/1/text.jpg: not a decodable image (not an image, or a format PIL does "

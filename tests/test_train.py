@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
+from eca_flax import errors
 from eca_flax.cli import xla_flags
 from eca_flax.training import checkpoints, loop, steps
 from eca_flax.training import config as cfg
@@ -302,19 +303,19 @@ def test_optimizer_equals_pytorch_sgd(recipe: str) -> None:
 
 
 def test_config_errors_name_the_problem() -> None:
-    with pytest.raises(cfg.ConfigError, match="unknown model 'eca_resnet17'.*eca_resnet18"):
+    with pytest.raises(errors.ConfigError, match="unknown model 'eca_resnet17'.*eca_resnet18"):
         cfg.resolve_config(small_config(model="eca_resnet17"))
-    with pytest.raises(cfg.ConfigError, match="unknown schedule 'linear'.*step, cosine"):
+    with pytest.raises(errors.ConfigError, match="unknown schedule 'linear'.*step, cosine"):
         cfg.resolve_config(small_config(schedule="linear"))
-    with pytest.raises(cfg.ConfigError, match="k_size"):
+    with pytest.raises(errors.ConfigError, match="k_size"):
         cfg.resolve_config(small_config(k_size="35"))
     assert cfg.resolve_config(small_config(attention="se")).attention == "se"  # the SE baseline
-    with pytest.raises(cfg.ConfigError, match="unknown attention 'sk'.*eca_ns, se, none"):
+    with pytest.raises(errors.ConfigError, match="unknown attention 'sk'.*eca_ns, se, none"):
         cfg.resolve_config(small_config(attention="sk"))
-    with pytest.raises(cfg.ConfigError, match="'se' .* ResNets, not eca_mobilenet_v2"):
+    with pytest.raises(errors.ConfigError, match="'se' .* ResNets, not eca_mobilenet_v2"):
         cfg.resolve_config(small_config(attention="se", model="eca_mobilenet_v2"))
     config = cfg.resolve_config(small_config(batch_size=12))
-    with pytest.raises(cfg.ConfigError, match="batch_size=12 is not divisible by the 8"):
+    with pytest.raises(errors.ConfigError, match="batch_size=12 is not divisible by the 8"):
         cfg.make_plan(config, make_mesh())
 
 
@@ -361,7 +362,7 @@ def test_eight_devices_train_like_one(tmp_path: pathlib.Path) -> None:
     np.testing.assert_array_equal(conv, saved["params/layer1/0/conv1/kernel"])
     assert model.fc.kernel.shape == (512, 10)
     wrong = small_config(init_from=str(tmp_path / "d1"), model="eca_resnet34")
-    with pytest.raises(cfg.ConfigError, match="holds 'eca_resnet18'.*'eca_resnet34'"):
+    with pytest.raises(errors.ConfigError, match="holds 'eca_resnet18'.*'eca_resnet34'"):
         checkpoints.build_model(cfg.resolve_config(wrong), 10)
 
 

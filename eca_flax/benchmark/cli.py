@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 from eca_flax.benchmark.runs import (
-    BenchmarkError,
     Result,
     build_jax,
     build_torch,
@@ -25,6 +24,7 @@ from eca_flax.benchmark.timing import (
     peak_flops,
 )
 from eca_flax.cli import xla_flags
+from eca_flax.errors import BenchmarkError
 
 # The original README's "Param." (params / 2^20) and "FLOPs" (thop MACs / 2^30) at 224x224.
 README_FIGURES = {

@@ -12,12 +12,9 @@ from typing import Any
 import numpy as np
 
 from eca_flax.benchmark.timing import Timer, buffer_bytes, cost_flops, interleave
+from eca_flax.errors import BenchmarkError
 
 LEARNING_RATE = 0.01  # Small enough that random labels never diverge during a benchmark.
-
-
-class BenchmarkError(RuntimeError):
-    """A benchmark that cannot run (missing torch, bad arguments); reported as one line."""
 
 
 def synthetic_batch(

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from eca_flax import errors
 from eca_flax.data import sources
 
 
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             print(f"folder:{sources.write_digits_folder(args.path, args.image_size)}")
-    except sources.DataError as e:
+    except errors.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # permissions, a full disk, ... outside the writes that say more

@@ -27,7 +27,7 @@ import numpy as np
 
 from eca_flax.data import randaugment as ra
 from eca_flax.data import sources, transforms
-from eca_flax.data.sources import DataError
+from eca_flax.errors import DataError
 
 Batch = dict[str, np.ndarray]
 

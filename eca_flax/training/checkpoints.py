@@ -34,8 +34,8 @@ from flax import nnx, traverse_util
 
 import eca_flax
 from eca_flax import files
+from eca_flax.errors import ConfigError, DamagedCheckpoint, TrainingError
 from eca_flax.models import registry
-from eca_flax.training.config import ConfigError, TrainingError
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import copy_weights
 from eca_flax.weights import orbax_io, pretrained
@@ -253,10 +253,12 @@ class Checkpoints:
         what = "no space left on the disk of" if full else "could not write to"
         reason = "" if full else f" ({files.one_line(error)})"
         saving = f" while saving checkpoint {step}" if step is not None else " while saving"
+        last_good = self.last_good()
         raise TrainingError(
             f"{what} {self.workdir}{saving}{reason}; the last good checkpoint is "
-            f"{self.last_good()}: {'free space' if full else 'fix that'} and run the same "
-            "command to resume"
+            f"{last_good}: {'free space' if full else 'fix that'} and run the same "
+            "command to resume",
+            last_good=last_good,
         ) from None
 
     def restore_latest(self, like: dict, meta: dict) -> tuple[int, dict]:
@@ -267,8 +269,8 @@ class Checkpoints:
             step_dir = os.path.join(self.root, str(step))
             try:
                 saved = read_meta(step_dir)
-            except ConfigError as e:  # a damaged meta item
-                self._set_aside(step_dir, str(e).removeprefix(f"{step_dir}: "))
+            except DamagedCheckpoint as e:  # a damaged meta item
+                self._set_aside(step_dir, e.problem)
                 continue
             check_resume(step_dir, saved, meta)
             try:
@@ -354,9 +356,9 @@ def read_meta(step_dir: str) -> dict:
         with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
             meta = ckptr.restore(os.path.join(step_dir, "meta"))
     except Exception as e:  # noqa: BLE001 - Orbax raises many types for a damaged item
-        raise ConfigError(f"{step_dir}: unreadable metadata ({files.one_line(e)})") from None
+        raise DamagedCheckpoint(step_dir, f"unreadable metadata ({files.one_line(e)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ConfigError(f"{step_dir}: not an eca_flax training checkpoint ({FORMAT})")
+        raise DamagedCheckpoint(step_dir, f"not an eca_flax training checkpoint ({FORMAT})")
     pretrained.check_description(meta, step_dir)
     return meta
 

@@ -15,20 +15,8 @@ import jax
 import ml_collections
 
 from eca_flax.data import randaugment
+from eca_flax.errors import ConfigError
 from eca_flax.models import registry
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field and the choices."""
-
-
-class TrainingError(RuntimeError):
-    """Training had to stop (e.g. a non-finite loss); the message says why and what is kept."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the run without the usual save; the message says what is kept."""
-
 
 SCHEDULES = ("step", "cosine")
 OPTIMIZERS = ("sgd", "lamb")

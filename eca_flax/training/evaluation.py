@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from eca_flax import data
+from eca_flax import data, errors
 from eca_flax.training import reporting
 from eca_flax.training.config import Plan
 from eca_flax.training.mesh import prefetch_to_mesh
@@ -89,11 +89,11 @@ def evaluate(
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             bar.update(min(plan.eval_batch_size, plan.num_eval - bar.n))
     if totals is None:
-        raise data.DataError(f"{config.dataset}: the validation split yielded no batches")
+        raise errors.DataError(f"{config.dataset}: the validation split yielded no batches")
     totals = jax.device_get(totals)
     images = int(round(float(totals["count"])))
     if not images:
-        raise data.DataError(f"{config.dataset}: no readable validation image")
+        raise errors.DataError(f"{config.dataset}: no readable validation image")
     result = EvalResult(
         float(totals["top1"]) / images,
         float(totals["top5"]) / images,

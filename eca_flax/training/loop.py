@@ -24,13 +24,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from eca_flax import data
+from eca_flax import data, errors
+from eca_flax.errors import ConfigError, Interrupted, TrainingError
 from eca_flax.training import checkpoints, reporting
 from eca_flax.training.config import (
-    ConfigError,
-    Interrupted,
     Plan,
-    TrainingError,
     make_plan,
     resolve_config,
 )
@@ -158,7 +156,7 @@ def _best_top1(path: str) -> float:
     """The top-1 (in %) of the best model exported so far, or -1."""
     try:
         return float(pretrained.read_model_json(path).get("top1", -1))
-    except pretrained.PretrainedError:
+    except errors.PretrainedError:
         return -1.0
 
 
@@ -262,18 +260,19 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
                     return run.stop(step, preemption.signal)
                 evals = run.evaluate(step, state) if do_eval else None
         return run.finish(step, state, evals)
-    except (TrainingError, data.DataError, pretrained.PretrainedError) as e:
+    except errors.Error as e:
         with contextlib.suppress(TrainingError):
             run.ckpt.wait()  # the saves started before the bad step are good
-        if "the last good checkpoint" in str(e):
-            raise
-        raise type(e)(f"{e}; stopped, the last good checkpoint is {run.ckpt.last_good()}") from None
+        raise e.stopped(run.ckpt.last_good()) from None
     except Interrupted:
         raise
     except KeyboardInterrupt:  # the second Ctrl-C
         run.ckpt.close()
+        last_good = run.ckpt.last_good()
         raise Interrupted(
-            f"stopped at step {step}; the last good checkpoint is {run.ckpt.last_good()}"
+            f"stopped at step {step}; the last good checkpoint is {last_good}",
+            step=step,
+            last_good=last_good,
         ) from None
     finally:
         run.close()
@@ -349,7 +348,7 @@ class _Run:
         self.ckpt.wait()
         saved = f"saved checkpoint {self.ckpt.root}/{step}; run the same command to resume"
         if signal_name == "Ctrl-C":
-            raise Interrupted(saved)
+            raise Interrupted(saved, step=step, last_good=f"{self.ckpt.root}/{step}")
         logger.info(f"{signal_name}: {saved}")
         return RunResult(step, None, preempted=True, history=self.history)
 

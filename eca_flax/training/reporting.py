@@ -24,7 +24,8 @@ import numpy as np
 import tqdm
 
 import eca_flax
-from eca_flax.training.config import Plan, TrainingError, profile_range
+from eca_flax.errors import TrainingError
+from eca_flax.training.config import Plan, profile_range
 
 logger = logging.getLogger("eca_flax")
 TENSORBOARD_DIR = "tensorboard"

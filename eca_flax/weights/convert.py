@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eca_flax.errors import ConversionError
 from eca_flax.models import mobilenetv2, resnet
 from eca_flax.models.registry import (
     KSize,
@@ -39,7 +40,7 @@ from eca_flax.models.registry import (
 )
 from eca_flax.weights import pth
 from eca_flax.weights.pretrained import check_destination, load_pretrained, save_pretrained
-from eca_flax.weights.pth import PREFIX, ConversionError, list_keys, strip_prefix
+from eca_flax.weights.pth import PREFIX, list_keys, strip_prefix
 from eca_flax.weights.verify import verification_images, verify_with_torch
 
 _LEAF = {"bias": "bias", "running_mean": "mean", "running_var": "var"}

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from eca_flax.data.transforms import default_resize_size
+from eca_flax.errors import PretrainedError
 from eca_flax.files import write_directory
 from eca_flax.models.layers import attention_choice
 from eca_flax.models.registry import (
@@ -61,10 +62,6 @@ _EXTRA_DEFAULTS = {"epoch": None, "best_prec1": None}
 
 Path_ = str | os.PathLike[str]
 Flat = dict[tuple, Any]  # {('layer1', 0, 'conv1', 'kernel'): value}
-
-
-class PretrainedError(Exception):
-    """A pretrained-model directory that cannot be read or written; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,14 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from eca_flax.errors import ConversionError
 from eca_flax.files import write_file
 
 PREFIX = "module."
 MAX_LISTED_KEYS = 10  # error messages list this many keys, then say how many more
-
-
-class ConversionError(ValueError):
-    """A state_dict that does not fit the model: the message names keys and shapes."""
 
 
 def strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -27,13 +27,13 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from eca_flax.errors import PretrainedError
 from eca_flax.files import one_line, write_file
 from eca_flax.weights.pretrained import (
     FORMAT,
     HINT,
     MODEL_JSON,
     Flat,
-    PretrainedError,
     check_checksum,
     check_stored,
     parse_description,

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eca_flax.weights.pth import ConversionError, strip_prefix
+from eca_flax.errors import ConversionError
+from eca_flax.weights.pth import strip_prefix
 
 if TYPE_CHECKING:
     from eca_flax.weights.convert import ArchSpec
