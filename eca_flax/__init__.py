@@ -20,9 +20,8 @@ from eca_flax.models.registry import (  # noqa: E402
     resolve_k_size,
 )
 from eca_flax.models.resnet import ECAResNet  # noqa: E402
+from eca_flax.version import __version__  # noqa: E402, F401
 from eca_flax.weights.pretrained import load_pretrained  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ECA",

@@ -48,13 +48,11 @@ def class_name(index: int, num_classes: int) -> str:
 
 def top_k(model: nnx.Module, images: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
     """(class index, probability) of the ``k`` most likely classes for each uint8 NHWC image."""
-    from eca_flax.training.steps import normalize_images
+    from eca_flax.data.transforms import normalize
 
     model.eval()
     graphdef, state = nnx.split(model)  # once: the jitted function takes arrays only
-    forward = jax.jit(
-        lambda state, x: jax.nn.softmax(nnx.merge(graphdef, state)(normalize_images(x)), -1)
-    )
+    forward = jax.jit(lambda state, x: jax.nn.softmax(nnx.merge(graphdef, state)(normalize(x)), -1))
     out = []
     for start in range(0, len(images), BATCH):
         probs = np.asarray(forward(state, jnp.asarray(images[start : start + BATCH])))
@@ -119,11 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from eca_flax.cli import xla_flags
 
     xla_flags.use_recommended()  # Takes effect only before the first computation.
-    from eca_flax.weights.pretrained import (
-        load_pretrained,
-        num_classes_of,
-        read_model_json,
-    )
+    from eca_flax.weights.description import num_classes_of
+    from eca_flax.weights.pretrained import load_pretrained, read_model_json
 
     try:
         meta = read_model_json(args.weights)  # a wrong --weights fails before decoding images

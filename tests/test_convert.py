@@ -33,7 +33,7 @@ from flax import nnx
 import eca_flax
 from eca_flax import errors
 from eca_flax.models import torch_reference as tr
-from eca_flax.weights import convert, pretrained, pth, verify
+from eca_flax.weights import convert, description, pretrained, pth, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = eca_flax.list_models()
@@ -217,7 +217,7 @@ def test_released_file_round_trip(name, released, tmp_path, capsys):
     # Logits of the loaded model against the PyTorch original.
     model = eca_flax.load_pretrained(dst)
     weights = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, pretrained.WEIGHTS)))
-    assert meta["checksum"] == pretrained.checksum(weights)
+    assert meta["checksum"] == description.checksum(weights)
     x = images(2, 64, seed=len(name))
     want = torch_logits(ref, x)
     # Eager ResNets share compiled ops across depths; MobileNetV2's many distinct layer shapes

@@ -35,7 +35,7 @@ from eca_flax.cli import unraisable
 from eca_flax.training import checkpoints, loop
 from eca_flax.training import config as cfg
 from eca_flax.training.mesh import make_mesh
-from eca_flax.weights import pretrained
+from eca_flax.weights import description, pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = dict(  # configs/quickstart.py (digits at 16 px) at batch 8: 2 steps per epoch here
@@ -87,7 +87,7 @@ def trained(tiny, tmp_path_factory) -> pathlib.Path:
 def weights(path: pathlib.Path) -> dict:
     """The arrays of a pretrained directory, by path."""
     state = nnx.state(pretrained.load_pretrained(path), pretrained.WEIGHTS)
-    return pretrained.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(state)))
+    return description.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(state)))
 
 
 def cli(workdir: pathlib.Path, dataset: pathlib.Path, **fields) -> list[str]:

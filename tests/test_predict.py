@@ -18,7 +18,7 @@ from sklearn.datasets import load_sample_images
 import eca_flax
 from eca_flax import data, predict
 from eca_flax.models import torch_reference as tr
-from eca_flax.weights import convert, pretrained
+from eca_flax.weights import convert, description, pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = load_sample_images().filenames  # china.jpg, flower.jpg
@@ -135,7 +135,7 @@ def damage(weights: Path, where: Path, how: str) -> Path:
     """A copy of ``weights`` with its largest data file cut short, or with the arrays of another
     model under its model.json (Orbax reads them without complaint: only the checksum tells)."""
     shutil.copytree(weights, where)
-    state = where / pretrained.STATE_DIR
+    state = where / description.STATE_DIR
     if how == "truncated":
         data_file = max(state.rglob("d/*"), key=lambda p: p.stat().st_size)
         os.truncate(data_file, data_file.stat().st_size // 2)
@@ -146,7 +146,7 @@ def damage(weights: Path, where: Path, how: str) -> Path:
             other, where.parent / "other", arch="eca_resnet18", attention="eca"
         )
         shutil.rmtree(state)
-        shutil.copytree(where.parent / "other" / pretrained.STATE_DIR, state)
+        shutil.copytree(where.parent / "other" / description.STATE_DIR, state)
     return where
 
 

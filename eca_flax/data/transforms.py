@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -71,9 +72,12 @@ def eval_transform(data: bytes, image_size: int, resize_size: int | None = None)
     return np.asarray(center_crop(resize_shorter(decode(data), resize_size), image_size))
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> (x / 255 - mean) / std, float32 (what the jitted steps do on the device)."""
-    x = np.asarray(image, np.float32) / 255.0
+def normalize(images: Any) -> Any:
+    """uint8 RGB -> (x / 255 - mean) / std in float32: the one normalization. A numpy array (or
+    an image) stays on the host; a jax array (the jitted steps normalize on the device, so the
+    host sends a quarter of the bytes) stays a jax array."""
+    x = images if hasattr(images, "astype") else np.asarray(images)
+    x = x.astype(np.float32) / 255.0
     return (x - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STD_RGB, np.float32)
 
 

@@ -4,7 +4,7 @@ the weights a run starts from.
 ``model`` holds the weights in the pretrained directories' layout (one pure dict of parameters
 and BatchNorm statistics), ``ema`` (runs with ``ema_decay`` > 0) their moving average in the same
 layout, ``train`` the rest of the train state, ``meta`` the model description
-(``pretrained.MODEL_KEYS``), the run's data layout and a CRC-32 of each item's arrays. So
+(``description.MODEL_KEYS``), the run's data layout and a CRC-32 of each item's arrays. So
 ``init_from`` reads a converter output, a training workdir or one of its step directories
 (their raw weights, not the EMA) through the same ``pretrained.restore_model``.
 
@@ -38,7 +38,7 @@ from eca_flax.errors import ConfigError, DamagedCheckpoint, TrainingError
 from eca_flax.models import registry
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import copy_weights
-from eca_flax.weights import orbax_io, pretrained
+from eca_flax.weights import description, orbax_io, pretrained
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints.damaged"
@@ -222,7 +222,7 @@ class Checkpoints:
         """Starts an async save of ``state`` at its step (device->host copy happens now)."""
         step = int(jax.device_get(state["step"]))
         items = _items(state)
-        sums = {k: pretrained.checksum(v) for k, v in items.items()}
+        sums = {k: description.checksum(v) for k, v in items.items()}
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
         self.wait()  # a failed previous save is reported as such, before this one starts
         self.pending = step
@@ -283,7 +283,7 @@ class Checkpoints:
         """The state at ``step``. Its EMA is restored when ``like`` has one: a checkpoint of a
         run without EMA starts it at the restored weights; one with an EMA restores into a run
         without (the EMA is dropped). Checkpoints of eca_flax < 0.2 have no checksums."""
-        items = _items(pretrained.abstract(like))
+        items = _items(description.abstract(like))
         if "ema" in items and "ema" not in sums:
             del items["ema"]
             logger.warning(
@@ -293,7 +293,7 @@ class Checkpoints:
         args = {k: ocp.args.StandardRestore(v) for k, v in items.items()}
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         for item in items:
-            if item in sums and pretrained.checksum(out[item]) != sums[item]:
+            if item in sums and description.checksum(out[item]) != sums[item]:
                 raise ValueError(f"its {item} arrays do not match the checksum saved with them")
         state = {**_split(out["model"], like), **out["train"]}
         if "ema" in like:
@@ -327,7 +327,7 @@ class Checkpoints:
 def check_resume(step_dir: str, saved: dict, meta: dict) -> None:
     """A workdir's checkpoints must be of this model and data layout (RESUME_KEYS)."""
     keys = [k for k in RESUME_KEYS if saved.get(k) is not None]  # older checkpoints lack some
-    if diff := pretrained.differences(saved, meta, keys):
+    if diff := description.differences(saved, meta, keys):
         what = ", ".join(f"{k} {have} (checkpoint) vs {want} (config)" for k, have, want in diff)
         raise ConfigError(
             f"{step_dir} was trained with another configuration: {what}; the step number is the "
@@ -359,7 +359,7 @@ def read_meta(step_dir: str) -> dict:
         raise DamagedCheckpoint(step_dir, f"unreadable metadata ({files.one_line(e)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DamagedCheckpoint(step_dir, f"not an eca_flax training checkpoint ({FORMAT})")
-    pretrained.check_description(meta, step_dir)
+    description.check_description(meta, step_dir)
     return meta
 
 
@@ -367,7 +367,7 @@ def read_ema(path: str, model: nnx.Module) -> nnx.Module | None:
     """A copy of ``model`` holding the EMA weights of the training checkpoint ``path`` (a workdir:
     its latest; a step dir), or None for a converter output or a run without EMA."""
     path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(os.path.join(path, pretrained.MODEL_JSON)):
+    if os.path.isfile(os.path.join(path, description.MODEL_JSON)):
         return None
     step_dir = find_checkpoint(path)
     expected = read_meta(step_dir).get("checksums", {}).get("ema")
@@ -376,7 +376,7 @@ def read_ema(path: str, model: nnx.Module) -> nnx.Module | None:
     ema = nnx.clone(model)
     variables = registry.weight_paths(ema)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = pretrained.abstract({p: v.get_value() for p, v in variables.items()}, device)
+    target = description.abstract({p: v.get_value() for p, v in variables.items()}, device)
     weights = orbax_io.read_weights(
         os.path.join(step_dir, "ema"), target, what=f"{step_dir}/meta", expected=expected
     )
@@ -410,9 +410,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn
     path = os.path.abspath(os.path.expanduser(config.init_from))
     if not os.path.isdir(path):
         raise ConfigError(f"init_from {path}: no such directory")
-    if os.path.isfile(os.path.join(path, pretrained.MODEL_JSON)):
+    if os.path.isfile(os.path.join(path, description.MODEL_JSON)):
         meta = pretrained.read_model_json(path)
-        weights, expected = os.path.join(path, pretrained.STATE_DIR), meta.get("checksum")
+        weights, expected = os.path.join(path, description.STATE_DIR), meta.get("checksum")
     else:
         step_dir = find_checkpoint(path)
         meta = read_meta(step_dir)
@@ -440,7 +440,7 @@ def _check_source(config: ml_collections.ConfigDict, meta: dict, path: str, num_
     }
     keys = ["arch", "attention"] + (["k_size"] if config.k_size else [])
     keys += ["num_classes"] if config.eval_only else []
-    for key, have, wanted in pretrained.differences(meta, want, keys):
+    for key, have, wanted in description.differences(meta, want, keys):
         if key == "arch":
             raise ConfigError(
                 f"init_from {path} holds {have!r} but the config's model is {wanted!r}; "

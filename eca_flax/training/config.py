@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from eca_flax import data
 from eca_flax.data import randaugment
 from eca_flax.errors import ConfigError
 from eca_flax.models import registry
@@ -243,7 +244,6 @@ def profile_range(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
 
 def make_plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Plan:
     """Checks batch sizes against the device count and reads the dataset's sizes."""
-    from eca_flax import data
 
     n = mesh.devices.size
     for name in ("batch_size", "eval_batch_size"):

@@ -43,7 +43,7 @@ from eca_flax.training.steps import (
     make_train_step,
     split_weights,
 )
-from eca_flax.weights import pretrained
+from eca_flax.weights import description, pretrained
 
 
 @dataclasses.dataclass
@@ -137,7 +137,7 @@ def export_pretrained(
     pretrained.save_pretrained(
         model,
         path,
-        arch=pretrained.describe(model)["arch"],
+        arch=description.describe(model)["arch"],
         attention=model.attention,
         image_size=config.eval_image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
