@@ -5,13 +5,9 @@
 ``eca_flax.load_pretrained(DIR)`` loads weights converted by ``convert_torch_weights.py``.
 """
 
-from eca_flax.cli import unraisable
-
-unraisable.install()  # before JAX is imported: Ctrl-C in its gc callback, Orbax echoes
-
-from eca_flax.models.layers import ECA, adaptive_kernel_size  # noqa: E402
-from eca_flax.models.mobilenetv2 import ECAMobileNetV2  # noqa: E402
-from eca_flax.models.registry import (  # noqa: E402
+from eca_flax.models.layers import ECA, adaptive_kernel_size
+from eca_flax.models.mobilenetv2 import ECAMobileNetV2
+from eca_flax.models.registry import (
     ModelInfo,
     count_params,
     create_model,
@@ -19,9 +15,9 @@ from eca_flax.models.registry import (  # noqa: E402
     model_info,
     resolve_k_size,
 )
-from eca_flax.models.resnet import ECAResNet  # noqa: E402
-from eca_flax.version import __version__  # noqa: E402, F401
-from eca_flax.weights.pretrained import load_pretrained  # noqa: E402
+from eca_flax.models.resnet import ECAResNet
+from eca_flax.version import __version__  # noqa: F401
+from eca_flax.weights.pretrained import load_pretrained
 
 __all__ = [
     "ECA",

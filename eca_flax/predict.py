@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eca_flax.errors import PretrainedError
+from eca_flax.cli import shell
+from eca_flax.errors import DataError
 
 BATCH = 32
 
@@ -64,7 +65,7 @@ def top_k(model: nnx.Module, images: np.ndarray, k: int = 5) -> list[list[tuple[
 
 def load_images(paths: Sequence[str], image_size: int, resize_size: int | None) -> np.ndarray:
     """Every image through the eval preprocessing (uint8); a missing or undecodable file is a
-    one-line ValueError naming it."""
+    one-line DataError naming it."""
     from PIL import UnidentifiedImageError
 
     from eca_flax.data.transforms import DECODE_ERRORS, eval_transform
@@ -73,16 +74,16 @@ def load_images(paths: Sequence[str], image_size: int, resize_size: int | None) 
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            raise ValueError(f"{name}: is a directory, not an image file")
+            raise DataError(f"{name}: is a directory, not an image file")
         if not path.is_file():
-            raise ValueError(f"{name}: no such file")
+            raise DataError(f"{name}: no such file")
         try:
             images.append(eval_transform(path.read_bytes(), image_size, resize_size))
         except UnidentifiedImageError:
-            raise ValueError(f"{name}: not an image (unknown format)") from None
+            raise DataError(f"{name}: not an image (unknown format)") from None
         except DECODE_ERRORS as e:  # truncated or corrupt image data
             reason = " ".join(str(e).split())[:160] or type(e).__name__
-            raise ValueError(f"{name}: not a decodable image ({reason})") from None
+            raise DataError(f"{name}: not a decodable image ({reason})") from None
     return np.stack(images)
 
 
@@ -117,23 +118,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from eca_flax.cli import xla_flags
 
     xla_flags.use_recommended()  # Takes effect only before the first computation.
+    return shell.run(lambda: predict(args))
+
+
+def predict(args: argparse.Namespace) -> None:
+    """Prints the classes ``args`` ask for."""
     from eca_flax.weights.description import num_classes_of
     from eca_flax.weights.pretrained import load_pretrained, read_model_json
 
-    try:
-        meta = read_model_json(args.weights)  # a wrong --weights fails before decoding images
-        size, resize = eval_size(meta, args.image_size)
-        images = load_images(args.images, size, resize)
-        model = load_pretrained(args.weights)
-    except (PretrainedError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    meta = read_model_json(args.weights)  # a wrong --weights fails before decoding images
+    size, resize = eval_size(meta, args.image_size)
+    images = load_images(args.images, size, resize)
+    model = load_pretrained(args.weights)
     num_classes = num_classes_of(model)
     for name, best in zip(args.images, top_k(model, images, min(args.top, num_classes))):
         print(f"{name}:")
         for rank, (index, prob) in enumerate(best, 1):
             print(f"  {rank}. {100 * prob:6.2f}%  {class_name(index, num_classes)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from eca_flax.benchmark.timing import (
     machine_description,
     peak_flops,
 )
-from eca_flax.cli import xla_flags
+from eca_flax.cli import shell, xla_flags
 from eca_flax.errors import BenchmarkError
 
 # The original README's "Param." (params / 2^20) and "FLOPs" (thop MACs / 2^30) at 224x224.
@@ -238,9 +238,4 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Re
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except BenchmarkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return shell.run(lambda: run(args))

@@ -11,7 +11,10 @@ kinds a user must not see.
   Orbax's threads log their exception with its traceback. The failure itself is raised in the
   main thread, where it becomes one line, so these echoes are dropped.
 
-Installed by ``import eca_flax`` before JAX is imported; anything else goes to the previous hook.
+Installed by the command lines (``eca_flax.cli.shell.install``), never by importing the library;
+anything else goes to the previous hook. With them, Orbax's warnings about mid-epoch checkpoints
+without metrics and about items without _CHECKPOINT_METADATA (both by design in the trainer)
+are dropped too.
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ def _orbax_thread(record: logging.LogRecord) -> bool:
     return _ECHO_PACKAGES[0] not in record.pathname and not _in_orbax(tb)
 
 
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+    """absl's log filter: False for Orbax's warnings about mid-epoch checkpoints without metrics
+    and about the items of a step (``model``) having no _CHECKPOINT_METADATA of their own."""
+    message = record.getMessage()
+    return "did not provide metrics" not in message and "_CHECKPOINT_METADATA" not in message
+
+
 def _hook(unraisable: Any) -> None:
     if isinstance(unraisable.exc_value, KeyboardInterrupt):
         if threading.current_thread() is threading.main_thread():
@@ -76,6 +86,7 @@ def install() -> None:
     if sys.unraisablehook is not _hook:
         _previous = sys.unraisablehook
         sys.unraisablehook = _hook
-    for name, log_filter in (("asyncio", _orbax_task), ("absl", _orbax_thread)):
+    filters = (("asyncio", _orbax_task), ("absl", _orbax_thread), ("absl", _quiet_orbax))
+    for name, log_filter in filters:
         if log_filter not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(log_filter)

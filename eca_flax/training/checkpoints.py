@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import socket
@@ -57,17 +56,6 @@ RESUME_KEYS = (
     "optimizer",
     "optimizer_state",
 )
-
-
-def _quiet_orbax(record: logging.LogRecord) -> bool:
-    """Drops Orbax's warnings about mid-epoch checkpoints without metrics and about the items of
-    a step (``model``) having no _CHECKPOINT_METADATA of their own: both by design here (the
-    errors its threads log are dropped by eca_flax.cli.unraisable)."""
-    message = record.getMessage()
-    return "did not provide metrics" not in message and "_CHECKPOINT_METADATA" not in message
-
-
-logging.getLogger("absl").addFilter(_quiet_orbax)
 
 
 class WorkdirLock:
