@@ -75,7 +75,7 @@ def test_eval_counts_each_image_once_on_1_and_8_devices(converted, tmp_path) -> 
     for n, batch in ((1, 2), (8, 8), (8, 16)):
         mesh = make_mesh(jax.devices()[:n])
         config = eval_config(str(path), image_size=64, eval_batch_size=batch)
-        run = loop.train_and_evaluate(config, str(tmp_path / "w"), mesh=mesh, keep_logits=True)
+        run = loop.evaluate_logits(config, str(tmp_path / "w"), mesh=mesh)
         r = run.eval
         assert r.images == imagenet_fixture.NUM_VAL == len(r.logits)
         assert sorted(r.labels.tolist()) == sorted(labels)  # Every image once, none twice.
@@ -94,9 +94,7 @@ def test_eval_only_matches_pytorch_with_pil_pipeline(converted, tmp_path) -> Non
     """The converted checkpoint evaluated by the trainer at 224 px predicts what the PyTorch
     original predicts on the same images through PIL Resize(256) + CenterCrop(224)."""
     path, reference = converted
-    run = loop.train_and_evaluate(
-        eval_config(path, image_size=224, eval_batch_size=8), str(tmp_path), keep_logits=True
-    )
+    run = loop.evaluate_logits(eval_config(path, image_size=224, eval_batch_size=8), str(tmp_path))
     got = run.eval
     # The same images: the bytes TFDS stored, each labelled uniquely in the fixture.
     source = tfds.data_source(

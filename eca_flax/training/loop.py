@@ -182,7 +182,7 @@ def _train_batches(
     return prefetch_to_mesh(batches, mesh, plan.batch_size)
 
 
-def _evaluate_only(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResult:
+def _evaluate_only(config, workdir: str, plan: Plan, mesh, with_logits: bool) -> RunResult:
     """eval_only: init_from's weights (or the workdir's latest checkpoint) on the val split."""
     if not config.init_from:
         if not os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR)):
@@ -201,8 +201,8 @@ def _evaluate_only(config, workdir: str, plan: Plan, mesh, keep_logits: bool) ->
         f"evaluating {config.model} from {source}{' and its EMA' if ema else ''} on "
         f"{config.dataset} ({plan.num_eval} images, {mesh.devices.size} devices)"
     )
-    eval_step = make_eval_step(model, mesh, keep_logits=keep_logits)
-    evals = evaluate_all(eval_step, put_replicated(host, mesh), config, plan, mesh, keep_logits)
+    eval_step = make_eval_step(model, mesh)
+    evals = evaluate_all(eval_step, put_replicated(host, mesh), config, plan, mesh, with_logits)
     evals.log("eval")
     return RunResult(0, evals.raw, eval_ema=evals.ema)
 
@@ -212,23 +212,22 @@ def train_and_evaluate(
     workdir: str,
     *,
     mesh: jax.sharding.Mesh | None = None,
-    keep_logits: bool = False,
 ) -> RunResult:
     """Trains (resuming from the workdir's newest good checkpoint) or evaluates (``eval_only``).
 
-    ``mesh`` defaults to every device; ``keep_logits`` returns the evaluation's logits.
+    ``mesh`` defaults to every device.
     """
     reporting.setup_logging()
     config = resolve_config(config)
     mesh = make_mesh() if mesh is None else mesh
     plan = make_plan(config, mesh)
     if config.eval_only:
-        return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, keep_logits)
+        return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, with_logits=False)
     new = not os.path.lexists(os.path.abspath(os.path.expanduser(workdir)))
     workdir = checkpoints.prepare_workdir(workdir)
     try:
         with checkpoints.WorkdirLock(workdir):
-            return _train(config, workdir, plan, mesh, keep_logits)
+            return _train(config, workdir, plan, mesh)
     except BaseException:
         if new:  # a run that stopped before writing anything leaves no workdir behind
             with contextlib.suppress(OSError):
@@ -236,9 +235,24 @@ def train_and_evaluate(
         raise
 
 
-def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResult:
+def evaluate_logits(
+    config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None
+) -> RunResult:
+    """``eval_only``'s evaluation (of ``init_from``, else the workdir's latest checkpoint) with
+    the logits and labels of every validation image, in dataset order (``RunResult.eval``'s
+    ``logits`` and ``labels``): for confusion matrices, calibration, ensembles. Writes nothing."""
+    reporting.setup_logging()
+    config = resolve_config(config)
+    with config.unlocked():  # our own resolved copy
+        config.eval_only = True
+    mesh = make_mesh() if mesh is None else mesh
+    plan = make_plan(config, mesh)
+    return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, with_logits=True)
+
+
+def _train(config, workdir: str, plan: Plan, mesh) -> RunResult:
     """The training loop, in a locked workdir: step, log, save, evaluate; then export."""
-    run, step, evals = _Run(config, workdir, plan, mesh, keep_logits), 0, None
+    run, step, evals = _Run(config, workdir, plan, mesh), 0, None
     try:
         step, state = run.restore()
         batches = _train_batches(config, plan, step, mesh)
@@ -282,13 +296,11 @@ class _Run:
     """Everything the loop uses besides the state: the model, its jitted steps, the workdir's
     checkpoints, the log, TensorBoard, progress bar and profiler, and the best top-1 so far."""
 
-    def __init__(self, config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> None:
+    def __init__(self, config, workdir: str, plan: Plan, mesh) -> None:
         self.config, self.workdir, self.plan, self.mesh = config, workdir, plan, mesh
         self.model, self.source = checkpoints.build_model(config, plan.num_classes)
-        eval_step = make_eval_step(self.model, mesh, keep_logits=keep_logits)
-        self.evaluate_all = lambda state: evaluate_all(
-            eval_step, state, config, plan, mesh, keep_logits
-        )
+        eval_step = make_eval_step(self.model, mesh)
+        self.evaluate_all = lambda state: evaluate_all(eval_step, state, config, plan, mesh)
         schedule = make_schedule(config, plan)
         self.tx = make_optimizer(config, schedule)
         self.train_step = make_train_step(

@@ -239,14 +239,12 @@ def make_train_step(
     )
 
 
-def make_eval_step(
-    model: nnx.Module, mesh: jax.sharding.Mesh, *, keep_logits: bool = False
-) -> Callable[[Any, Any, dict], dict]:
+def make_eval_step(model: nnx.Module, mesh: jax.sharding.Mesh) -> Callable[[Any, Any, dict], dict]:
     """Masked top-1/top-5 counts of a global batch: ``eval_step(params, batch_stats, batch)``.
 
     ``batch``: uint8 'image', 'label', 'mask' (and 'damaged'). Returns sums {'top1', 'top5',
-    'count', 'damaged'} (and the logits with ``keep_logits``), so padded examples (mask 0)
-    count for nothing and every image counts exactly once.
+    'count', 'damaged'}, so padded examples (mask 0) count for nothing and every image counts
+    exactly once, and the batch's 'logits', 'labels' and 'mask' (read only when asked for).
     """
     model.eval()
     graphdef, _, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
@@ -262,9 +260,7 @@ def make_eval_step(
             "count": jnp.sum(mask),
             "damaged": jnp.sum(batch["damaged"]) if "damaged" in batch else jnp.int32(0),
         }
-        if keep_logits:
-            out.update(logits=logits, labels=labels, mask=mask)
-        return out
+        return {**out, "logits": logits, "labels": labels, "mask": mask}
 
     repl = replicated(mesh)
     return jax.jit(eval_fn, in_shardings=(repl, repl, batch_sharded(mesh)), out_shardings=repl)
