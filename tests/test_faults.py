@@ -34,7 +34,9 @@ from eca_flax import errors
 from eca_flax.cli import unraisable
 from eca_flax.training import checkpoints, loop
 from eca_flax.training import config as cfg
+from eca_flax.training.lock import LOCK_FILE, WorkdirLock
 from eca_flax.training.mesh import make_mesh
+from eca_flax.training.start import build_model
 from eca_flax.weights import description, pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -165,9 +167,7 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tm
     for key in want:  # a resumed run is deterministic (test_train: resume == uninterrupted)
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=str(key))
     # init_from takes the checkpoint without checksums as well.
-    model, _ = checkpoints.build_model(
-        cfg.resolve_config(config(tiny, init_from=str(root / "2"))), 2
-    )
+    model, _ = build_model(cfg.resolve_config(config(tiny, init_from=str(root / "2"))), 2)
     assert model.fc.kernel.value.shape == (512, 2)
 
 
@@ -198,7 +198,7 @@ def test_resume_refuses_another_configuration(trained, tiny, fields, message):
 def test_workdir_lock(tiny, tmp_path, capfd):
     """A workdir in use by a live process is refused in one line naming it; the lock of a
     process that is gone is reported and taken over, and released at the end."""
-    lock = tmp_path / checkpoints.LOCK_FILE
+    lock = tmp_path / LOCK_FILE
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid, "since": "x"}))
@@ -207,11 +207,11 @@ def test_workdir_lock(tiny, tmp_path, capfd):
             match=f"workdir {tmp_path} is in use by pid {owner.pid} on {socket.gethostname()}",
         ):
             train(config(tiny, num_train_steps=1), tmp_path)
-        assert sorted(os.listdir(tmp_path)) == [checkpoints.LOCK_FILE]
+        assert sorted(os.listdir(tmp_path)) == [LOCK_FILE]
     finally:
         owner.kill()
         owner.wait()
-    with checkpoints.WorkdirLock(str(tmp_path)):
+    with WorkdirLock(str(tmp_path)):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert f"{lock}: left by pid {owner.pid}" in capfd.readouterr().out
     assert not lock.exists()

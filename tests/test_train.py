@@ -29,7 +29,7 @@ import torch
 
 from eca_flax import errors
 from eca_flax.cli import xla_flags
-from eca_flax.training import checkpoints, loop, steps
+from eca_flax.training import checkpoints, loop, start, steps
 from eca_flax.training import config as cfg
 from eca_flax.training.mesh import batch_sharded, make_mesh, prefetch_to_mesh
 from eca_flax.weights import pretrained
@@ -60,8 +60,8 @@ def final_weights(workdir: pathlib.Path | str, ema: bool = False) -> dict[str, n
     step_dir = checkpoints.find_checkpoint(str(workdir))
     meta = checkpoints.read_meta(step_dir)
     config = cfg.resolve_config(small_config(model=meta["arch"], init_from=step_dir))
-    model, _ = checkpoints.build_model(config, meta["num_classes"])  # What init_from loads.
-    return model_weights(checkpoints.read_ema(step_dir, model) if ema else model)
+    model, _ = start.build_model(config, meta["num_classes"])  # What init_from loads.
+    return model_weights(start.read_ema(step_dir, model) if ema else model)
 
 
 def model_weights(model) -> dict[str, np.ndarray]:
@@ -84,7 +84,7 @@ def assert_weights_close(a: dict, b: dict, rtol: float, atol: float) -> None:
 
 def initial_weights(config, num_classes: int) -> dict[str, np.ndarray]:
     """The weights every run of ``config`` starts from (fresh init with its seed)."""
-    model, _ = checkpoints.build_model(cfg.resolve_config(config), num_classes)
+    model, _ = start.build_model(cfg.resolve_config(config), num_classes)
     return model_weights(model)
 
 
@@ -355,7 +355,7 @@ def test_eight_devices_train_like_one(tmp_path: pathlib.Path) -> None:
 
     # Fine-tuning from the training workdir with another number of classes: a new head.
     init = small_config(init_from=str(tmp_path / "d1"), k_size="")
-    model, source = checkpoints.build_model(cfg.resolve_config(init), 10)
+    model, source = start.build_model(cfg.resolve_config(init), 10)
     assert "new 10-class head" in source
     saved = final_weights(tmp_path / "d1")
     conv = np.asarray(model.layer1[0].conv1.kernel[...])
@@ -363,7 +363,7 @@ def test_eight_devices_train_like_one(tmp_path: pathlib.Path) -> None:
     assert model.fc.kernel.shape == (512, 10)
     wrong = small_config(init_from=str(tmp_path / "d1"), model="eca_resnet34")
     with pytest.raises(errors.ConfigError, match="holds 'eca_resnet18'.*'eca_resnet34'"):
-        checkpoints.build_model(cfg.resolve_config(wrong), 10)
+        start.build_model(cfg.resolve_config(wrong), 10)
 
 
 def test_prefetch_keeps_the_next_batch_in_flight_in_order() -> None:

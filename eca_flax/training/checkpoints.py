@@ -1,5 +1,5 @@
-"""The workdir: its lock, its checkpoints (checkpoints/<step>/{model, train, meta, [ema]}), and
-the weights a run starts from.
+"""The workdir's checkpoints (checkpoints/<step>/{model, train, meta, [ema]}) through Orbax: saves
+with checksums, restores that check them, damaged ones set aside, the resume checks.
 
 ``model`` holds the weights in the pretrained directories' layout (one pure dict of parameters
 and BatchNorm statistics), ``ema`` (runs with ``ema_decay`` > 0) their moving average in the same
@@ -17,10 +17,8 @@ that fails (a full disk) stops the run with one line naming the last good checkp
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import socket
 import time
 import zlib
 from collections.abc import Mapping
@@ -31,17 +29,14 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
-import eca_flax
 from eca_flax import files
 from eca_flax.errors import ConfigError, DamagedCheckpoint, TrainingError
-from eca_flax.models import registry
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import copy_weights
-from eca_flax.weights import description, orbax_io, pretrained
+from eca_flax.weights import description
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints.damaged"
-LOCK_FILE = "train.lock"
 FORMAT = "eca_flax.training_checkpoint/2"
 STATE_KEYS = ("step", "opt_state", "rng")  # the train item; params and BN stats are the model
 # Changing these changes what a step number means (the data position) or the model itself.
@@ -56,82 +51,6 @@ RESUME_KEYS = (
     "optimizer",
     "optimizer_state",
 )
-
-
-class WorkdirLock:
-    """One run per workdir: an advisory lock file with the owner's host and pid (process 0).
-
-    A lock whose process is gone (same host, no such pid) is reported and taken over; one held
-    by a live process, or by another host, stops this run with a line saying whose it is.
-    """
-
-    def __init__(self, workdir: str) -> None:
-        self.path = os.path.join(workdir, LOCK_FILE)
-        self.held = False
-
-    def __enter__(self) -> WorkdirLock:
-        if jax.process_index() != 0:
-            return self
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%c")}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                self._check_owner(me)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise ConfigError(f"{self.path}: could not take the workdir lock")
-
-    def _check_owner(self, me: dict) -> None:
-        try:
-            with open(self.path) as f:
-                owner = json.load(f)
-        except (OSError, ValueError):
-            owner = {}
-        host, pid = owner.get("host", "?"), owner.get("pid", "?")
-        if host == me["host"] and isinstance(pid, int) and not _alive(pid):
-            logger.warning(
-                f"{self.path}: left by pid {pid} on {host}, which no longer runs: "
-                "taking the workdir over"
-            )
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-            return
-        raise ConfigError(
-            f"workdir {os.path.dirname(self.path)} is in use by pid {pid} on {host} (since "
-            f"{owner.get('since', '?')}); wait for that run, or delete {self.path} if it is gone"
-        )
-
-    def __exit__(self, *exc: object) -> None:
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-            self.held = False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def prepare_workdir(workdir: str) -> str:
-    """The absolute workdir, created if missing; ConfigError when it is a file."""
-    path = os.path.abspath(os.path.expanduser(workdir))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--workdir {path} is a file, not a directory")
-    root = os.path.join(path, CHECKPOINT_DIR)
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise ConfigError(f"{root} is a file; checkpoints go into a directory of that name")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def model_meta(
@@ -349,102 +268,3 @@ def read_meta(step_dir: str) -> dict:
         raise DamagedCheckpoint(step_dir, f"not an eca_flax training checkpoint ({FORMAT})")
     description.check_description(meta, step_dir)
     return meta
-
-
-def read_ema(path: str, model: nnx.Module) -> nnx.Module | None:
-    """A copy of ``model`` holding the EMA weights of the training checkpoint ``path`` (a workdir:
-    its latest; a step dir), or None for a converter output or a run without EMA."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(os.path.join(path, description.MODEL_JSON)):
-        return None
-    step_dir = find_checkpoint(path)
-    expected = read_meta(step_dir).get("checksums", {}).get("ema")
-    if expected is None:
-        return None
-    ema = nnx.clone(model)
-    variables = registry.weight_paths(ema)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = description.abstract({p: v.get_value() for p, v in variables.items()}, device)
-    weights = orbax_io.read_weights(
-        os.path.join(step_dir, "ema"), target, what=f"{step_dir}/meta", expected=expected
-    )
-    for p, var in variables.items():
-        var.set_value(weights[p])
-    return ema
-
-
-# --------------------------------------------------------------------------------------------
-# The model a run starts from.
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nnx.Module, str]:
-    """The model to train or evaluate, and where its weights come from (for the log).
-
-    Fresh initialisation (the original's) unless ``config.init_from`` names a converter output
-    (model.json + state/) or a training workdir / checkpoint of this trainer; a different
-    ``num_classes`` than the source's gives a freshly initialised head (fine-tuning).
-    """
-    dtype = registry.DTYPES[config.dtype]
-    if not config.init_from:
-        model = eca_flax.create_model(
-            config.model,
-            k_size=config.k_size or None,
-            num_classes=num_classes,
-            attention=config.attention,
-            dtype=dtype,
-            rngs=nnx.Rngs(config.seed),
-        )
-        return model, "random initialisation"
-    path = os.path.abspath(os.path.expanduser(config.init_from))
-    if not os.path.isdir(path):
-        raise ConfigError(f"init_from {path}: no such directory")
-    if os.path.isfile(os.path.join(path, description.MODEL_JSON)):
-        meta = pretrained.read_model_json(path)
-        weights, expected = os.path.join(path, description.STATE_DIR), meta.get("checksum")
-    else:
-        step_dir = find_checkpoint(path)
-        meta = read_meta(step_dir)
-        weights, expected = os.path.join(step_dir, "model"), meta.get("checksums", {}).get("model")
-    _check_source(config, meta, path, num_classes)
-    model = pretrained.restore_model(
-        meta,
-        lambda target: orbax_io.read_weights(weights, target, expected=expected),
-        num_classes=num_classes,
-        dtype=dtype,
-        seed=config.seed,
-        where=path,
-    )
-    head = "" if meta["num_classes"] == num_classes else f", new {num_classes}-class head"
-    return model, f"{path} ({meta['arch']}, k_size {tuple(meta['k_size'])}{head})"
-
-
-def _check_source(config: ml_collections.ConfigDict, meta: dict, path: str, num_classes: int):
-    """The init_from checkpoint must be the configured architecture (and classes, to evaluate)."""
-    want = {
-        "arch": config.model,
-        "k_size": config.k_size,
-        "attention": config.attention,
-        "num_classes": num_classes,
-    }
-    keys = ["arch", "attention"] + (["k_size"] if config.k_size else [])
-    keys += ["num_classes"] if config.eval_only else []
-    for key, have, wanted in description.differences(meta, want, keys):
-        if key == "arch":
-            raise ConfigError(
-                f"init_from {path} holds {have!r} but the config's model is {wanted!r}; "
-                f"set --config.model={have} or use another checkpoint"
-            )
-        if key == "k_size":
-            raise ConfigError(
-                f"init_from {path} has k_size {tuple(have)} but the config asks for "
-                f"{tuple(wanted)}; set --config.k_size= (empty) to take the checkpoint's"
-            )
-        if key == "attention":
-            raise ConfigError(
-                f"init_from {path} has attention {have or 'none'!r} but the config asks for "
-                f"{wanted or 'none'!r}"
-            )
-        raise ConfigError(
-            f"eval_only: the checkpoint has {have} classes but {config.dataset} has {wanted}; "
-            "evaluate it on the dataset it was trained for"
-        )

@@ -26,7 +26,7 @@ from flax import nnx
 
 from eca_flax import data, errors
 from eca_flax.errors import ConfigError, Interrupted, TrainingError
-from eca_flax.training import checkpoints, reporting
+from eca_flax.training import checkpoints, lock, reporting, start
 from eca_flax.training.config import (
     Plan,
     make_plan,
@@ -192,10 +192,10 @@ def _evaluate_only(config, workdir: str, plan: Plan, mesh, with_logits: bool) ->
             )
         with config.unlocked():  # our own resolved copy
             config.init_from = workdir
-    model, source = checkpoints.build_model(config, plan.num_classes)
+    model, source = start.build_model(config, plan.num_classes)
     host = {}
     host["params"], host["batch_stats"] = split_weights(model)
-    if ema := checkpoints.read_ema(config.init_from, model):  # a training checkpoint's EMA too
+    if ema := start.read_ema(config.init_from, model):  # a training checkpoint's EMA too
         host["ema"] = dict(zip(("params", "batch_stats"), split_weights(ema)))
     logger.info(
         f"evaluating {config.model} from {source}{' and its EMA' if ema else ''} on "
@@ -224,9 +224,9 @@ def train_and_evaluate(
     if config.eval_only:
         return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, with_logits=False)
     new = not os.path.lexists(os.path.abspath(os.path.expanduser(workdir)))
-    workdir = checkpoints.prepare_workdir(workdir)
+    workdir = lock.prepare_workdir(workdir)
     try:
-        with checkpoints.WorkdirLock(workdir):
+        with lock.WorkdirLock(workdir):
             return _train(config, workdir, plan, mesh)
     except BaseException:
         if new:  # a run that stopped before writing anything leaves no workdir behind
@@ -252,9 +252,10 @@ def evaluate_logits(
 
 def _train(config, workdir: str, plan: Plan, mesh) -> RunResult:
     """The training loop, in a locked workdir: step, log, save, evaluate; then export."""
-    run, step, evals = _Run(config, workdir, plan, mesh), 0, None
+    ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+    run, step, evals = None, 0, None
     try:
-        step, state = run.restore()
+        run, step, state = _Run.resume(config, workdir, plan, mesh, ckpt)
         batches = _train_batches(config, plan, step, mesh)
         with Preemption() as preemption:
             while step < plan.total_steps:
@@ -269,75 +270,96 @@ def _train(config, workdir: str, plan: Plan, mesh) -> RunResult:
                 stop = preemption.requested(step)
                 run.log(step, force=do_eval or do_save or stop, epoch_end=into_epoch == 0)
                 if do_save or stop:  # first: a failing evaluation cannot cost the epoch
-                    run.ckpt.save(state, run.meta)
+                    ckpt.save(state, run.meta)
                 if stop:
                     return run.stop(step, preemption.signal)
                 evals = run.evaluate(step, state) if do_eval else None
         return run.finish(step, state, evals)
     except errors.Error as e:
         with contextlib.suppress(TrainingError):
-            run.ckpt.wait()  # the saves started before the bad step are good
-        raise e.stopped(run.ckpt.last_good()) from None
+            ckpt.wait()  # the saves started before the bad step are good
+        raise e.stopped(ckpt.last_good()) from None
     except Interrupted:
         raise
     except KeyboardInterrupt:  # the second Ctrl-C
-        run.ckpt.close()
-        last_good = run.ckpt.last_good()
+        ckpt.close()
+        last_good = ckpt.last_good()
         raise Interrupted(
             f"stopped at step {step}; the last good checkpoint is {last_good}",
             step=step,
             last_good=last_good,
         ) from None
     finally:
-        run.close()
+        run.close() if run is not None else ckpt.close()
 
 
+@dataclasses.dataclass
 class _Run:
     """Everything the loop uses besides the state: the model, its jitted steps, the workdir's
-    checkpoints, the log, TensorBoard, progress bar and profiler, and the best top-1 so far."""
+    checkpoints and their metadata, the log, TensorBoard, progress bar and profiler, and the
+    best top-1 so far. Built complete by ``resume``."""
 
-    def __init__(self, config, workdir: str, plan: Plan, mesh) -> None:
-        self.config, self.workdir, self.plan, self.mesh = config, workdir, plan, mesh
-        self.model, self.source = checkpoints.build_model(config, plan.num_classes)
-        eval_step = make_eval_step(self.model, mesh)
-        self.evaluate_all = lambda state: evaluate_all(eval_step, state, config, plan, mesh)
-        schedule = make_schedule(config, plan)
-        self.tx = make_optimizer(config, schedule)
-        self.train_step = make_train_step(
-            self.model, self.tx, schedule, mesh, config, num_classes=plan.num_classes
-        )
-        self.ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-        self.board: reporting.TensorBoard | None = None  # opened once the workdir is ours
-        self.profiler: reporting.Profiler | None = None
-        self.metrics = reporting.StepMetrics(plan.batch_size)
-        self.best = os.path.join(workdir, "best")
-        self.best_top1 = _best_top1(self.best)
-        self.history: list[dict[str, float]] = []
-        self.damaged = 0  # damaged training images skipped this epoch
-        self.bar = None
+    config: ml_collections.ConfigDict
+    workdir: str
+    plan: Plan
+    model: nnx.Module
+    train_step: Any
+    evaluate_all: Any  # state -> Evaluation
+    ckpt: checkpoints.Checkpoints
+    meta: dict
+    board: reporting.TensorBoard
+    profiler: reporting.Profiler
+    bar: Any
+    metrics: reporting.StepMetrics
+    best: str  # workdir/best
+    best_top1: float
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    damaged: int = 0  # damaged training images skipped this epoch
 
-    def restore(self) -> tuple[int, dict]:
-        """(step, state): the workdir's newest good checkpoint, or a fresh state at step 0."""
-        c, plan = self.config, self.plan
-        fresh = init_state(self.model, self.tx, c.seed, self.mesh, ema=c.ema_decay > 0)
-        self.meta = checkpoints.model_meta(self.model, c, plan.num_classes, fresh["opt_state"])
-        step, state = self.ckpt.restore_latest(fresh, self.meta)
+    @classmethod
+    def resume(
+        cls, config, workdir: str, plan: Plan, mesh, ckpt: checkpoints.Checkpoints
+    ) -> tuple[_Run, int, dict]:
+        """(run, step, state): the run's parts, and the workdir's newest good checkpoint or a
+        fresh state at step 0."""
+        c = config
+        model, source = start.build_model(c, plan.num_classes)
+        eval_step = make_eval_step(model, mesh)
+        schedule = make_schedule(c, plan)
+        tx = make_optimizer(c, schedule)
+        train_step = make_train_step(model, tx, schedule, mesh, c, num_classes=plan.num_classes)
+        fresh = init_state(model, tx, c.seed, mesh, ema=c.ema_decay > 0)
+        meta = checkpoints.model_meta(model, c, plan.num_classes, fresh["opt_state"])
+        step, state = ckpt.restore_latest(fresh, meta)
         logger.info(
-            f"resuming from {self.ckpt.root}/{step} (step {step})"
-            if step
-            else f"starting from {self.source}"
+            f"resuming from {ckpt.root}/{step} (step {step})" if step else f"starting from {source}"
         )
-        reporting.save_config(self.workdir, c, plan, self.meta, self.source)
+        reporting.save_config(workdir, c, plan, meta, source)
         logger.info(
-            f"training {c.model} on {c.dataset} with {self.mesh.devices.size} devices "
+            f"training {c.model} on {c.dataset} with {mesh.devices.size} devices "
             f"({jax.process_count()} processes): {plan.total_steps} steps of {plan.batch_size} "
             f"images ({plan.steps_per_epoch} per epoch), peak lr {plan.learning_rate:g}"
         )
-        self.board = reporting.TensorBoard(self.workdir)
-        self.profiler = reporting.Profiler(c, self.workdir)
-        total = plan.total_steps * plan.batch_size
-        self.bar = reporting.progress(total, "train", step * plan.batch_size)
-        return step, state
+        best = os.path.join(workdir, "best")
+        run = cls(
+            config=c,
+            workdir=workdir,
+            plan=plan,
+            model=model,
+            train_step=train_step,
+            evaluate_all=lambda s: evaluate_all(eval_step, s, c, plan, mesh),
+            ckpt=ckpt,
+            meta=meta,
+            board=reporting.TensorBoard(workdir),
+            profiler=reporting.Profiler(c, workdir),
+            bar=reporting.progress(
+                plan.total_steps * plan.batch_size, "train", step * plan.batch_size
+            ),
+            metrics=reporting.StepMetrics(plan.batch_size),
+            best=best,
+            best_top1=_best_top1(best),
+        )
+        return run, step, state
 
     def after_step(self, step: int, step_metrics: dict) -> None:
         self.profiler.after_step(step, step_metrics)
@@ -386,13 +408,10 @@ class _Run:
         return RunResult(step, evals.raw, history=self.history, eval_ema=evals.ema)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.profiler is not None:
-            self.profiler.stop()
+        self.bar.close()
+        self.profiler.stop()
         self.ckpt.close()
-        if self.board is not None:
-            self.board.close()
+        self.board.close()
 
 
 def _log_train(step: int, plan: Plan, scalars: dict, board: reporting.TensorBoard) -> dict:
