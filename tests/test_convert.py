@@ -405,6 +405,7 @@ def test_code_running_pickle_is_refused(legacy, small, tmp_path, capsys):
     assert rc == 0 and dst.is_dir()  # the state_dict itself is fine
 
 
+@pytest.mark.slow
 def test_code_running_pickle_subprocess(tmp_path):
     """End to end as a user runs it: exit status, a single line, no traceback."""
     marker = tmp_path / "pwned"
@@ -597,6 +598,7 @@ def test_full_disk_new_overwrite_and_to_torch(small, tmp_path):
         assert found == sorted(left)
 
 
+@pytest.mark.slow
 def test_interrupted_conversion_leaves_nothing(small, tmp_path):
     """Ctrl-C at any moment of a conversion: 'interrupted; nothing written', exit 130, and
     nothing in DST's directory (no hidden temporary), or, if it came too late, a complete DST."""

@@ -582,6 +582,7 @@ def test_damaged_images_skipped_and_counted(tmp_path: pathlib.Path) -> None:
     assert (epoch["image"].reshape(9, -1).max(1) > 0).all()  # every slot holds a real image
 
 
+@pytest.mark.slow
 def test_digits_cli_full_disk_bad_size_and_umask(tmp_path: pathlib.Path) -> None:
     """``python -m eca_flax.data digits``: a full disk and a bad size are one error line with
     nothing written; the folder gets the modes of any new directory (not mkdtemp's 0700)."""

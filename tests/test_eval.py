@@ -54,6 +54,7 @@ def eval_config(init_from: str, **overrides):
     return c
 
 
+@pytest.mark.slow
 def test_eval_counts_each_image_once_on_1_and_8_devices(converted, tmp_path) -> None:
     """7 validation images (odd): batch 2 on 1 device, batch 8 / 16 on 8 devices; each image
     is counted exactly once and the metrics are the same, equal to those of the logits."""
@@ -90,6 +91,7 @@ def test_eval_counts_each_image_once_on_1_and_8_devices(converted, tmp_path) -> 
     assert not (tmp_path / "w").exists(), "eval_only writes nothing to the workdir"
 
 
+@pytest.mark.slow
 def test_eval_only_matches_pytorch_with_pil_pipeline(converted, tmp_path) -> None:
     """The converted checkpoint evaluated by the trainer at 224 px predicts what the PyTorch
     original predicts on the same images through PIL Resize(256) + CenterCrop(224)."""
@@ -131,6 +133,7 @@ def run_cli(*args: str, cwd=REPO, **env) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(converted, tmp_path) -> None:
     """Bad configs: one 'error:' line naming the problem, exit 1, no traceback, no workdir."""
     path, _ = converted

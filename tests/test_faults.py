@@ -125,6 +125,7 @@ def compilation_cache(tmp_path_factory) -> None:
 # Checkpoints.
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tmp_path, capfd):
     """Four damaged latest checkpoints, each in its own way, are reported in one line each,
     moved to checkpoints.damaged/ and the run resumes from the newest good one (written by an
@@ -182,6 +183,7 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tm
         (dict(decay_bn_bias=False), r"optimizer_state crc32:\w+ \(checkpoint\) vs crc32:\w+"),
     ],
 )
+@pytest.mark.slow
 def test_resume_refuses_another_configuration(trained, tiny, fields, message):
     """The step number is the data position: another batch or image size, model or k_size
     cannot continue a workdir, nor another optimizer (its state has another layout, which
@@ -195,6 +197,7 @@ def test_resume_refuses_another_configuration(trained, tiny, fields, message):
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_workdir_lock(tiny, tmp_path, capfd):
     """A workdir in use by a live process is refused in one line naming it; the lock of a
     process that is gone is reported and taken over, and released at the end."""
@@ -217,6 +220,7 @@ def test_workdir_lock(tiny, tmp_path, capfd):
     assert not lock.exists()
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_names_the_last_good_checkpoint(trained, tiny, tmp_path):
     """No space for the second checkpoint: one error line naming the workdir and the last good
     checkpoint, exit 1; the good one is intact and nothing half-written is left."""
@@ -239,6 +243,7 @@ def test_disk_full_while_saving_names_the_last_good_checkpoint(trained, tiny, tm
 # Data.
 
 
+@pytest.mark.slow
 def test_damaged_validation_image_keeps_the_epoch_checkpoint(tiny, tmp_path):
     """The epoch's checkpoint is saved before its evaluation: a damaged validation image stops
     the run in one line naming the file and that checkpoint; skipping damaged images then
@@ -291,6 +296,7 @@ def interrupt_after(proc: subprocess.Popen, pattern: str, times: int = 1) -> tup
     return "".join(lines) + out, err
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_says_what(tiny, tmp_path):
     """Ctrl-C: the step finishes, a checkpoint is saved and named, exit 130. Twice, during
     the save: stops at once naming the last good checkpoint. The next run resumes cleanly."""
@@ -321,6 +327,7 @@ def test_ctrl_c_saves_and_says_what(tiny, tmp_path):
     assert err.strip() == "", err  # no traceback, no warning about a half-written step
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_starting_is_one_line(tiny, tmp_path):
     """Ctrl-C while Python loads JAX and the config: one line, exit 130, no traceback."""
     proc = start(cli(tmp_path / "run", tiny, num_train_steps=6))
@@ -341,6 +348,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_coordinator_that_never_answers_ends_in_one_line(tiny, tmp_path):
     """Process 1 of 2 with nobody at the coordinator's address: it says at once what it waits
     for, and ends after distributed_timeout_s with one line naming the address."""

@@ -1,4 +1,5 @@
 """The library is a library: importing it leaves the process as it found it, and its modules
+import pytest
 import one way (no cycles)."""
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "eca_flax"
@@ -54,6 +57,7 @@ print("changed:", changed)
 """
 
 
+@pytest.mark.slow
 def test_import_changes_no_process_state(tmp_path):
     """Importing eca_flax (models, weights, data, training), building a model, loading converted
     weights and a jitted forward leave the hooks, signal handlers and loggers unchanged."""

@@ -74,6 +74,7 @@ def test_top5_on_real_photos_matches_pytorch(converted, capsys):
         np.testing.assert_allclose([float(r[1]) for r in rows], 100 * probs[want], atol=0.006)
 
 
+@pytest.mark.slow
 def test_predict_subprocess(converted):
     """As a user runs it: exit status 0, the top-3 of one photo, no traceback."""
     proc = subprocess.run(
@@ -151,6 +152,7 @@ def damage(weights: Path, where: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how", ["truncated", "other arrays"])
+@pytest.mark.slow
 def test_damaged_weights_are_one_line(converted, tmp_path, how):
     """As a user runs it: one error line naming state/, no traceback or Orbax echoes."""
     weights = damage(converted[0], tmp_path / "w", how)

@@ -247,6 +247,7 @@ print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"orbax", "to
 """
 
 
+@pytest.mark.slow
 def test_load_and_predict_without_orbax_or_torch(small, tmp_path):
     photo = load_sample_images().filenames[0]
     proc = subprocess.run(

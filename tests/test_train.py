@@ -323,6 +323,7 @@ def test_config_errors_name_the_problem() -> None:
 # Data parallelism: 8 devices == 1 device; 2 processes == 1 process.
 
 
+@pytest.mark.slow
 def test_eight_devices_train_like_one(tmp_path: pathlib.Path) -> None:
     """A few steps on the mini TFDS ImageNet: same losses and weights on 1 and 8 devices."""
     config = small_config(
@@ -391,6 +392,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path: pathlib.Path, cli_cache, monkeypatch) -> None:
     """Two train.py processes (2 CPU devices each, gloo) == one process with 4 devices."""
     fields = dict(num_train_steps=3, batch_size=8, eval_batch_size=72, log_every_steps=1)
@@ -442,6 +444,7 @@ def test_two_processes_train_like_one(tmp_path: pathlib.Path, cli_cache, monkeyp
 # Faults: SIGTERM, SIGKILL, resume; NaN.
 
 
+@pytest.mark.slow
 def test_sigterm_sigkill_resume_equals_uninterrupted(
     tmp_path: pathlib.Path, cli_cache, monkeypatch
 ) -> None:
@@ -518,6 +521,7 @@ def test_sigterm_sigkill_resume_equals_uninterrupted(
     assert SUMMARY.search(again.eval_ema.summary()).groups() == ema
 
 
+@pytest.mark.slow
 def test_rsb_a3_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli_cache) -> None:
     """train.py with recipe=rsb_a3 on the digits (train at 12 px, evaluate at 16): LAMB, BCE,
     Mixup/CutMix on the device, RandAugment in the pipeline. A run that lost its last checkpoint
@@ -550,6 +554,7 @@ def test_rsb_a3_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli_cache) -
     assert_weights_close(final_weights(workdir), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: pathlib.Path, cli_cache) -> None:
     """A NaN loss at step 7 (seen at the next log/save point, step 8) stops the run with one
     error line and exit code 1; checkpoints 2, 4, 6 stay, finite; nothing later is written."""
@@ -577,6 +582,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: pathlib.Path, cli_ca
 # The quick start (the slowest test: a full training run).
 
 
+@pytest.mark.slow
 def test_quickstart_reaches_97_percent(tmp_path: pathlib.Path, cli_cache) -> None:
     """The README's command on a 1-device CPU machine: top-1 >= 0.97, checkpoint, TB logs."""
     proc = subprocess.run(
