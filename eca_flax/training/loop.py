@@ -341,25 +341,14 @@ class _Run:
             f"images ({plan.steps_per_epoch} per epoch), peak lr {plan.learning_rate:g}"
         )
         best = os.path.join(workdir, "best")
-        run = cls(
-            config=c,
-            workdir=workdir,
-            plan=plan,
-            model=model,
-            train_step=train_step,
-            evaluate_all=lambda s: evaluate_all(eval_step, s, c, plan, mesh),
-            ckpt=ckpt,
-            meta=meta,
-            board=reporting.TensorBoard(workdir),
-            profiler=reporting.Profiler(c, workdir),
-            bar=reporting.progress(
-                plan.total_steps * plan.batch_size, "train", step * plan.batch_size
-            ),
-            metrics=reporting.StepMetrics(plan.batch_size),
-            best=best,
-            best_top1=_best_top1(best),
+        evaluate = lambda s: evaluate_all(eval_step, s, c, plan, mesh)
+        board, profiler = reporting.TensorBoard(workdir), reporting.Profiler(c, workdir)
+        bar = reporting.progress(
+            plan.total_steps * plan.batch_size, "train", step * plan.batch_size
         )
-        return run, step, state
+        metrics = reporting.StepMetrics(plan.batch_size)
+        parts = (model, train_step, evaluate, ckpt, meta, board, profiler, bar, metrics)
+        return cls(c, workdir, plan, *parts, best, _best_top1(best)), step, state
 
     def after_step(self, step: int, step_metrics: dict) -> None:
         self.profiler.after_step(step, step_metrics)
