@@ -21,7 +21,7 @@ import sys
 BEFORE_START = "before the first training step, no checkpoint written"
 
 try:
-    from eca_flax.cli import shell, xla_flags
+    from eca_flax.cli import preemption, shell, xla_flags
 
     xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); first
     from absl import app, flags, logging
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
     def train() -> None:
         reporting.setup_logging(all_processes=True)
         mesh.initialize_distributed(config)
-        loop.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir, stop=preemption.Preemption())
 
     code = shell.run(train, interrupted=f"interrupted: {BEFORE_START}", where=workdir)
     if code == 130:  # now: finalizing with JAX's threads cut mid-way can crash the interpreter

@@ -14,10 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
-import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -57,52 +55,33 @@ class RunResult:
     eval_ema: EvalResult | None = None  # The EMA's evaluation (ema_decay > 0).
 
 
-class Preemption:
-    """SIGTERM and Ctrl-C: the loop finishes its step, saves, waits for the save and stops.
+class StopRequests(Protocol):
+    """What asks a run to stop after a step (``cli.preemption.Preemption``: SIGTERM, Ctrl-C):
+    a context for the loop, ``requested(step)`` after each step, then ``signal``, its name
+    ("SIGTERM": the run returns, preempted; "Ctrl-C": it raises Interrupted, both after saving)."""
 
-    A second Ctrl-C stops at once (KeyboardInterrupt), without saving. With several processes,
-    JAX's preemption sync point makes all of them stop at the same step (jax.distributed catches
-    SIGTERM on any host); alone, signal handlers set a flag.
-    """
+    signal: str | None
 
-    def __init__(self) -> None:
-        self.multihost = jax.process_count() > 1
-        self.signal: str | None = None
-        self._announced = False
-        self._previous: dict[int, Any] = {}
+    def __enter__(self) -> StopRequests: ...
 
-    def __enter__(self) -> Preemption:
-        if threading.current_thread() is threading.main_thread():
-            signals = [signal.SIGINT] + ([] if self.multihost else [signal.SIGTERM])
-            self._previous = {s: signal.signal(s, self._handle) for s in signals}
+    def __exit__(self, *exc: object) -> None: ...
+
+    def requested(self, step: int) -> bool: ...
+
+
+class _Never:
+    """No stop requests: a library caller's run stops at the end, or by an exception."""
+
+    signal = None
+
+    def __enter__(self) -> _Never:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal == "Ctrl-C" and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second one
-        self.signal = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        pass
 
     def requested(self, step: int) -> bool:
-        if self.signal == "Ctrl-C" and not self._announced:  # not in the handler: a log line
-            self._announced = True  # there could land inside another write to the stream
-            logger.warning(
-                "Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again "
-                "stops at once, without saving)"
-            )
-        if self.signal or not self.multihost:
-            return self.signal is not None
-        from jax.experimental import multihost_utils
-
-        try:
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.signal = "SIGTERM"
-        except RuntimeError:  # No preemption service in this JAX setup.
-            self.multihost = False
-        return self.signal is not None
+        return False
 
 
 def export_pretrained(
@@ -212,10 +191,13 @@ def train_and_evaluate(
     workdir: str,
     *,
     mesh: jax.sharding.Mesh | None = None,
+    stop: StopRequests | None = None,
 ) -> RunResult:
     """Trains (resuming from the workdir's newest good checkpoint) or evaluates (``eval_only``).
 
-    ``mesh`` defaults to every device.
+    ``mesh`` defaults to every device. ``stop``: what may ask the run to save and stop after a
+    step (train.py passes ``cli.preemption.Preemption``, its SIGTERM and Ctrl-C handlers); by
+    default nothing does, and Ctrl-C raises Interrupted naming the last good checkpoint.
     """
     reporting.setup_logging()
     config = resolve_config(config)
@@ -227,7 +209,7 @@ def train_and_evaluate(
     workdir = lock.prepare_workdir(workdir)
     try:
         with lock.WorkdirLock(workdir):
-            return _train(config, workdir, plan, mesh)
+            return _train(config, workdir, plan, mesh, stop or _Never())
     except BaseException:
         if new:  # a run that stopped before writing anything leaves no workdir behind
             with contextlib.suppress(OSError):
@@ -250,14 +232,14 @@ def evaluate_logits(
     return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, with_logits=True)
 
 
-def _train(config, workdir: str, plan: Plan, mesh) -> RunResult:
+def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunResult:
     """The training loop, in a locked workdir: step, log, save, evaluate; then export."""
     ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     run, step, evals = None, 0, None
     try:
         run, step, state = _Run.resume(config, workdir, plan, mesh, ckpt)
         batches = _train_batches(config, plan, step, mesh)
-        with Preemption() as preemption:
+        with stop as preemption:
             while step < plan.total_steps:
                 run.profiler.before_step(step + 1)
                 state, step_metrics = run.train_step(state, next(batches))
