@@ -21,6 +21,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from eca_flax.cli import shell  # no JAX: convert() imports it, under shell.run
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line; see the module docstring."""
@@ -94,11 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 error, 130 Ctrl-C) instead of raising."""
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's progress chatter
-    try:
-        from eca_flax.cli import shell  # imports JAX: seconds in which Ctrl-C may come
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return 130
     return shell.run(lambda: convert(args), interrupted=INTERRUPTED)
 
 

@@ -18,21 +18,21 @@ import os
 import re
 import sys
 
-BEFORE_START = "before the first training step, no checkpoint written"
+from eca_flax.cli import shell  # no JAX yet: its hooks are in place before JAX starts
 
+BEFORE_START = "before the first training step, no checkpoint written"
+shell.install()
 try:
-    from eca_flax.cli import preemption, shell, xla_flags
+    from eca_flax.cli import xla_flags
 
     xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); first
     from absl import app, flags, logging
     from ml_collections import config_flags
 
     from eca_flax import errors
-
-    shell.install()
-except KeyboardInterrupt:  # while Python loads JAX: the shell is not there yet
-    print(f"interrupted: {BEFORE_START}", file=sys.stderr, flush=True)
-    os._exit(130)
+except KeyboardInterrupt as e:  # while Python loads absl and ml_collections
+    shell.report(f"interrupted: {BEFORE_START}", e)
+    shell.exit_now(130)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -79,6 +79,7 @@ def main(argv: list[str]) -> int:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # Orbax and JAX log much at INFO; -v 0 shows it.
         logging.set_verbosity(logging.WARNING)
+    from eca_flax.cli import preemption
     from eca_flax.training import loop, mesh, reporting
 
     path = config_flags.get_config_filename(FLAGS["config"])

@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 _ECHO_PACKAGES = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore{os.sep}")
@@ -66,11 +67,33 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
     return "did not provide metrics" not in message and "_CHECKPOINT_METADATA" not in message
 
 
+_lost = threading.Event()  # a Ctrl-C was lost: deliver it again
+_redeliver: threading.Thread | None = None
+
+
+def _deliver_lost() -> None:
+    """The thread that raises a lost Ctrl-C in the main thread again, once its hook returned."""
+    while True:
+        _lost.wait()
+        time.sleep(0.05)  # the hook and the gc callback are done by then
+        _lost.clear()
+        _thread.interrupt_main()
+
+
+def _start_redelivery() -> None:
+    global _redeliver
+    if _redeliver is None:
+        _redeliver = threading.Thread(target=_deliver_lost, name="eca_flax-ctrl-c", daemon=True)
+        _redeliver.start()
+
+
 def _hook(unraisable: Any) -> None:
     if isinstance(unraisable.exc_value, KeyboardInterrupt):
         if threading.current_thread() is threading.main_thread():
-            # Raised here it would be lost again: from another thread, after this returns.
-            threading.Timer(0.01, _thread.interrupt_main).start()
+            # Raised here it would be lost again: from another thread, after this returns. The
+            # thread runs already (install): nothing here waits, so no Ctrl-C lands in the hook.
+            _start_redelivery()
+            _lost.set()
             return
     elif _orbax_echo(unraisable):
         return
@@ -83,6 +106,7 @@ _previous = sys.unraisablehook
 def install() -> None:
     """Route unraisable exceptions through this module (idempotent)."""
     global _previous
+    _start_redelivery()
     if sys.unraisablehook is not _hook:
         _previous = sys.unraisablehook
         sys.unraisablehook = _hook

@@ -234,10 +234,11 @@ def evaluate_logits(
 
 def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunResult:
     """The training loop, in a locked workdir: step, log, save, evaluate; then export."""
+    model, source = start.build_model(config, plan.num_classes)  # before anything is written
     ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     run, step, evals = None, 0, None
     try:
-        run, step, state = _Run.resume(config, workdir, plan, mesh, ckpt)
+        run, step, state = _Run.resume(config, workdir, plan, mesh, ckpt, model, source)
         batches = _train_batches(config, plan, step, mesh)
         with stop as preemption:
             while step < plan.total_steps:
@@ -300,12 +301,11 @@ class _Run:
 
     @classmethod
     def resume(
-        cls, config, workdir: str, plan: Plan, mesh, ckpt: checkpoints.Checkpoints
+        cls, config, workdir: str, plan: Plan, mesh, ckpt: checkpoints.Checkpoints, model, source
     ) -> tuple[_Run, int, dict]:
-        """(run, step, state): the run's parts, and the workdir's newest good checkpoint or a
-        fresh state at step 0."""
+        """(run, step, state): the run's parts around ``model`` (``start.build_model``'s, from
+        ``source``), and the workdir's newest good checkpoint or a fresh state at step 0."""
         c = config
-        model, source = start.build_model(c, plan.num_classes)
         eval_step = make_eval_step(model, mesh)
         schedule = make_schedule(c, plan)
         tx = make_optimizer(c, schedule)
