@@ -30,7 +30,11 @@ try:
     from ml_collections import config_flags
 
     from eca_flax import errors
-except KeyboardInterrupt as e:  # while Python loads absl and ml_collections
+    from eca_flax.cli import preemption
+    from eca_flax.training import loop, mesh, reporting
+except BaseException as e:  # Ctrl-C while Python loads JAX: one line
+    if not shell.by_ctrl_c(e):
+        raise
     shell.report(f"interrupted: {BEFORE_START}", e)
     shell.exit_now(130)
 
@@ -79,9 +83,6 @@ def main(argv: list[str]) -> int:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # Orbax and JAX log much at INFO; -v 0 shows it.
         logging.set_verbosity(logging.WARNING)
-    from eca_flax.cli import preemption
-    from eca_flax.training import loop, mesh, reporting
-
     path = config_flags.get_config_filename(FLAGS["config"])
     if not os.path.isfile(path):
         fail(f"config file {path} not found")

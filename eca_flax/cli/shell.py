@@ -10,6 +10,7 @@ one line (the ``Interrupted`` message of a training run, else the command's own)
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,9 +21,20 @@ from eca_flax.cli import unraisable
 TRACEBACK_ENV = "ECA_FLAX_TRACEBACK"
 
 
+_sigint: list[int] = []  # the SIGINTs that came (Python's Ctrl-C handler, counting)
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _sigint.append(signum)
+    raise KeyboardInterrupt
+
+
 def install() -> None:
-    """The command lines' process behaviour (idempotent): ``unraisable.install``."""
+    """The command lines' process behaviour (idempotent): ``unraisable.install``, and Python's
+    Ctrl-C handler counting what comes (an ignored SIGINT, as in background jobs, stays so)."""
     unraisable.install()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
 
 
 def error_line(error: BaseException, where: str | None = None) -> str:
@@ -43,6 +55,18 @@ def report(line: str, error: BaseException | None = None) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def by_ctrl_c(error: BaseException) -> bool:
+    """Whether Ctrl-C caused ``error``: a KeyboardInterrupt, or any exception after a SIGINT
+    came (one during an extension's import becomes an ImportError: numpy's, jaxlib's)."""
+    if _sigint:
+        return True
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def run(
     body: Callable[[], object], *, interrupted: str = "interrupted", where: str | None = None
 ) -> int:
@@ -50,6 +74,7 @@ def run(
     reported in one line (``interrupted``: the line for Ctrl-C; ``where``: what an OSError
     without a file name is about)."""
     install()
+    _sigint.clear()  # this run's (in-process callers, the tests, run several)
     try:
         code = body()
         return code if isinstance(code, int) else 0
@@ -62,6 +87,11 @@ def run(
     except (errors.Error, OSError) as e:
         report(error_line(e, where), e)
         return 1
+    except Exception as e:
+        if by_ctrl_c(e):
+            report(interrupted, e)
+            return 130
+        raise
 
 
 def exit_now(code: int) -> None:
