@@ -9,7 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_convert import assert_error, run  # small: a fixture, shared
+from test_convert import (
+    assert_error,
+    run,
+    small,  # noqa: F401  (a fixture of test_convert, used here too)
+)
 
 import eca_flax
 from eca_flax import errors
