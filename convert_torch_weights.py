@@ -26,6 +26,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from eca_flax.cli import shell  # no JAX: convert() imports it, under shell.run
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line; see the module docstring."""
@@ -68,42 +70,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+INTERRUPTED = "interrupted; nothing written"
+
+
+def convert(args: argparse.Namespace) -> None:
+    """The conversion (or export) ``args`` ask for."""
+    from eca_flax.weights.convert import convert_file, export_torch
+
+    if args.to_torch:
+        export_torch(args.src, args.dst, overwrite=args.overwrite)
+        return
+    if args.allow_unsafe_pickle:
+        print(
+            f"WARNING: --allow-unsafe-pickle: unpickling {args.src} without restrictions; "
+            "a malicious file runs arbitrary code now. Use only files you trust.",
+            file=sys.stderr,
+        )
+    convert_file(
+        args.src,
+        args.dst,
+        arch=args.arch,
+        k_size=args.k_size,
+        verify=args.verify,
+        overwrite=args.overwrite,
+        allow_unsafe_pickle=args.allow_unsafe_pickle,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; returns the exit status (0 ok, 1 error) instead of raising."""
+    """Run the command; returns the exit status (0 ok, 1 error, 130 Ctrl-C) instead of raising."""
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's progress chatter
-    try:
-        from eca_flax.weights.convert import ConversionError, convert_file, export_torch
-        from eca_flax.weights.pretrained import PretrainedError
-    except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
-    try:
-        if args.to_torch:
-            export_torch(args.src, args.dst, overwrite=args.overwrite)
-        else:
-            if args.allow_unsafe_pickle:
-                print(
-                    f"WARNING: --allow-unsafe-pickle: unpickling {args.src} without restrictions; "
-                    "a malicious file runs arbitrary code now. Use only files you trust.",
-                    file=sys.stderr,
-                )
-            convert_file(
-                args.src,
-                args.dst,
-                arch=args.arch,
-                k_size=args.k_size,
-                verify=args.verify,
-                overwrite=args.overwrite,
-                allow_unsafe_pickle=args.allow_unsafe_pickle,
-            )
-    except (ConversionError, PretrainedError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing written", file=sys.stderr)
-        return 130
-    return 0
+    return shell.run(lambda: convert(args), interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

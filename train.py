@@ -17,28 +17,26 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import NoReturn
 
+from eca_flax.cli import shell  # no JAX yet: its hooks are in place before JAX starts
 
-def interrupted(error: BaseException) -> NoReturn:
-    """Ctrl-C: one line saying what is saved (the training loop's message), exit code 130."""
-    print(
-        f"interrupted: {str(error) or 'before the first training step, no checkpoint written'}",
-        file=sys.stderr,
-        flush=True,
-    )
-    sys.stdout.flush()
-    os._exit(130)  # now: finalizing with JAX's threads cut mid-way can crash the interpreter
-
-
+BEFORE_START = "before the first training step, no checkpoint written"
+shell.install()
 try:
     from eca_flax.cli import xla_flags
 
     xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); first
     from absl import app, flags, logging
     from ml_collections import config_flags
-except KeyboardInterrupt as e:
-    interrupted(e)
+
+    from eca_flax import errors
+    from eca_flax.cli import preemption
+    from eca_flax.training import loop, mesh, reporting
+except BaseException as e:  # Ctrl-C while Python loads JAX: one line
+    if not shell.by_ctrl_c(e):
+        raise
+    shell.report(f"interrupted: {BEFORE_START}", e)
+    shell.exit_now(130)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -48,7 +46,7 @@ flags.mark_flags_as_required(["config"])
 
 def fail(message: object) -> None:
     """One line on stderr, exit code 1."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    shell.report(shell.error_line(message))
     sys.exit(1)
 
 
@@ -65,16 +63,6 @@ def unknown_field(error: AttributeError) -> str:
     )
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input or a fault the user can fix: reported as one line."""
-    from eca_flax import data
-    from eca_flax.training.config import ConfigError, TrainingError
-    from eca_flax.weights import pretrained
-    from eca_flax.weights.convert import ConversionError
-
-    return ConfigError, TrainingError, data.DataError, pretrained.PretrainedError, ConversionError
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing; a bad flag, config file or config field is a one-line error."""
     try:
@@ -83,7 +71,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(e)
     except AttributeError as e:  # --config.FIELD=... for a field the config does not have
         fail(unknown_field(e))
-    except user_errors() as e:  # Raised by a config file's get_config().
+    except errors.Error as e:  # Raised by a config file's get_config().
         fail(e)
     except (OSError, ImportError, SyntaxError) as e:  # A missing or broken config file.
         fail(e)
@@ -95,8 +83,6 @@ def main(argv: list[str]) -> int:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # Orbax and JAX log much at INFO; -v 0 shows it.
         logging.set_verbosity(logging.WARNING)
-    from eca_flax.training import loop, mesh, reporting
-
     path = config_flags.get_config_filename(FLAGS["config"])
     if not os.path.isfile(path):
         fail(f"config file {path} not found")
@@ -107,19 +93,21 @@ def main(argv: list[str]) -> int:
         fail(e)
     name = os.path.splitext(os.path.basename(path))[0]
     workdir = FLAGS.workdir or os.path.join("workdirs", name)
-    try:
+
+    def train() -> None:
         reporting.setup_logging(all_processes=True)
         mesh.initialize_distributed(config)
-        loop.train_and_evaluate(config, workdir)
-    except user_errors() as e:
-        fail(e)
-    except OSError as e:  # the workdir, the data: permissions, a full disk, ...
-        fail(f"{e.filename or workdir}: {e.strerror or e}")
-    return 0
+        loop.train_and_evaluate(config, workdir, stop=preemption.Preemption())
+
+    code = shell.run(train, interrupted=f"interrupted: {BEFORE_START}", where=workdir)
+    if code == 130:  # now: finalizing with JAX's threads cut mid-way can crash the interpreter
+        shell.exit_now(code)
+    return code
 
 
 if __name__ == "__main__":
     try:
         app.run(main, flags_parser=parse_flags)
-    except KeyboardInterrupt as e:  # anywhere: loading the config, starting, training
-        interrupted(e)
+    except KeyboardInterrupt as e:  # loading the config, starting: outside the shell's run
+        shell.report(f"interrupted: {BEFORE_START}", e)
+        shell.exit_now(130)

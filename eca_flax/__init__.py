@@ -3,32 +3,69 @@
 ``eca_flax.create_model("eca_resnet50")`` builds a model with the released ECA kernel sizes;
 ``model.eval()`` then ``model(images)`` maps ImageNet-normalized NHWC images to logits.
 ``eca_flax.load_pretrained(DIR)`` loads weights converted by ``convert_torch_weights.py``.
+
+The names below are loaded on first use, so that ``import eca_flax.cli.shell`` (what a command
+line imports first, to install its hooks before JAX starts) or ``eca_flax.errors`` costs no JAX
+import.
 """
 
-from eca_flax.cli import unraisable
+from __future__ import annotations
 
-unraisable.install()  # before JAX is imported: Ctrl-C in its gc callback, Orbax echoes
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from eca_flax.models.layers import ECA, adaptive_kernel_size  # noqa: E402
-from eca_flax.models.mobilenetv2 import ECAMobileNetV2  # noqa: E402
-from eca_flax.models.registry import (  # noqa: E402
-    ModelInfo,
-    count_params,
-    create_model,
-    list_models,
-    model_info,
-    resolve_k_size,
-)
-from eca_flax.models.resnet import ECAResNet  # noqa: E402
-from eca_flax.weights.pretrained import load_pretrained  # noqa: E402
+from eca_flax.errors import Error
+from eca_flax.version import __version__
 
-__version__ = "0.1.0"
+_HOMES = {
+    "ECA": "eca_flax.models.layers",
+    "adaptive_kernel_size": "eca_flax.models.layers",
+    "ECAMobileNetV2": "eca_flax.models.mobilenetv2",
+    "ECAResNet": "eca_flax.models.resnet",
+    "ModelInfo": "eca_flax.models.registry",
+    "count_params": "eca_flax.models.registry",
+    "create_model": "eca_flax.models.registry",
+    "list_models": "eca_flax.models.registry",
+    "model_info": "eca_flax.models.registry",
+    "resolve_k_size": "eca_flax.models.registry",
+    "load_pretrained": "eca_flax.weights.pretrained",
+}
+
+if TYPE_CHECKING:
+    from eca_flax.models.layers import ECA, adaptive_kernel_size
+    from eca_flax.models.mobilenetv2 import ECAMobileNetV2
+    from eca_flax.models.registry import (
+        ModelInfo,
+        count_params,
+        create_model,
+        list_models,
+        model_info,
+        resolve_k_size,
+    )
+    from eca_flax.models.resnet import ECAResNet
+    from eca_flax.weights.pretrained import load_pretrained
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported from their module on first use."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'eca_flax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})
+
 
 __all__ = [
     "ECA",
     "ECAMobileNetV2",
     "ECAResNet",
+    "Error",
     "ModelInfo",
+    "__version__",
     "adaptive_kernel_size",
     "count_params",
     "create_model",

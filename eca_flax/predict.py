@@ -25,6 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import UnidentifiedImageError
+
+from eca_flax.cli import shell, xla_flags
+from eca_flax.data.transforms import (
+    DECODE_ERRORS,
+    eval_settings,
+    eval_transform,
+    normalize,
+    override_eval,
+)
+from eca_flax.errors import DataError, PretrainedError
+from eca_flax.weights.description import num_classes_of
+from eca_flax.weights.pretrained import load_pretrained, read_model_json
 
 BATCH = 32
 
@@ -46,13 +59,9 @@ def class_name(index: int, num_classes: int) -> str:
 
 def top_k(model: nnx.Module, images: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
     """(class index, probability) of the ``k`` most likely classes for each uint8 NHWC image."""
-    from eca_flax.training.steps import normalize_images
-
     model.eval()
     graphdef, state = nnx.split(model)  # once: the jitted function takes arrays only
-    forward = jax.jit(
-        lambda state, x: jax.nn.softmax(nnx.merge(graphdef, state)(normalize_images(x)), -1)
-    )
+    forward = jax.jit(lambda state, x: jax.nn.softmax(nnx.merge(graphdef, state)(normalize(x)), -1))
     out = []
     for start in range(0, len(images), BATCH):
         probs = np.asarray(forward(state, jnp.asarray(images[start : start + BATCH])))
@@ -69,26 +78,22 @@ def load_images(
     interpolation: str = "bilinear",
 ) -> np.ndarray:
     """Every image through the eval preprocessing (uint8); a missing or undecodable file is a
-    one-line ValueError naming it."""
-    from PIL import UnidentifiedImageError
-
-    from eca_flax.data.transforms import DECODE_ERRORS, eval_transform
-
+    one-line DataError naming it."""
     images = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            raise ValueError(f"{name}: is a directory, not an image file")
+            raise DataError(f"{name}: is a directory, not an image file")
         if not path.is_file():
-            raise ValueError(f"{name}: no such file")
+            raise DataError(f"{name}: no such file")
         try:
             data = path.read_bytes()
             images.append(eval_transform(data, image_size, resize_size, interpolation))
         except UnidentifiedImageError:
-            raise ValueError(f"{name}: not an image (unknown format)") from None
+            raise DataError(f"{name}: not an image (unknown format)") from None
         except DECODE_ERRORS as e:  # truncated or corrupt image data
             reason = " ".join(str(e).split())[:160] or type(e).__name__
-            raise ValueError(f"{name}: not a decodable image ({reason})") from None
+            raise DataError(f"{name}: not a decodable image ({reason})") from None
     return np.stack(images)
 
 
@@ -96,9 +101,6 @@ def eval_size(meta: dict, image_size: int | None) -> tuple[int, int | None, str]
     """(crop, resize, interpolation) for a model: the sizes its model.json records (224 and 256
     for converted released weights, timm's test size and crop_pct), or ``image_size`` if given
     (resize by the 256/224 rule, by the crop_pct for timm's models)."""
-    from eca_flax.data.transforms import override_eval
-    from eca_flax.weights.pretrained import eval_settings
-
     settings = override_eval(eval_settings(meta), image_size)
     return settings["image_size"], settings["resize_size"], settings["interpolation"]
 
@@ -123,34 +125,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top < 1 or (args.image_size is not None and args.image_size < 1):
         parser.error("--top and --image-size must be positive")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from eca_flax.cli import xla_flags
-
     xla_flags.use_recommended()  # Takes effect only before the first computation.
-    from eca_flax.weights.pretrained import (
-        PretrainedError,
-        load_pretrained,
-        num_classes_of,
-        read_model_json,
-    )
+    return shell.run(lambda: predict(args))
 
-    try:
-        meta = read_model_json(args.weights)  # a wrong --weights fails before decoding images
-        if not meta["num_classes"]:
-            raise PretrainedError(
-                f"{args.weights}: a backbone without a classifier (converted from a detection "
-                "checkpoint); it has no classes to predict"
-            )
-        images = load_images(args.images, *eval_size(meta, args.image_size))
-        model = load_pretrained(args.weights)
-    except (PretrainedError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+def predict(args: argparse.Namespace) -> None:
+    """Prints the classes ``args`` ask for."""
+    meta = read_model_json(args.weights)  # a wrong --weights fails before decoding images
+    if not meta["num_classes"]:
+        raise PretrainedError(
+            f"{args.weights}: a backbone without a classifier (converted from a detection "
+            "checkpoint); it has no classes to predict"
+        )
+    images = load_images(args.images, *eval_size(meta, args.image_size))
+    model = load_pretrained(args.weights)
     num_classes = num_classes_of(model)
     for name, best in zip(args.images, top_k(model, images, min(args.top, num_classes))):
         print(f"{name}:")
         for rank, (index, prob) in enumerate(best, 1):
             print(f"  {rank}. {100 * prob:6.2f}%  {class_name(index, num_classes)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ def test_bad_arguments_exit_with_one_line(capsys):
     assert "unknown model 'resnet50'" in err and "eca_resnet50" in err
 
 
+@pytest.mark.slow
 def test_train_mode_and_the_train_step_need_no_tensorflow():
     """The benchmark's train mode runs eca_flax.training.steps in a Python without TensorFlow."""
     blocked = subprocess.run(

@@ -31,8 +31,9 @@ from faults import popen_interruptible, run_on_small_disk
 from flax import nnx
 
 import eca_flax
+from eca_flax import errors
 from eca_flax.models import torch_reference as tr
-from eca_flax.weights import convert, pretrained, pth, verify
+from eca_flax.weights import convert, description, pretrained, pth, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = eca_flax.list_models("ECA-Net")  # the original release (timm's: tests/test_timm.py)
@@ -216,7 +217,7 @@ def test_released_file_round_trip(name, released, tmp_path, capsys):
     # Logits of the loaded model against the PyTorch original.
     model = eca_flax.load_pretrained(dst)
     weights = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, pretrained.WEIGHTS)))
-    assert meta["checksum"] == pretrained.checksum(weights)
+    assert meta["checksum"] == description.checksum(weights)
     x = images(2, 64, seed=len(name))
     want = torch_logits(ref, x)
     # Eager ResNets share compiled ops across depths; MobileNetV2's many distinct layer shapes
@@ -321,10 +322,10 @@ def test_infer_arch_from_shapes_alone(released):
     r34 = {k: v.numpy() for k, v in tr.build("eca_resnet34").state_dict().items()}
     assert convert.infer_arch(r34) == convert.ArchSpec("eca_resnet34", (3, 3, 5, 7), 1000, "eca")
     r34["layer3.2.eca.conv.weight"] = np.zeros((1, 1, 3), np.float32)
-    with pytest.raises(convert.ConversionError, match=r"layer3 mixes ECA kernel sizes \[3, 5\]"):
+    with pytest.raises(errors.ConversionError, match=r"layer3 mixes ECA kernel sizes \[3, 5\]"):
         convert.infer_arch(r34)
     timm_like = {k.replace(".eca.", ".se."): v for k, v in r34.items()}
-    with pytest.raises(convert.ConversionError, match="timm"):
+    with pytest.raises(errors.ConversionError, match="timm"):
         convert.infer_arch(timm_like)
     # SE ResNets in our layout (layerS.B.se.fc1/fc2, Linear): attention="se", any depth.
     se50 = {k: v.numpy() for k, v in tr.build("eca_resnet50", attention="se").state_dict().items()}
@@ -339,7 +340,7 @@ def test_infer_arch_from_shapes_alone(released):
         **dataclasses.asdict(convert.infer_arch(conv_like))
     )
     with pytest.raises(
-        convert.ConversionError,
+        errors.ConversionError,
         match=r"shape mismatch for layer\d\.\d\.se\.fc\d\.weight: checkpoint \(\d+, \d+, 1, 1\)",
     ):
         convert.load_state_dict(model, conv_like)
@@ -404,6 +405,7 @@ def test_code_running_pickle_is_refused(legacy, small, tmp_path, capsys):
     assert rc == 0 and dst.is_dir()  # the state_dict itself is fine
 
 
+@pytest.mark.slow
 def test_code_running_pickle_subprocess(tmp_path):
     """End to end as a user runs it: exit status, a single line, no traceback."""
     marker = tmp_path / "pwned"
@@ -490,78 +492,6 @@ def test_export_errors(small, tmp_path, capsys):
 # load_pretrained.
 
 
-def test_load_pretrained_new_head_and_dtype(small, tmp_path, capsys):
-    ref, _, src = small
-    dst = tmp_path / "out"
-    assert run(capsys, src, dst)[0] == 0
-    tuned = eca_flax.load_pretrained(dst, num_classes=4)
-
-    def create_head():  # what create_model initialises the head to (jit: only the head is run)
-        fresh = eca_flax.create_model("eca_resnet18", k_size=(1, 3, 5, 9), num_classes=4)
-        return fresh.fc.kernel[...], fresh.fc.bias[...]
-
-    kernel, bias = jax.jit(create_head)()
-    np.testing.assert_array_equal(tuned.fc.kernel[...], kernel)
-    np.testing.assert_array_equal(tuned.fc.bias[...], bias)
-    np.testing.assert_array_equal(  # and the body from the file
-        tuned.layer2[0].eca.conv.kernel[...],
-        convert.to_flax_layout(ref.layer2[0].eca.conv.weight.detach().numpy()),
-    )
-    assert tuned.fc.kernel.shape == (512, 4) and tuned.bn1.use_running_average  # eval mode
-    half = eca_flax.load_pretrained(dst, dtype=jnp.bfloat16)
-    assert half.conv1.dtype == jnp.bfloat16 and half.fc.kernel[...].dtype == jnp.float32
-
-
-def test_load_pretrained_errors(small, tmp_path, capsys):
-    with pytest.raises(pretrained.PretrainedError, match="no such directory"):
-        eca_flax.load_pretrained(tmp_path / "missing")
-    with pytest.raises(pretrained.PretrainedError, match="no model.json"):
-        eca_flax.load_pretrained(tmp_path)
-    dst = tmp_path / "out"
-    assert run(capsys, small[2], dst)[0] == 0
-    meta = json.loads((dst / "model.json").read_text())
-    (dst / "model.json").write_text(json.dumps({**meta, "format": "other/2"}))
-    with pytest.raises(pretrained.PretrainedError, match="format 'other/2'"):
-        eca_flax.load_pretrained(dst)
-    (dst / "model.json").write_text(json.dumps({**meta, "k_size": [3, 3, 3, 3]}))
-    with pytest.raises(
-        pretrained.PretrainedError,
-        match=r"layer1/0/eca/conv/kernel is stored with shape \(1, 1, 1\) but model.json implies "
-        r"\(3, 1, 1\)",
-    ):
-        eca_flax.load_pretrained(dst)
-    (dst / "model.json").write_text(json.dumps(meta))
-    (dst / "state").rename(tmp_path / "state")
-    with pytest.raises(pretrained.PretrainedError, match="no state/ checkpoint"):
-        eca_flax.load_pretrained(dst)
-    assert_error(*run(capsys, "--to-torch", dst, tmp_path / "x.pth")[::2], "no state/ checkpoint")
-    (dst / "model.json").rename(tmp_path / "saved.json")
-    with pytest.raises(pretrained.PretrainedError, match="no model.json"):
-        eca_flax.load_pretrained(dst)
-
-
-def test_save_pretrained_checks_the_model(small, tmp_path):
-    model = eca_flax.models.registry.empty_model("eca_resnet18")
-    with pytest.raises(pretrained.PretrainedError, match="unloaded weights"):
-        pretrained.save_pretrained(model, tmp_path / "a", arch="eca_resnet18", attention="eca")
-    model = convert.convert_file(small[2], tmp_path / "first", log=lambda _: None)
-    with pytest.raises(pretrained.PretrainedError, match="not eca_resnet34"):
-        pretrained.save_pretrained(model, tmp_path / "b", arch="eca_resnet34", attention="eca")
-    with pytest.raises(pretrained.PretrainedError, match="not eca_resnet18"):
-        pretrained.save_pretrained(model, tmp_path / "c", arch="eca_resnet18", attention=None)
-    with pytest.raises(pretrained.PretrainedError, match="extra may not set k_size"):
-        pretrained.save_pretrained(
-            model, tmp_path / "c", arch="eca_resnet18", attention="eca", extra={"k_size": 3}
-        )
-    pretrained.save_pretrained(
-        model, tmp_path / "d", arch="eca_resnet18", attention="eca", extra={"epoch": 3}
-    )
-    meta = pretrained.read_model_json(tmp_path / "d")
-    assert (meta["source"], meta["epoch"], meta["best_prec1"]) == (None, 3, None)
-    assert (meta["k_size"], meta["num_classes"]) == ([1, 3, 5, 9], 10)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "first"]
-
-
 # ------------------------------------------------------------------------------------------
 # Faults: a full disk, Ctrl-C, permissions, non-finite weights.
 
@@ -596,6 +526,7 @@ def test_full_disk_new_overwrite_and_to_torch(small, tmp_path):
         assert found == sorted(left)
 
 
+@pytest.mark.slow
 def test_interrupted_conversion_leaves_nothing(small, tmp_path):
     """Ctrl-C at any moment of a conversion: 'interrupted; nothing written', exit 130, and
     nothing in DST's directory (no hidden temporary), or, if it came too late, a complete DST."""

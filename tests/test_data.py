@@ -18,7 +18,7 @@ import pytest
 from faults import run_on_small_disk
 from PIL import Image
 
-from eca_flax import data
+from eca_flax import data, errors
 from eca_flax.data import transforms
 from eca_flax.data.__main__ import main as data_cli
 
@@ -379,7 +379,7 @@ def test_tfrecord_preparation_is_refused_then_converted_in_place(tmp_path: pathl
     """An older TFRecord preparation: reading names the command; that command converts it in
     place, and the converted records read without TensorFlow's reader."""
     root = imagenet_fixture.build_mini_imagenet(tmp_path, file_format="tfrecord")
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(errors.DataError) as e:
         data.dataset_info("imagenet2012", root)
     assert "prepared as TFRecord" in str(e.value)
     assert f"`python -m eca_flax.data prepare --data_dir {root}`" in str(e.value)
@@ -409,7 +409,7 @@ def test_missing_imagenet_explains_steps(tmp_path: pathlib.Path) -> None:
         ),
     ]  # fmt: skip
     for call in calls:
-        with pytest.raises(data.DataError) as e:
+        with pytest.raises(errors.DataError) as e:
             call()
         msg = str(e.value)
         assert "\n" not in msg
@@ -421,7 +421,7 @@ def test_missing_imagenet_explains_steps(tmp_path: pathlib.Path) -> None:
 
 def test_unknown_dataset_lists_choices() -> None:
     for name in ("cifar10", "folder:", "imagenet"):
-        with pytest.raises(data.DataError, match=r"imagenet2012.*folder:PATH"):
+        with pytest.raises(errors.DataError, match=r"imagenet2012.*folder:PATH"):
             data.dataset_info(name, None)
 
 
@@ -493,7 +493,7 @@ def test_folder_errors_name_the_path(tmp_path: pathlib.Path, problem: str) -> No
         bad = root
     else:
         bad = root
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(errors.DataError) as e:
         data.dataset_info(f"folder:{root}", None)
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
 
@@ -517,7 +517,7 @@ def test_write_digits_folder(digits_path: str, tmp_path: pathlib.Path) -> None:
         assert im.size == (32, 32)
     # Complete: a second call is a no-op; a different size at the same path is refused.
     assert data.write_digits_folder(digits_path, 32) == digits_path
-    with pytest.raises(data.DataError, match="digits"):
+    with pytest.raises(errors.DataError, match="digits"):
         data.write_digits_folder(digits_path, 16)
     b = next(
         data.eval_iterator(
@@ -557,7 +557,7 @@ def test_damaged_image_stops_with_its_name(tmp_path: pathlib.Path, split: str, n
     write_damaged(tmp_path)
     shutil.copy(tmp_path / name, root / split / "b" / name)
     args = dict(image_size=16, process_index=0, process_count=1)
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(errors.DataError) as error:
         if split == "val":
             collect(data.eval_iterator(f"folder:{root}", None, global_batch_size=4, **args))
         else:
@@ -582,6 +582,7 @@ def test_damaged_images_skipped_and_counted(tmp_path: pathlib.Path) -> None:
     assert (epoch["image"].reshape(9, -1).max(1) > 0).all()  # every slot holds a real image
 
 
+@pytest.mark.slow
 def test_digits_cli_full_disk_bad_size_and_umask(tmp_path: pathlib.Path) -> None:
     """``python -m eca_flax.data digits``: a full disk and a bad size are one error line with
     nothing written; the folder gets the modes of any new directory (not mkdtemp's 0700)."""

@@ -23,8 +23,8 @@ import torch
 import eca_flax
 from eca_flax import predict
 from eca_flax.models import torch_reference as tr
-from eca_flax.training import checkpoints
 from eca_flax.training import config as cfg
+from eca_flax.training import start
 from eca_flax.weights import verify
 from eca_flax.weights.pretrained import save_pretrained
 
@@ -317,7 +317,7 @@ def test_new_head_and_init_from(r18, tmp_path, capsys):
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        model, source = checkpoints.build_model(cfg.resolve_config(config), 10)
+        model, source = start.build_model(cfg.resolve_config(config), 10)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -325,7 +325,7 @@ def test_new_head_and_init_from(r18, tmp_path, capsys):
     assert any("is a backbone without a classifier" in r and "10-class head" in r for r in records)
     config.eval_only = True
     with pytest.raises(cfg.ConfigError, match="backbone without a classifier"):
-        checkpoints.build_model(cfg.resolve_config(config), 10)
+        start.build_model(cfg.resolve_config(config), 10)
 
 
 def test_exported_backbone_converts_again(r18, tmp_path, capsys):

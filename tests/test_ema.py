@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import eca_flax
+from eca_flax import errors
 from eca_flax.training import checkpoints, steps
 from eca_flax.training import config as cfg
 from eca_flax.training.mesh import make_mesh
@@ -206,5 +207,5 @@ def test_checkpoints_restore_the_ema_exactly(run, tmp_path, caplog) -> None:
 def test_ema_config_errors(fields, message) -> None:
     config = cfg.default_config()
     config.update(fields)
-    with pytest.raises(cfg.ConfigError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
         cfg.resolve_config(config)

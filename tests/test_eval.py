@@ -54,6 +54,7 @@ def eval_config(init_from: str, **overrides):
     return c
 
 
+@pytest.mark.slow
 def test_eval_counts_each_image_once_on_1_and_8_devices(converted, tmp_path) -> None:
     """7 validation images (odd): batch 2 on 1 device, batch 8 / 16 on 8 devices; each image
     is counted exactly once and the metrics are the same, equal to those of the logits."""
@@ -75,7 +76,7 @@ def test_eval_counts_each_image_once_on_1_and_8_devices(converted, tmp_path) -> 
     for n, batch in ((1, 2), (8, 8), (8, 16)):
         mesh = make_mesh(jax.devices()[:n])
         config = eval_config(str(path), image_size=64, eval_batch_size=batch)
-        run = loop.train_and_evaluate(config, str(tmp_path / "w"), mesh=mesh, keep_logits=True)
+        run = loop.evaluate_logits(config, str(tmp_path / "w"), mesh=mesh)
         r = run.eval
         assert r.images == imagenet_fixture.NUM_VAL == len(r.logits)
         assert sorted(r.labels.tolist()) == sorted(labels)  # Every image once, none twice.
@@ -90,13 +91,12 @@ def test_eval_counts_each_image_once_on_1_and_8_devices(converted, tmp_path) -> 
     assert not (tmp_path / "w").exists(), "eval_only writes nothing to the workdir"
 
 
+@pytest.mark.slow
 def test_eval_only_matches_pytorch_with_pil_pipeline(converted, tmp_path) -> None:
     """The converted checkpoint evaluated by the trainer at 224 px predicts what the PyTorch
     original predicts on the same images through PIL Resize(256) + CenterCrop(224)."""
     path, reference = converted
-    run = loop.train_and_evaluate(
-        eval_config(path, image_size=224, eval_batch_size=8), str(tmp_path), keep_logits=True
-    )
+    run = loop.evaluate_logits(eval_config(path, image_size=224, eval_batch_size=8), str(tmp_path))
     got = run.eval
     # The same images: the bytes TFDS stored, each labelled uniquely in the fixture.
     source = tfds.data_source(
@@ -133,6 +133,7 @@ def run_cli(*args: str, cwd=REPO, **env) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(converted, tmp_path) -> None:
     """Bad configs: one 'error:' line naming the problem, exit 1, no traceback, no workdir."""
     path, _ = converted

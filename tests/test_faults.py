@@ -30,12 +30,14 @@ import pytest
 from faults import popen_interruptible, run_on_small_disk
 from flax import nnx
 
-from eca_flax import data
+from eca_flax import errors
 from eca_flax.cli import unraisable
 from eca_flax.training import checkpoints, loop
 from eca_flax.training import config as cfg
+from eca_flax.training.lock import LOCK_FILE, WorkdirLock
 from eca_flax.training.mesh import make_mesh
-from eca_flax.weights import pretrained
+from eca_flax.training.start import build_model
+from eca_flax.weights import description, pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = dict(  # configs/quickstart.py (digits at 16 px) at batch 8: 2 steps per epoch here
@@ -87,7 +89,7 @@ def trained(tiny, tmp_path_factory) -> pathlib.Path:
 def weights(path: pathlib.Path) -> dict:
     """The arrays of a pretrained directory, by path."""
     state = nnx.state(pretrained.load_pretrained(path), pretrained.WEIGHTS)
-    return pretrained.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(state)))
+    return description.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(state)))
 
 
 def cli(workdir: pathlib.Path, dataset: pathlib.Path, **fields) -> list[str]:
@@ -123,6 +125,7 @@ def compilation_cache(tmp_path_factory) -> None:
 # Checkpoints.
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tmp_path, capfd):
     """Four damaged latest checkpoints, each in its own way, are reported in one line each,
     moved to checkpoints.damaged/ and the run resumes from the newest good one (written by an
@@ -165,9 +168,7 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tm
     for key in want:  # a resumed run is deterministic (test_train: resume == uninterrupted)
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=str(key))
     # init_from takes the checkpoint without checksums as well.
-    model, _ = checkpoints.build_model(
-        cfg.resolve_config(config(tiny, init_from=str(root / "2"))), 2
-    )
+    model, _ = build_model(cfg.resolve_config(config(tiny, init_from=str(root / "2"))), 2)
     assert model.fc.kernel.value.shape == (512, 2)
 
 
@@ -182,41 +183,44 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes(trained, tiny, tm
         (dict(decay_bn_bias=False), r"optimizer_state crc32:\w+ \(checkpoint\) vs crc32:\w+"),
     ],
 )
+@pytest.mark.slow
 def test_resume_refuses_another_configuration(trained, tiny, fields, message):
     """The step number is the data position: another batch or image size, model or k_size
     cannot continue a workdir, nor another optimizer (its state has another layout, which
     Orbax would otherwise report like damage); one line names both values, nothing is written."""
     before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
     with pytest.raises(
-        cfg.ConfigError,
+        errors.ConfigError,
         match=f"{trained}/checkpoints/10 was trained with another configuration: {message}",
     ):
         train(config(tiny, num_train_steps=10, **fields), trained)
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_workdir_lock(tiny, tmp_path, capfd):
     """A workdir in use by a live process is refused in one line naming it; the lock of a
     process that is gone is reported and taken over, and released at the end."""
-    lock = tmp_path / checkpoints.LOCK_FILE
+    lock = tmp_path / LOCK_FILE
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid, "since": "x"}))
         with pytest.raises(
-            cfg.ConfigError,
+            errors.ConfigError,
             match=f"workdir {tmp_path} is in use by pid {owner.pid} on {socket.gethostname()}",
         ):
             train(config(tiny, num_train_steps=1), tmp_path)
-        assert sorted(os.listdir(tmp_path)) == [checkpoints.LOCK_FILE]
+        assert sorted(os.listdir(tmp_path)) == [LOCK_FILE]
     finally:
         owner.kill()
         owner.wait()
-    with checkpoints.WorkdirLock(str(tmp_path)):
+    with WorkdirLock(str(tmp_path)):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert f"{lock}: left by pid {owner.pid}" in capfd.readouterr().out
     assert not lock.exists()
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_names_the_last_good_checkpoint(trained, tiny, tmp_path):
     """No space for the second checkpoint: one error line naming the workdir and the last good
     checkpoint, exit 1; the good one is intact and nothing half-written is left."""
@@ -239,6 +243,7 @@ def test_disk_full_while_saving_names_the_last_good_checkpoint(trained, tiny, tm
 # Data.
 
 
+@pytest.mark.slow
 def test_damaged_validation_image_keeps_the_epoch_checkpoint(tiny, tmp_path):
     """The epoch's checkpoint is saved before its evaluation: a damaged validation image stops
     the run in one line naming the file and that checkpoint; skipping damaged images then
@@ -247,7 +252,7 @@ def test_damaged_validation_image_keeps_the_epoch_checkpoint(tiny, tmp_path):
     shutil.copytree(tiny, dataset)
     (dataset / "val" / "1" / "text.jpg").write_text("not an image\n")
     c = config(dataset, num_epochs=2, checkpoint_every_steps=100)
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(errors.DataError) as error:
         train(c, tmp_path / "run")
     assert str(error.value) == (
         f"{dataset}/val/1/text.jpg: not a decodable image (not an image, or a format PIL does "
@@ -291,6 +296,7 @@ def interrupt_after(proc: subprocess.Popen, pattern: str, times: int = 1) -> tup
     return "".join(lines) + out, err
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_says_what(tiny, tmp_path):
     """Ctrl-C: the step finishes, a checkpoint is saved and named, exit 130. Twice, during
     the save: stops at once naming the last good checkpoint. The next run resumes cleanly."""
@@ -321,6 +327,7 @@ def test_ctrl_c_saves_and_says_what(tiny, tmp_path):
     assert err.strip() == "", err  # no traceback, no warning about a half-written step
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_starting_is_one_line(tiny, tmp_path):
     """Ctrl-C while Python loads JAX and the config: one line, exit 130, no traceback."""
     proc = start(cli(tmp_path / "run", tiny, num_train_steps=6))
@@ -341,6 +348,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_coordinator_that_never_answers_ends_in_one_line(tiny, tmp_path):
     """Process 1 of 2 with nobody at the coordinator's address: it says at once what it waits
     for, and ends after distributed_timeout_s with one line naming the address."""

@@ -8,9 +8,12 @@ import pathlib
 import re
 import subprocess
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path: pathlib.Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path / "out"), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)

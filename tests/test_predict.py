@@ -18,7 +18,7 @@ from sklearn.datasets import load_sample_images
 import eca_flax
 from eca_flax import data, predict
 from eca_flax.models import torch_reference as tr
-from eca_flax.weights import convert, pretrained
+from eca_flax.weights import convert, description, pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = load_sample_images().filenames  # china.jpg, flower.jpg
@@ -74,6 +74,7 @@ def test_top5_on_real_photos_matches_pytorch(converted, capsys):
         np.testing.assert_allclose([float(r[1]) for r in rows], 100 * probs[want], atol=0.006)
 
 
+@pytest.mark.slow
 def test_predict_subprocess(converted):
     """As a user runs it: exit status 0, the top-3 of one photo, no traceback."""
     proc = subprocess.run(
@@ -135,7 +136,7 @@ def damage(weights: Path, where: Path, how: str) -> Path:
     """A copy of ``weights`` with its largest data file cut short, or with the arrays of another
     model under its model.json (Orbax reads them without complaint: only the checksum tells)."""
     shutil.copytree(weights, where)
-    state = where / pretrained.STATE_DIR
+    state = where / description.STATE_DIR
     if how == "truncated":
         data_file = max(state.rglob("d/*"), key=lambda p: p.stat().st_size)
         os.truncate(data_file, data_file.stat().st_size // 2)
@@ -146,11 +147,12 @@ def damage(weights: Path, where: Path, how: str) -> Path:
             other, where.parent / "other", arch="eca_resnet18", attention="eca"
         )
         shutil.rmtree(state)
-        shutil.copytree(where.parent / "other" / pretrained.STATE_DIR, state)
+        shutil.copytree(where.parent / "other" / description.STATE_DIR, state)
     return where
 
 
 @pytest.mark.parametrize("how", ["truncated", "other arrays"])
+@pytest.mark.slow
 def test_damaged_weights_are_one_line(converted, tmp_path, how):
     """As a user runs it: one error line naming state/, no traceback or Orbax echoes."""
     weights = damage(converted[0], tmp_path / "w", how)

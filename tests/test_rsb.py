@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from eca_flax import errors
 from eca_flax.data import randaugment as ra
 from eca_flax.training import config as cfg
 from eca_flax.training import steps
@@ -121,7 +122,7 @@ def test_recipe_overrides_and_leaves_resolution_alone() -> None:
 def test_config_errors_name_the_field(field: str, value, message: str) -> None:
     c = cfg.default_config()
     c[field] = value
-    with pytest.raises(cfg.ConfigError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
         cfg.resolve_config(c)
 
 

@@ -27,6 +27,7 @@ from sklearn.datasets import load_sample_images
 from test_convert import CLI, assert_error, images, run, torch_logits
 
 import eca_flax
+from eca_flax import errors
 from eca_flax.models import torch_reference as tr
 from eca_flax.weights import pretrained, safetensors_io, verify
 
@@ -122,7 +123,7 @@ def test_save_pretrained_format(small, tmp_path):
     )
     assert pretrained.read_model_json(tmp_path / "t.safetensors")["num_classes"] == 3
     for name, fmt in (("t2", "safetensors"), ("t3.safetensors", "orbax"), ("t4", "zip")):
-        with pytest.raises(pretrained.PretrainedError, match=f"format='{fmt}'"):
+        with pytest.raises(errors.PretrainedError, match=f"format='{fmt}'"):
             pretrained.save_pretrained(tuned, tmp_path / name, format=fmt, **kw)
 
     # bfloat16 weights are stored as BF16 and come back as float32 holding the same values.
@@ -138,7 +139,7 @@ def test_save_pretrained_format(small, tmp_path):
 
     # A dtype the format cannot hold: one line, nothing written.
     with pytest.raises(
-        pretrained.PretrainedError,
+        errors.PretrainedError,
         match=r"c.safetensors: could not write it "
         r"\(SafetensorError: .*complex128.*\); nothing written$",
     ):
@@ -146,7 +147,7 @@ def test_save_pretrained_format(small, tmp_path):
             tmp_path / "c.safetensors",
             {"w": np.zeros(2, np.complex128)},
             {},
-            pretrained.PretrainedError,
+            errors.PretrainedError,
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16.safetensors", "t.safetensors"]
 
@@ -166,7 +167,7 @@ def test_bad_files_are_one_line(small, tmp_path, capsys):
         bad.write_bytes(content)
         line = assert_error(*run(capsys, "--to-torch", bad, out)[::2], f"{bad}: not a readable")
         assert "truncated or corrupt" in line
-        with pytest.raises(pretrained.PretrainedError, match="not a readable safetensors"):
+        with pytest.raises(errors.PretrainedError, match="not a readable safetensors"):
             eca_flax.load_pretrained(bad)
 
     # Valid safetensors files that are not eca_flax models.
@@ -246,6 +247,7 @@ print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"orbax", "to
 """
 
 
+@pytest.mark.slow
 def test_load_and_predict_without_orbax_or_torch(small, tmp_path):
     photo = load_sample_images().filenames[0]
     proc = subprocess.run(

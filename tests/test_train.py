@@ -22,13 +22,13 @@ import time
 import imagenet_fixture
 import jax
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
-import torch
+from test_config import load_config, small_config
 
+from eca_flax import errors
 from eca_flax.cli import xla_flags
-from eca_flax.training import checkpoints, loop, steps
+from eca_flax.training import checkpoints, loop, start, steps
 from eca_flax.training import config as cfg
 from eca_flax.training.mesh import batch_sharded, make_mesh, prefetch_to_mesh
 from eca_flax.weights import pretrained
@@ -41,26 +41,13 @@ SUMMARY = re.compile(r"top1=([0-9.]+) top5=([0-9.]+) images=(\d+)")
 # Helpers.
 
 
-def small_config(**overrides):
-    """eca_resnet18 at 32 px, global batch 8: a few steps take seconds on CPU."""
-    c = cfg.default_config()
-    c.model = "eca_resnet18"
-    c.image_size = 32
-    c.batch_size = 8
-    c.eval_batch_size = 24
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 1000
-    c.update(overrides)
-    return c
-
-
 def final_weights(workdir: pathlib.Path | str, ema: bool = False) -> dict[str, np.ndarray]:
     """Params and BN statistics (or their EMA) of a workdir's latest checkpoint, by path."""
     step_dir = checkpoints.find_checkpoint(str(workdir))
     meta = checkpoints.read_meta(step_dir)
     config = cfg.resolve_config(small_config(model=meta["arch"], init_from=step_dir))
-    model, _ = checkpoints.build_model(config, meta["num_classes"])  # What init_from loads.
-    return model_weights(checkpoints.read_ema(step_dir, model) if ema else model)
+    model, _ = start.build_model(config, meta["num_classes"])  # What init_from loads.
+    return model_weights(start.read_ema(step_dir, model) if ema else model)
 
 
 def model_weights(model) -> dict[str, np.ndarray]:
@@ -83,7 +70,7 @@ def assert_weights_close(a: dict, b: dict, rtol: float, atol: float) -> None:
 
 def initial_weights(config, num_classes: int) -> dict[str, np.ndarray]:
     """The weights every run of ``config`` starts from (fresh init with its seed)."""
-    model, _ = checkpoints.build_model(cfg.resolve_config(config), num_classes)
+    model, _ = start.build_model(cfg.resolve_config(config), num_classes)
     return model_weights(model)
 
 
@@ -211,117 +198,11 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
 # Recipes: schedules and the optimizer.
 
 
-def load_config(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-@pytest.mark.parametrize("name", ["eca_resnet18", "eca_resnet50", "eca_resnet152"])
-def test_resnet_schedule_is_original_step_decay(name: str) -> None:
-    config = cfg.resolve_config(load_config(name))
-    spe = 5005  # ImageNet at batch 256 has 5004 steps per epoch; any count works.
-    for batch in (256, 1024):
-        with config.unlocked():
-            config.batch_size = batch
-        plan = cfg.Plan(
-            1000, spe, 100 * spe, 50000, batch, batch, config.learning_rate * batch / 256
-        )
-        schedule = steps.make_schedule(config, plan)
-        for epoch in range(100):
-            want = 0.1 * batch / 256 * 0.1 ** (epoch // 30)  # The original adjust_learning_rate.
-            for step in (epoch * spe, epoch * spe + spe - 1):  # First and last step of the epoch.
-                np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5, err_msg=epoch)
-
-
-def test_mobilenet_schedule_is_original_exponential_decay() -> None:
-    config = cfg.resolve_config(load_config("eca_mobilenet_v2"))
-    assert config.batch_size == 96 and config.base_batch_size == 96
-    spe = 13346  # ImageNet at batch 96.
-    plan = cfg.Plan(1000, spe, 400 * spe, 50000, 96, 96, config.learning_rate)
-    schedule = steps.make_schedule(config, plan)
-    for epoch in range(400):
-        want = 0.045 * 0.98**epoch
-        for step in (epoch * spe, epoch * spe + spe - 1):
-            np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5, err_msg=epoch)
-
-
-def test_modern_recipe_warmup_cosine() -> None:
-    config = small_config(recipe="modern", num_epochs=20)
-    config = cfg.resolve_config(config)
-    assert (config.schedule, config.nesterov, config.decay_bn_bias) == ("cosine", True, False)
-    assert config.label_smoothing == 0.1 and config.warmup_epochs == 5
-    spe = 10
-    plan = cfg.Plan(10, spe, 20 * spe, 100, 8, 8, 0.4)
-    schedule = steps.make_schedule(config, plan)
-    assert float(schedule(0)) == 0.0
-    np.testing.assert_allclose(float(schedule(25)), 0.2, rtol=1e-6)  # Halfway through warmup.
-    np.testing.assert_allclose(float(schedule(50)), 0.4, rtol=1e-6)  # Peak after 5 epochs.
-    np.testing.assert_allclose(float(schedule(125)), 0.2, rtol=1e-5)  # Cosine midpoint.
-    assert float(schedule(200)) == pytest.approx(0.0, abs=1e-9)
-
-
-@pytest.mark.parametrize("recipe", ["original", "modern"])
-def test_optimizer_equals_pytorch_sgd(recipe: str) -> None:
-    """optax.chain(add_decayed_weights, sgd) == torch.optim.SGD(momentum, weight_decay)."""
-    config = cfg.resolve_config(small_config(recipe=recipe, weight_decay=1e-2))
-    lrs = [0.1, 0.1, 0.05, 0.05, 0.01]
-    schedule = lambda step: np.asarray(lrs)[step]  # noqa: E731
-    tx = steps.make_optimizer(config, schedule)
-    rng = np.random.default_rng(0)
-    params = {
-        "kernel": rng.normal(size=(3, 4)).astype(np.float32),
-        "bias": rng.normal(size=(4,)).astype(np.float32),
-    }
-    grads = [
-        jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in lrs
-    ]
-
-    torch_params = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    groups = [
-        {"params": [torch_params["kernel"]]},
-        {"params": [torch_params["bias"]], "weight_decay": 0.0 if recipe == "modern" else 1e-2},
-    ]
-    sgd = torch.optim.SGD(
-        groups, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=recipe == "modern"
-    )
-    state = tx.init(params)
-    for lr, g in zip(lrs, grads):
-        updates, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, updates)
-        for group in sgd.param_groups:
-            group["lr"] = lr
-        for k, p in torch_params.items():
-            p.grad = torch.tensor(g[k])
-        sgd.step()
-    for k, p in torch_params.items():
-        np.testing.assert_allclose(params[k], p.detach().numpy(), rtol=1e-5, atol=1e-6)
-
-
-def test_config_errors_name_the_problem() -> None:
-    with pytest.raises(cfg.ConfigError, match="unknown model 'eca_resnet17'.*eca_resnet18"):
-        cfg.resolve_config(small_config(model="eca_resnet17"))
-    with pytest.raises(cfg.ConfigError, match="unknown schedule 'linear'.*step, cosine"):
-        cfg.resolve_config(small_config(schedule="linear"))
-    with pytest.raises(cfg.ConfigError, match="k_size"):
-        cfg.resolve_config(small_config(k_size="35"))
-    assert cfg.resolve_config(small_config(attention="se")).attention == "se"  # the SE baseline
-    with pytest.raises(cfg.ConfigError, match="unknown attention 'sk'.*eca_ns, se, none"):
-        cfg.resolve_config(small_config(attention="sk"))
-    with pytest.raises(cfg.ConfigError, match="'se' .* ResNets, not eca_mobilenet_v2"):
-        cfg.resolve_config(small_config(attention="se", model="eca_mobilenet_v2"))
-    config = cfg.resolve_config(small_config(batch_size=12))
-    with pytest.raises(cfg.ConfigError, match="batch_size=12 is not divisible by the 8"):
-        cfg.make_plan(config, make_mesh())
-
-
 # ------------------------------------------------------------------------------------------
 # Data parallelism: 8 devices == 1 device; 2 processes == 1 process.
 
 
+@pytest.mark.slow
 def test_eight_devices_train_like_one(tmp_path: pathlib.Path) -> None:
     """A few steps on the mini TFDS ImageNet: same losses and weights on 1 and 8 devices."""
     config = small_config(
@@ -354,15 +235,15 @@ def test_eight_devices_train_like_one(tmp_path: pathlib.Path) -> None:
 
     # Fine-tuning from the training workdir with another number of classes: a new head.
     init = small_config(init_from=str(tmp_path / "d1"), k_size="")
-    model, source = checkpoints.build_model(cfg.resolve_config(init), 10)
+    model, source = start.build_model(cfg.resolve_config(init), 10)
     assert "new 10-class head" in source
     saved = final_weights(tmp_path / "d1")
     conv = np.asarray(model.layer1[0].conv1.kernel[...])
     np.testing.assert_array_equal(conv, saved["params/layer1/0/conv1/kernel"])
     assert model.fc.kernel.shape == (512, 10)
     wrong = small_config(init_from=str(tmp_path / "d1"), model="eca_resnet34")
-    with pytest.raises(cfg.ConfigError, match="holds 'eca_resnet18'.*'eca_resnet34'"):
-        checkpoints.build_model(cfg.resolve_config(wrong), 10)
+    with pytest.raises(errors.ConfigError, match="holds 'eca_resnet18'.*'eca_resnet34'"):
+        start.build_model(cfg.resolve_config(wrong), 10)
 
 
 def test_prefetch_keeps_the_next_batch_in_flight_in_order() -> None:
@@ -390,6 +271,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path: pathlib.Path, cli_cache, monkeypatch) -> None:
     """Two train.py processes (2 CPU devices each, gloo) == one process with 4 devices."""
     fields = dict(num_train_steps=3, batch_size=8, eval_batch_size=72, log_every_steps=1)
@@ -441,6 +323,7 @@ def test_two_processes_train_like_one(tmp_path: pathlib.Path, cli_cache, monkeyp
 # Faults: SIGTERM, SIGKILL, resume; NaN.
 
 
+@pytest.mark.slow
 def test_sigterm_sigkill_resume_equals_uninterrupted(
     tmp_path: pathlib.Path, cli_cache, monkeypatch
 ) -> None:
@@ -517,6 +400,7 @@ def test_sigterm_sigkill_resume_equals_uninterrupted(
     assert SUMMARY.search(again.eval_ema.summary()).groups() == ema
 
 
+@pytest.mark.slow
 def test_rsb_a3_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli_cache) -> None:
     """train.py with recipe=rsb_a3 on the digits (train at 12 px, evaluate at 16): LAMB, BCE,
     Mixup/CutMix on the device, RandAugment in the pipeline. A run that lost its last checkpoint
@@ -549,6 +433,7 @@ def test_rsb_a3_resume_equals_uninterrupted(tmp_path: pathlib.Path, cli_cache) -
     assert_weights_close(final_weights(workdir), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: pathlib.Path, cli_cache) -> None:
     """A NaN loss at step 7 (seen at the next log/save point, step 8) stops the run with one
     error line and exit code 1; checkpoints 2, 4, 6 stay, finite; nothing later is written."""
@@ -576,6 +461,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: pathlib.Path, cli_ca
 # The quick start (the slowest test: a full training run).
 
 
+@pytest.mark.slow
 def test_quickstart_reaches_97_percent(tmp_path: pathlib.Path, cli_cache) -> None:
     """The README's command on a 1-device CPU machine: top-1 >= 0.97, checkpoint, TB logs."""
     proc = subprocess.run(

@@ -11,6 +11,7 @@ import sys
 
 import imagenet_fixture
 import no_tensorflow
+import pytest
 import torch
 from sklearn.datasets import load_sample_images
 
@@ -39,6 +40,7 @@ def finished(proc: subprocess.Popen) -> tuple[str, str]:
     return out, err
 
 
+@pytest.mark.slow
 def test_the_commands_run_without_tensorflow(tmp_path: pathlib.Path) -> None:
     data_dir = imagenet_fixture.shared_mini_imagenet()  # prepared here, with TensorFlow
     src = tmp_path / "eca_resnet18_k3577.pth.tar"

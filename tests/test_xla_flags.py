@@ -52,6 +52,7 @@ print(int("__ynn_fusion" in conv.lower(jnp.ones((2, 56, 56, 64)), jnp.ones((3, 3
 """
 
 
+@pytest.mark.slow
 def test_installed_jaxlib_accepts_the_flags_and_runs_convolutions_on_eigen() -> None:
     """In a fresh process: XLA starts with the flags, convolutions leave YNNPACK, dots stay."""
     if not xla_flags.recommended():

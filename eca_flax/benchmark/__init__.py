@@ -24,7 +24,6 @@ ResNets) for the time and parameters SE adds (ResNet-50: 80 against 2,530,992).
 
 from eca_flax.benchmark.cli import main, parse_args, run
 from eca_flax.benchmark.runs import (
-    BenchmarkError,
     Result,
     build_jax,
     build_torch,
@@ -41,7 +40,6 @@ from eca_flax.benchmark.timing import (
 )
 
 __all__ = [
-    "BenchmarkError",
     "Result",
     "Timer",
     "buffer_bytes",

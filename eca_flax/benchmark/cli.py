@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable, Sequence
 
 from eca_flax.benchmark.runs import (
-    BenchmarkError,
     Result,
     build_jax,
     build_torch,
@@ -24,7 +23,8 @@ from eca_flax.benchmark.timing import (
     machine_description,
     peak_flops,
 )
-from eca_flax.cli import xla_flags
+from eca_flax.cli import shell, xla_flags
+from eca_flax.errors import BenchmarkError
 
 # The original README's "Param." (params / 2^20) and "FLOPs" (thop MACs / 2^30) at 224x224.
 README_FIGURES = {
@@ -280,10 +280,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.lower_for:  # exit status 1 when a lowered program has a problem
         xla_flags.add(args.xla_flags)
-        return 1 if lower_for(args) else 0
-    try:
-        run(args)
-    except BenchmarkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return shell.run(lambda: 1 if lower_for(args) else 0)
+    return shell.run(lambda: run(args))

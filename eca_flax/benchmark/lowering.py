@@ -1,7 +1,7 @@
 """The train and eval steps as a GPU or TPU receives them, lowered here, on any machine.
 
 ``lower(case, "cuda" | "tpu")`` builds the jitted step train.py runs (``training.steps``, with the
-model ``checkpoints.build_model`` gives and the optimizer, schedule and mixing of a config) and
+model ``start.build_model`` gives and the optimizer, schedule and mixing of a config) and
 exports it with ``jax.export`` for that platform from abstract shapes: nothing runs and no
 device of that kind is needed. The result's StableHLO text is read by ``Program``: op counts
 (through the module's private functions, times their calls), the convolutions' element types,
@@ -208,12 +208,12 @@ def case_config(case: str, model: str) -> tuple[str, ml_collections.ConfigDict]:
 def _network(model: str, dtype: str, num_classes: int) -> nnx.Module:
     """train.py's model for a config of ``model`` in ``dtype`` (built once: model init is the
     slow part of lowering; the steps split it when they are made, so cases can share it)."""
-    from eca_flax.training import checkpoints
+    from eca_flax.training import start
 
     _, config = case_config("sgd_float32", model)
     with config.unlocked():
         config.dtype = dtype
-    return checkpoints.build_model(config, num_classes)[0]
+    return start.build_model(config, num_classes)[0]
 
 
 def lower(

@@ -12,30 +12,21 @@ from typing import Any
 import numpy as np
 
 from eca_flax.benchmark.timing import Timer, buffer_bytes, cost_flops, interleave
+from eca_flax.data.transforms import normalize
+from eca_flax.errors import BenchmarkError
 
 LEARNING_RATE = 0.01  # Small enough that random labels never diverge during a benchmark.
-
-
-class BenchmarkError(RuntimeError):
-    """A benchmark that cannot run (missing torch, bad arguments); reported as one line."""
 
 
 def synthetic_batch(
     batch_size: int, image_size: int, num_classes: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random uint8 NHWC images and labels (numpy), shared by both frameworks: what the input
-    pipeline gives train.py's step (``normalized`` turns them into what the models take)."""
+    pipeline gives train.py's step (``normalize`` turns them into what the models take)."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8)
     labels = rng.integers(0, num_classes, batch_size).astype(np.int32)
     return images, labels
-
-
-def normalized(images: np.ndarray) -> np.ndarray:
-    """uint8 images ImageNet-normalized (float32), the input the models and PyTorch take."""
-    from eca_flax.data.transforms import normalize
-
-    return normalize(images)
 
 
 def inference_fn(model: Any) -> tuple[Callable, tuple]:
@@ -119,7 +110,7 @@ def build_jax(
     infer = mode in ("infer", "both")
     if infer or attention == "eca":  # The ECA model's forward also gives the FLOPs.
         forward, weights = inference_fn(model)
-        x = jax.device_put(normalized(images))
+        x = jax.device_put(normalize(images))
         start = time.perf_counter()
         compiled = forward.lower(*weights, x).compile()
         result.compile_infer_s = time.perf_counter() - start
@@ -181,7 +172,7 @@ def build_torch(
     model = torch_reference.build(name).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    x = torch.from_numpy(np.ascontiguousarray(normalized(images).transpose(0, 3, 1, 2)))
+    x = torch.from_numpy(np.ascontiguousarray(normalize(images).transpose(0, 3, 1, 2)))
     x = x.to(device)
     x = x.contiguous(memory_format=fmt)
     y = torch.from_numpy(labels.astype(np.int64)).to(device)
@@ -240,7 +231,7 @@ def dispatch_overhead(
     images, labels = synthetic_batch(1, image_size, 1000)
     model = eca_flax.create_model(name)
     forward, state = inference_fn(model)
-    x = jax.device_put(normalized(images))
+    x = jax.device_put(normalize(images))
     trivial = jax.jit(lambda params, batch_stats, images: images[0, 0, 0, 0])
     module_jit = nnx.jit(lambda m, images: m(images))
     model.eval()

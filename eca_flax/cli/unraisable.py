@@ -11,7 +11,10 @@ kinds a user must not see.
   Orbax's threads log their exception with its traceback. The failure itself is raised in the
   main thread, where it becomes one line, so these echoes are dropped.
 
-Installed by ``import eca_flax`` before JAX is imported; anything else goes to the previous hook.
+Installed by the command lines (``eca_flax.cli.shell.install``), never by importing the library;
+anything else goes to the previous hook. With them, Orbax's warnings about mid-epoch checkpoints
+without metrics and about items without _CHECKPOINT_METADATA (both by design in the trainer)
+are dropped too.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 _ECHO_PACKAGES = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore{os.sep}")
@@ -56,11 +60,40 @@ def _orbax_thread(record: logging.LogRecord) -> bool:
     return _ECHO_PACKAGES[0] not in record.pathname and not _in_orbax(tb)
 
 
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+    """absl's log filter: False for Orbax's warnings about mid-epoch checkpoints without metrics
+    and about the items of a step (``model``) having no _CHECKPOINT_METADATA of their own."""
+    message = record.getMessage()
+    return "did not provide metrics" not in message and "_CHECKPOINT_METADATA" not in message
+
+
+_lost = threading.Event()  # a Ctrl-C was lost: deliver it again
+_redeliver: threading.Thread | None = None
+
+
+def _deliver_lost() -> None:
+    """The thread that raises a lost Ctrl-C in the main thread again, once its hook returned."""
+    while True:
+        _lost.wait()
+        time.sleep(0.05)  # the hook and the gc callback are done by then
+        _lost.clear()
+        _thread.interrupt_main()
+
+
+def _start_redelivery() -> None:
+    global _redeliver
+    if _redeliver is None:
+        _redeliver = threading.Thread(target=_deliver_lost, name="eca_flax-ctrl-c", daemon=True)
+        _redeliver.start()
+
+
 def _hook(unraisable: Any) -> None:
     if isinstance(unraisable.exc_value, KeyboardInterrupt):
         if threading.current_thread() is threading.main_thread():
-            # Raised here it would be lost again: from another thread, after this returns.
-            threading.Timer(0.01, _thread.interrupt_main).start()
+            # Raised here it would be lost again: from another thread, after this returns. The
+            # thread runs already (install): nothing here waits, so no Ctrl-C lands in the hook.
+            _start_redelivery()
+            _lost.set()
             return
     elif _orbax_echo(unraisable):
         return
@@ -73,9 +106,11 @@ _previous = sys.unraisablehook
 def install() -> None:
     """Route unraisable exceptions through this module (idempotent)."""
     global _previous
+    _start_redelivery()
     if sys.unraisablehook is not _hook:
         _previous = sys.unraisablehook
         sys.unraisablehook = _hook
-    for name, log_filter in (("asyncio", _orbax_task), ("absl", _orbax_thread)):
+    filters = (("asyncio", _orbax_task), ("absl", _orbax_thread), ("absl", _quiet_orbax))
+    for name, log_filter in filters:
         if log_filter not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(log_filter)

@@ -14,7 +14,6 @@ from eca_flax.data.pipeline import eval_iterator, preprocess_for_eval, train_ite
 from eca_flax.data.sources import (
     DATASET_CHOICES,
     IMAGENET,
-    DataError,
     DatasetInfo,
     dataset_info,
     prepare,
@@ -28,7 +27,6 @@ __all__ = [
     "IMAGENET",
     "MEAN_RGB",
     "STD_RGB",
-    "DataError",
     "DatasetInfo",
     "dataset_info",
     "default_resize_size",

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from eca_flax.cli import shell
 from eca_flax.data import sources
 
 
@@ -27,25 +28,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--image_size", type=int, default=32)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        if args.command == "prepare":
-            info = sources.prepare(args.data_dir)
-            print(
-                f"imagenet2012 ready in {sources.tfds_root(args.data_dir)}: {info.num_train} "
-                f"train, {info.num_eval} validation images, {info.num_classes} classes"
-            )
-        else:
-            print(f"folder:{sources.write_digits_folder(args.path, args.image_size)}")
-    except sources.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # permissions, a full disk, ... outside the writes that say more
-        print(f"error: {e.filename or args.command}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return shell.run(lambda: run(args), where=args.command)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The command ``args`` name."""
+    if args.command == "prepare":
+        info = sources.prepare(args.data_dir)
+        print(
+            f"imagenet2012 ready in {sources.tfds_root(args.data_dir)}: {info.num_train} "
+            f"train, {info.num_eval} validation images, {info.num_classes} classes"
+        )
+    else:
+        print(f"folder:{sources.write_digits_folder(args.path, args.image_size)}")
 
 
 if __name__ == "__main__":

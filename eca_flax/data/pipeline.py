@@ -27,7 +27,8 @@ import numpy as np
 
 from eca_flax.data import randaugment as ra
 from eca_flax.data import sources, transforms
-from eca_flax.data.sources import DataError
+from eca_flax.errors import DataError
+from eca_flax.weights.pretrained import read_model_json
 
 Batch = dict[str, np.ndarray]
 
@@ -312,16 +313,14 @@ def preprocess_for_eval(
     exactly what the eval pipeline feeds the model (its uint8 output, normalized).
 
     With ``weights`` (a pretrained directory or .safetensors file), the preprocessing its
-    model.json records (``pretrained.eval_settings``: timm's models their test size, crop_pct,
+    model.json records (``transforms.eval_settings``: timm's models their test size, crop_pct,
     bicubic; the original's 256 -> 224 bilinear); arguments given override it
     (``transforms.override_eval``). Without, the original's: 224, resize by the 256/224 ratio,
     bilinear.
     """
     settings = transforms.ORIGINAL_EVAL
     if weights is not None:
-        from eca_flax.weights.pretrained import eval_settings, read_model_json
-
-        settings = eval_settings(read_model_json(weights))
+        settings = transforms.eval_settings(read_model_json(weights))
     settings = transforms.override_eval(settings, image_size, resize_size, interpolation)
     _check_positive("image_size", settings["image_size"])
     image = transforms.eval_transform(

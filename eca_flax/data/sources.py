@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from eca_flax.errors import DataError
+
 log = logging.getLogger(__name__)
 
 IMAGENET = "imagenet2012"
@@ -33,10 +35,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 ARRAY_RECORD = "array_record"
-
-
-class DataError(Exception):
-    """The requested data is missing or malformed; the message says how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from eca_flax.data import randaugment as ra
+from eca_flax.weights.description import default_resize_size
 
 MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -71,11 +74,6 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def default_resize_size(image_size: int) -> int:
-    """Eval resize of the shorter side: 256 for 224 (the original's ratio), rounded."""
-    return round(image_size * 256 / 224)
-
-
 def eval_transform(
     data: bytes,
     image_size: int,
@@ -101,6 +99,22 @@ ORIGINAL_EVAL = {
 }
 
 
+def eval_settings(meta: Mapping) -> dict[str, Any]:
+    """The eval preprocessing a model.json records (``meta``), as ``ORIGINAL_EVAL``'s keys.
+    timm's models record theirs under "preprocessing" (test size, crop_pct, bicubic, mean,
+    std); the original's are their image_size / resize_size, bilinear, ImageNet mean/std."""
+    size = int(meta.get("image_size") or 224)
+    pre = meta.get("preprocessing") or {}
+    return {
+        "image_size": size,
+        "resize_size": int(meta.get("resize_size") or default_resize_size(size)),
+        "crop_pct": pre.get("test_crop_pct"),
+        "interpolation": pre.get("interpolation", ORIGINAL_EVAL["interpolation"]),
+        "mean": tuple(pre.get("mean", ORIGINAL_EVAL["mean"])),
+        "std": tuple(pre.get("std", ORIGINAL_EVAL["std"])),
+    }
+
+
 def override_eval(
     settings: dict,
     image_size: int | None = None,
@@ -124,12 +138,15 @@ def override_eval(
 
 
 def normalize(
-    image: np.ndarray,
+    images: Any,
     mean: tuple[float, ...] = MEAN_RGB,
     std: tuple[float, ...] = STD_RGB,
-) -> np.ndarray:
-    """uint8 RGB -> (x / 255 - mean) / std, float32 (what the jitted steps do on the device)."""
-    x = np.asarray(image, np.float32) / 255.0
+) -> Any:
+    """uint8 RGB -> (x / 255 - mean) / std in float32: the one normalization. A numpy array (or
+    an image) stays on the host; a jax array (the jitted steps normalize on the device, so the
+    host sends a quarter of the bytes) stays a jax array."""
+    x = images if hasattr(images, "astype") else np.asarray(images)
+    x = x.astype(np.float32) / 255.0
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 

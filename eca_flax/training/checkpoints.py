@@ -1,10 +1,10 @@
-"""The workdir: its lock, its checkpoints (checkpoints/<step>/{model, train, meta, [ema]}), and
-the weights a run starts from.
+"""The workdir's checkpoints (checkpoints/<step>/{model, train, meta, [ema]}) through Orbax: saves
+with checksums, restores that check them, damaged ones set aside, the resume checks.
 
 ``model`` holds the weights in the pretrained directories' layout (one pure dict of parameters
 and BatchNorm statistics), ``ema`` (runs with ``ema_decay`` > 0) their moving average in the same
 layout, ``train`` the rest of the train state, ``meta`` the model description
-(``pretrained.MODEL_KEYS``), the run's data layout and a CRC-32 of each item's arrays. So
+(``description.MODEL_KEYS``), the run's data layout and a CRC-32 of each item's arrays. So
 ``init_from`` reads a converter output, a training workdir or one of its step directories
 (their raw weights, not the EMA) through the same ``pretrained.restore_model``.
 
@@ -17,11 +17,8 @@ that fails (a full disk) stops the run with one line naming the last good checkp
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
 import shutil
-import socket
 import time
 import zlib
 from collections.abc import Mapping
@@ -32,17 +29,14 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
-import eca_flax
 from eca_flax import files
-from eca_flax.models import registry
-from eca_flax.training.config import ConfigError, TrainingError
+from eca_flax.errors import ConfigError, DamagedCheckpoint, TrainingError
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import copy_weights
-from eca_flax.weights import orbax_io, pretrained
+from eca_flax.weights import description
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints.damaged"
-LOCK_FILE = "train.lock"
 FORMAT = "eca_flax.training_checkpoint/2"
 STATE_KEYS = ("step", "opt_state", "rng")  # the train item; params and BN stats are the model
 # Changing these changes what a step number means (the data position) or the model itself.
@@ -57,93 +51,6 @@ RESUME_KEYS = (
     "optimizer",
     "optimizer_state",
 )
-
-
-def _quiet_orbax(record: logging.LogRecord) -> bool:
-    """Drops Orbax's warnings about mid-epoch checkpoints without metrics and about the items of
-    a step (``model``) having no _CHECKPOINT_METADATA of their own: both by design here (the
-    errors its threads log are dropped by eca_flax.cli.unraisable)."""
-    message = record.getMessage()
-    return "did not provide metrics" not in message and "_CHECKPOINT_METADATA" not in message
-
-
-logging.getLogger("absl").addFilter(_quiet_orbax)
-
-
-class WorkdirLock:
-    """One run per workdir: an advisory lock file with the owner's host and pid (process 0).
-
-    A lock whose process is gone (same host, no such pid) is reported and taken over; one held
-    by a live process, or by another host, stops this run with a line saying whose it is.
-    """
-
-    def __init__(self, workdir: str) -> None:
-        self.path = os.path.join(workdir, LOCK_FILE)
-        self.held = False
-
-    def __enter__(self) -> WorkdirLock:
-        if jax.process_index() != 0:
-            return self
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%c")}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                self._check_owner(me)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise ConfigError(f"{self.path}: could not take the workdir lock")
-
-    def _check_owner(self, me: dict) -> None:
-        try:
-            with open(self.path) as f:
-                owner = json.load(f)
-        except (OSError, ValueError):
-            owner = {}
-        host, pid = owner.get("host", "?"), owner.get("pid", "?")
-        if host == me["host"] and isinstance(pid, int) and not _alive(pid):
-            logger.warning(
-                f"{self.path}: left by pid {pid} on {host}, which no longer runs: "
-                "taking the workdir over"
-            )
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-            return
-        raise ConfigError(
-            f"workdir {os.path.dirname(self.path)} is in use by pid {pid} on {host} (since "
-            f"{owner.get('since', '?')}); wait for that run, or delete {self.path} if it is gone"
-        )
-
-    def __exit__(self, *exc: object) -> None:
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-            self.held = False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def prepare_workdir(workdir: str) -> str:
-    """The absolute workdir, created if missing; ConfigError when it is a file."""
-    path = os.path.abspath(os.path.expanduser(workdir))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--workdir {path} is a file, not a directory")
-    root = os.path.join(path, CHECKPOINT_DIR)
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise ConfigError(f"{root} is a file; checkpoints go into a directory of that name")
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def model_meta(
@@ -222,7 +129,7 @@ class Checkpoints:
         """Starts an async save of ``state`` at its step (device->host copy happens now)."""
         step = int(jax.device_get(state["step"]))
         items = _items(state)
-        sums = {k: pretrained.checksum(v) for k, v in items.items()}
+        sums = {k: description.checksum(v) for k, v in items.items()}
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
         self.wait()  # a failed previous save is reported as such, before this one starts
         self.pending = step
@@ -253,10 +160,12 @@ class Checkpoints:
         what = "no space left on the disk of" if full else "could not write to"
         reason = "" if full else f" ({files.one_line(error)})"
         saving = f" while saving checkpoint {step}" if step is not None else " while saving"
+        last_good = self.last_good()
         raise TrainingError(
             f"{what} {self.workdir}{saving}{reason}; the last good checkpoint is "
-            f"{self.last_good()}: {'free space' if full else 'fix that'} and run the same "
-            "command to resume"
+            f"{last_good}: {'free space' if full else 'fix that'} and run the same "
+            "command to resume",
+            last_good=last_good,
         ) from None
 
     def restore_latest(self, like: dict, meta: dict) -> tuple[int, dict]:
@@ -267,8 +176,8 @@ class Checkpoints:
             step_dir = os.path.join(self.root, str(step))
             try:
                 saved = read_meta(step_dir)
-            except ConfigError as e:  # a damaged meta item
-                self._set_aside(step_dir, str(e).removeprefix(f"{step_dir}: "))
+            except DamagedCheckpoint as e:  # a damaged meta item
+                self._set_aside(step_dir, e.problem)
                 continue
             check_resume(step_dir, saved, meta)
             try:
@@ -281,7 +190,7 @@ class Checkpoints:
         """The state at ``step``. Its EMA is restored when ``like`` has one: a checkpoint of a
         run without EMA starts it at the restored weights; one with an EMA restores into a run
         without (the EMA is dropped). Checkpoints of eca_flax < 0.2 have no checksums."""
-        items = _items(pretrained.abstract(like))
+        items = _items(description.abstract(like))
         if "ema" in items and "ema" not in sums:
             del items["ema"]
             logger.warning(
@@ -291,7 +200,7 @@ class Checkpoints:
         args = {k: ocp.args.StandardRestore(v) for k, v in items.items()}
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         for item in items:
-            if item in sums and pretrained.checksum(out[item]) != sums[item]:
+            if item in sums and description.checksum(out[item]) != sums[item]:
                 raise ValueError(f"its {item} arrays do not match the checksum saved with them")
         state = {**_split(out["model"], like), **out["train"]}
         if "ema" in like:
@@ -325,7 +234,7 @@ class Checkpoints:
 def check_resume(step_dir: str, saved: dict, meta: dict) -> None:
     """A workdir's checkpoints must be of this model and data layout (RESUME_KEYS)."""
     keys = [k for k in RESUME_KEYS if saved.get(k) is not None]  # older checkpoints lack some
-    if diff := pretrained.differences(saved, meta, keys):
+    if diff := description.differences(saved, meta, keys):
         what = ", ".join(f"{k} {have} (checkpoint) vs {want} (config)" for k, have, want in diff)
         raise ConfigError(
             f"{step_dir} was trained with another configuration: {what}; the step number is the "
@@ -354,117 +263,8 @@ def read_meta(step_dir: str) -> dict:
         with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
             meta = ckptr.restore(os.path.join(step_dir, "meta"))
     except Exception as e:  # noqa: BLE001 - Orbax raises many types for a damaged item
-        raise ConfigError(f"{step_dir}: unreadable metadata ({files.one_line(e)})") from None
+        raise DamagedCheckpoint(step_dir, f"unreadable metadata ({files.one_line(e)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ConfigError(f"{step_dir}: not an eca_flax training checkpoint ({FORMAT})")
-    pretrained.check_description(meta, step_dir)
+        raise DamagedCheckpoint(step_dir, f"not an eca_flax training checkpoint ({FORMAT})")
+    description.check_description(meta, step_dir)
     return meta
-
-
-def read_ema(path: str, model: nnx.Module) -> nnx.Module | None:
-    """A copy of ``model`` holding the EMA weights of the training checkpoint ``path`` (a workdir:
-    its latest; a step dir), or None for a converter output or a run without EMA."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isfile(os.path.join(path, pretrained.MODEL_JSON)):
-        return None
-    step_dir = find_checkpoint(path)
-    expected = read_meta(step_dir).get("checksums", {}).get("ema")
-    if expected is None:
-        return None
-    ema = nnx.clone(model)
-    variables = registry.weight_paths(ema)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = pretrained.abstract({p: v.get_value() for p, v in variables.items()}, device)
-    weights = orbax_io.read_weights(
-        os.path.join(step_dir, "ema"), target, what=f"{step_dir}/meta", expected=expected
-    )
-    for p, var in variables.items():
-        var.set_value(weights[p])
-    return ema
-
-
-# --------------------------------------------------------------------------------------------
-# The model a run starts from.
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nnx.Module, str]:
-    """The model to train or evaluate, and where its weights come from (for the log).
-
-    Fresh initialisation (the original's) unless ``config.init_from`` names a converter output
-    (model.json + state/) or a training workdir / checkpoint of this trainer; a different
-    ``num_classes`` than the source's gives a freshly initialised head (fine-tuning).
-    """
-    dtype = registry.DTYPES[config.dtype]
-    if not config.init_from:
-        model = eca_flax.create_model(
-            config.model,
-            k_size=config.k_size or None,
-            num_classes=num_classes,
-            attention=config.attention,
-            dtype=dtype,
-            rngs=nnx.Rngs(config.seed),
-        )
-        return model, "random initialisation"
-    path = os.path.abspath(os.path.expanduser(config.init_from))
-    if not os.path.isdir(path):
-        raise ConfigError(f"init_from {path}: no such directory")
-    if os.path.isfile(os.path.join(path, pretrained.MODEL_JSON)):
-        meta = pretrained.read_model_json(path)
-        weights, expected = os.path.join(path, pretrained.STATE_DIR), meta.get("checksum")
-    else:
-        step_dir = find_checkpoint(path)
-        meta = read_meta(step_dir)
-        weights, expected = os.path.join(step_dir, "model"), meta.get("checksums", {}).get("model")
-    _check_source(config, meta, path, num_classes)
-    model = pretrained.restore_model(
-        meta,
-        lambda target: orbax_io.read_weights(weights, target, expected=expected),
-        num_classes=num_classes,
-        dtype=dtype,
-        seed=config.seed,
-        where=path,
-    )
-    head = "" if meta["num_classes"] == num_classes else f", new {num_classes}-class head"
-    if not meta["num_classes"]:  # a converted detector's backbone (stage_features only)
-        logger.info(
-            f"note: init_from {path} is a backbone without a classifier (converted from a "
-            f"detection checkpoint); training it with a new {num_classes}-class head"
-        )
-    return model, f"{path} ({meta['arch']}, k_size {tuple(meta['k_size'])}{head})"
-
-
-def _check_source(config: ml_collections.ConfigDict, meta: dict, path: str, num_classes: int):
-    """The init_from checkpoint must be the configured architecture (and classes, to evaluate)."""
-    want = {
-        "arch": config.model,
-        "k_size": config.k_size,
-        "attention": config.attention,
-        "num_classes": num_classes,
-    }
-    keys = ["arch", "attention"] + (["k_size"] if config.k_size else [])
-    keys += ["num_classes"] if config.eval_only else []
-    for key, have, wanted in pretrained.differences(meta, want, keys):
-        if key == "arch":
-            raise ConfigError(
-                f"init_from {path} holds {have!r} but the config's model is {wanted!r}; "
-                f"set --config.model={have} or use another checkpoint"
-            )
-        if key == "k_size":
-            raise ConfigError(
-                f"init_from {path} has k_size {tuple(have)} but the config asks for "
-                f"{tuple(wanted)}; set --config.k_size= (empty) to take the checkpoint's"
-            )
-        if key == "attention":
-            raise ConfigError(
-                f"init_from {path} has attention {have or 'none'!r} but the config asks for "
-                f"{wanted or 'none'!r}"
-            )
-        if not have:
-            raise ConfigError(
-                f"eval_only: init_from {path} is a backbone without a classifier (converted from "
-                "a detection checkpoint); train a head on it first"
-            )
-        raise ConfigError(
-            f"eval_only: the checkpoint has {have} classes but {config.dataset} has {wanted}; "
-            "evaluate it on the dataset it was trained for"
-        )

@@ -15,23 +15,12 @@ from typing import Any
 import jax
 import ml_collections
 
+from eca_flax import data
 from eca_flax.data import pipeline, randaugment
-from eca_flax.data.transforms import override_eval
+from eca_flax.data.transforms import eval_settings, override_eval
+from eca_flax.errors import ConfigError, PretrainedError
 from eca_flax.models import registry
 from eca_flax.weights import pretrained
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field and the choices."""
-
-
-class TrainingError(RuntimeError):
-    """Training had to stop (e.g. a non-finite loss); the message says why and what is kept."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the run without the usual save; the message says what is kept."""
-
 
 SCHEDULES = ("step", "cosine")
 OPTIMIZERS = ("sgd", "lamb")
@@ -254,11 +243,11 @@ def _eval_from_init(c: ml_collections.ConfigDict) -> None:
         return
     try:
         meta = pretrained.read_model_json(path)
-    except pretrained.PretrainedError:
+    except PretrainedError:
         return  # build_model reports it
     if "preprocessing" not in meta:  # the original's models: the config's fields, as always
         return
-    settings = pretrained.eval_settings(meta)
+    settings = eval_settings(meta)
     if c.eval_image_size > 0:
         settings = override_eval(settings, c.eval_image_size)
     c.eval_image_size = settings["image_size"]
@@ -305,7 +294,6 @@ def profile_range(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
 
 def make_plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Plan:
     """Checks batch sizes against the device count and reads the dataset's sizes."""
-    from eca_flax import data
 
     n = mesh.devices.size
     for name in ("batch_size", "eval_batch_size"):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from eca_flax import data
+from eca_flax import data, errors
 from eca_flax.training import reporting
 from eca_flax.training.config import Plan
 from eca_flax.training.mesh import prefetch_to_mesh
@@ -66,9 +66,10 @@ def evaluate(
     plan: Plan,
     mesh: jax.sharding.Mesh,
     *,
-    keep_logits: bool = False,
+    with_logits: bool = False,
 ) -> EvalResult:
-    """One pass over the validation split, every image counted exactly once."""
+    """One pass over the validation split, every image counted exactly once; ``with_logits``:
+    with the logits and labels of every image, in dataset order."""
     batches = data.eval_iterator(
         config.dataset,
         config.data_dir or None,
@@ -83,31 +84,31 @@ def evaluate(
     with reporting.progress(plan.num_eval, "eval") as bar:
         for batch in prefetch_to_mesh(batches, mesh, plan.eval_batch_size):
             out = eval_step(state["params"], state["batch_stats"], batch)
-            if keep_logits:
+            if with_logits:
                 host = jax.device_get({k: out[k] for k in ("logits", "labels", "mask")})
                 kept.append((host["logits"][host["mask"] > 0], host["labels"][host["mask"] > 0]))
             sums = {k: out[k] for k in ("top1", "top5", "count", "damaged")}
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             bar.update(min(plan.eval_batch_size, plan.num_eval - bar.n))
     if totals is None:
-        raise data.DataError(f"{config.dataset}: the validation split yielded no batches")
+        raise errors.DataError(f"{config.dataset}: the validation split yielded no batches")
     totals = jax.device_get(totals)
     images = int(round(float(totals["count"])))
     if not images:
-        raise data.DataError(f"{config.dataset}: no readable validation image")
+        raise errors.DataError(f"{config.dataset}: no readable validation image")
     result = EvalResult(
         float(totals["top1"]) / images,
         float(totals["top5"]) / images,
         images,
         skipped=int(totals["damaged"]),
     )
-    if keep_logits:
+    if with_logits:
         result.logits = np.concatenate([k[0] for k in kept])
         result.labels = np.concatenate([k[1] for k in kept])
     return result
 
 
-def evaluate_all(eval_step, state: dict, config, plan: Plan, mesh, keep_logits: bool):
+def evaluate_all(eval_step, state: dict, config, plan: Plan, mesh, with_logits: bool = False):
     """The raw weights of ``state`` and, when it has one, its EMA, on the validation split."""
-    run = lambda weights: evaluate(eval_step, weights, config, plan, mesh, keep_logits=keep_logits)
+    run = lambda weights: evaluate(eval_step, weights, config, plan, mesh, with_logits=with_logits)
     return Evaluation(run(state), run(state["ema"]) if "ema" in state else None)

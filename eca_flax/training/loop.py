@@ -14,23 +14,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
-import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from eca_flax import data
-from eca_flax.training import checkpoints, reporting
+from eca_flax import data, errors
+from eca_flax.errors import ConfigError, Interrupted, TrainingError
+from eca_flax.training import checkpoints, lock, reporting, start
 from eca_flax.training.config import (
-    ConfigError,
-    Interrupted,
     Plan,
-    TrainingError,
     make_plan,
     resolve_config,
 )
@@ -45,7 +41,7 @@ from eca_flax.training.steps import (
     make_train_step,
     split_weights,
 )
-from eca_flax.weights import pretrained
+from eca_flax.weights import description, pretrained
 
 
 @dataclasses.dataclass
@@ -66,52 +62,33 @@ def eval_interpolation(config: ml_collections.ConfigDict) -> dict:
     return {"preprocessing": {"interpolation": config.eval_interpolation}}
 
 
-class Preemption:
-    """SIGTERM and Ctrl-C: the loop finishes its step, saves, waits for the save and stops.
+class StopRequests(Protocol):
+    """What asks a run to stop after a step (``cli.preemption.Preemption``: SIGTERM, Ctrl-C):
+    a context for the loop, ``requested(step)`` after each step, then ``signal``, its name
+    ("SIGTERM": the run returns, preempted; "Ctrl-C": it raises Interrupted, both after saving)."""
 
-    A second Ctrl-C stops at once (KeyboardInterrupt), without saving. With several processes,
-    JAX's preemption sync point makes all of them stop at the same step (jax.distributed catches
-    SIGTERM on any host); alone, signal handlers set a flag.
-    """
+    signal: str | None
 
-    def __init__(self) -> None:
-        self.multihost = jax.process_count() > 1
-        self.signal: str | None = None
-        self._announced = False
-        self._previous: dict[int, Any] = {}
+    def __enter__(self) -> StopRequests: ...
 
-    def __enter__(self) -> Preemption:
-        if threading.current_thread() is threading.main_thread():
-            signals = [signal.SIGINT] + ([] if self.multihost else [signal.SIGTERM])
-            self._previous = {s: signal.signal(s, self._handle) for s in signals}
+    def __exit__(self, *exc: object) -> None: ...
+
+    def requested(self, step: int) -> bool: ...
+
+
+class _Never:
+    """No stop requests: a library caller's run stops at the end, or by an exception."""
+
+    signal = None
+
+    def __enter__(self) -> _Never:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal == "Ctrl-C" and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second one
-        self.signal = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        pass
 
     def requested(self, step: int) -> bool:
-        if self.signal == "Ctrl-C" and not self._announced:  # not in the handler: a log line
-            self._announced = True  # there could land inside another write to the stream
-            logger.warning(
-                "Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again "
-                "stops at once, without saving)"
-            )
-        if self.signal or not self.multihost:
-            return self.signal is not None
-        from jax.experimental import multihost_utils
-
-        try:
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.signal = "SIGTERM"
-        except RuntimeError:  # No preemption service in this JAX setup.
-            self.multihost = False
-        return self.signal is not None
+        return False
 
 
 def export_pretrained(
@@ -146,7 +123,7 @@ def export_pretrained(
     pretrained.save_pretrained(
         model,
         path,
-        arch=pretrained.describe(model)["arch"],
+        arch=description.describe(model)["arch"],
         attention=model.attention,
         image_size=config.eval_image_size,
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
@@ -166,7 +143,7 @@ def _best_top1(path: str) -> float:
     """The top-1 (in %) of the best model exported so far, or -1."""
     try:
         return float(pretrained.read_model_json(path).get("top1", -1))
-    except pretrained.PretrainedError:
+    except errors.PretrainedError:
         return -1.0
 
 
@@ -192,7 +169,7 @@ def _train_batches(
     return prefetch_to_mesh(batches, mesh, plan.batch_size)
 
 
-def _evaluate_only(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResult:
+def _evaluate_only(config, workdir: str, plan: Plan, mesh, with_logits: bool) -> RunResult:
     """eval_only: init_from's weights (or the workdir's latest checkpoint) on the val split."""
     if not config.init_from:
         if not os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINT_DIR)):
@@ -202,17 +179,17 @@ def _evaluate_only(config, workdir: str, plan: Plan, mesh, keep_logits: bool) ->
             )
         with config.unlocked():  # our own resolved copy
             config.init_from = workdir
-    model, source = checkpoints.build_model(config, plan.num_classes)
+    model, source = start.build_model(config, plan.num_classes)
     host = {}
     host["params"], host["batch_stats"] = split_weights(model)
-    if ema := checkpoints.read_ema(config.init_from, model):  # a training checkpoint's EMA too
+    if ema := start.read_ema(config.init_from, model):  # a training checkpoint's EMA too
         host["ema"] = dict(zip(("params", "batch_stats"), split_weights(ema)))
     logger.info(
         f"evaluating {config.model} from {source}{' and its EMA' if ema else ''} on "
         f"{config.dataset} ({plan.num_eval} images, {mesh.devices.size} devices)"
     )
-    eval_step = make_eval_step(model, mesh, keep_logits=keep_logits)
-    evals = evaluate_all(eval_step, put_replicated(host, mesh), config, plan, mesh, keep_logits)
+    eval_step = make_eval_step(model, mesh)
+    evals = evaluate_all(eval_step, put_replicated(host, mesh), config, plan, mesh, with_logits)
     evals.log("eval")
     return RunResult(0, evals.raw, eval_ema=evals.ema)
 
@@ -222,23 +199,25 @@ def train_and_evaluate(
     workdir: str,
     *,
     mesh: jax.sharding.Mesh | None = None,
-    keep_logits: bool = False,
+    stop: StopRequests | None = None,
 ) -> RunResult:
     """Trains (resuming from the workdir's newest good checkpoint) or evaluates (``eval_only``).
 
-    ``mesh`` defaults to every device; ``keep_logits`` returns the evaluation's logits.
+    ``mesh`` defaults to every device. ``stop``: what may ask the run to save and stop after a
+    step (train.py passes ``cli.preemption.Preemption``, its SIGTERM and Ctrl-C handlers); by
+    default nothing does, and Ctrl-C raises Interrupted naming the last good checkpoint.
     """
     reporting.setup_logging()
     config = resolve_config(config)
     mesh = make_mesh() if mesh is None else mesh
     plan = make_plan(config, mesh)
     if config.eval_only:
-        return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, keep_logits)
+        return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, with_logits=False)
     new = not os.path.lexists(os.path.abspath(os.path.expanduser(workdir)))
-    workdir = checkpoints.prepare_workdir(workdir)
+    workdir = lock.prepare_workdir(workdir)
     try:
-        with checkpoints.WorkdirLock(workdir):
-            return _train(config, workdir, plan, mesh, keep_logits)
+        with lock.WorkdirLock(workdir):
+            return _train(config, workdir, plan, mesh, stop or _Never())
     except BaseException:
         if new:  # a run that stopped before writing anything leaves no workdir behind
             with contextlib.suppress(OSError):
@@ -246,13 +225,30 @@ def train_and_evaluate(
         raise
 
 
-def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResult:
+def evaluate_logits(
+    config: ml_collections.ConfigDict, workdir: str, *, mesh: jax.sharding.Mesh | None = None
+) -> RunResult:
+    """``eval_only``'s evaluation (of ``init_from``, else the workdir's latest checkpoint) with
+    the logits and labels of every validation image, in dataset order (``RunResult.eval``'s
+    ``logits`` and ``labels``): for confusion matrices, calibration, ensembles. Writes nothing."""
+    reporting.setup_logging()
+    config = resolve_config(config)
+    with config.unlocked():  # our own resolved copy
+        config.eval_only = True
+    mesh = make_mesh() if mesh is None else mesh
+    plan = make_plan(config, mesh)
+    return _evaluate_only(config, os.path.abspath(workdir), plan, mesh, with_logits=True)
+
+
+def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunResult:
     """The training loop, in a locked workdir: step, log, save, evaluate; then export."""
-    run, step, evals = _Run(config, workdir, plan, mesh, keep_logits), 0, None
+    model, source = start.build_model(config, plan.num_classes)  # before anything is written
+    ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+    run, step, evals = None, 0, None
     try:
-        step, state = run.restore()
+        run, step, state = _Run.resume(config, workdir, plan, mesh, ckpt, model, source)
         batches = _train_batches(config, plan, step, mesh)
-        with Preemption() as preemption:
+        with stop as preemption:
             while step < plan.total_steps:
                 run.profiler.before_step(step + 1)
                 state, step_metrics = run.train_step(state, next(batches))
@@ -265,76 +261,84 @@ def _train(config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> RunResu
                 stop = preemption.requested(step)
                 run.log(step, force=do_eval or do_save or stop, epoch_end=into_epoch == 0)
                 if do_save or stop:  # first: a failing evaluation cannot cost the epoch
-                    run.ckpt.save(state, run.meta)
+                    ckpt.save(state, run.meta)
                 if stop:
                     return run.stop(step, preemption.signal)
                 evals = run.evaluate(step, state) if do_eval else None
         return run.finish(step, state, evals)
-    except (TrainingError, data.DataError, pretrained.PretrainedError) as e:
+    except errors.Error as e:
         with contextlib.suppress(TrainingError):
-            run.ckpt.wait()  # the saves started before the bad step are good
-        if "the last good checkpoint" in str(e):
-            raise
-        raise type(e)(f"{e}; stopped, the last good checkpoint is {run.ckpt.last_good()}") from None
+            ckpt.wait()  # the saves started before the bad step are good
+        raise e.stopped(ckpt.last_good()) from None
     except Interrupted:
         raise
     except KeyboardInterrupt:  # the second Ctrl-C
-        run.ckpt.close()
+        ckpt.close()
+        last_good = ckpt.last_good()
         raise Interrupted(
-            f"stopped at step {step}; the last good checkpoint is {run.ckpt.last_good()}"
+            f"stopped at step {step}; the last good checkpoint is {last_good}",
+            step=step,
+            last_good=last_good,
         ) from None
     finally:
-        run.close()
+        run.close() if run is not None else ckpt.close()
 
 
+@dataclasses.dataclass
 class _Run:
     """Everything the loop uses besides the state: the model, its jitted steps, the workdir's
-    checkpoints, the log, TensorBoard, progress bar and profiler, and the best top-1 so far."""
+    checkpoints and their metadata, the log, TensorBoard, progress bar and profiler, and the
+    best top-1 so far. Built complete by ``resume``."""
 
-    def __init__(self, config, workdir: str, plan: Plan, mesh, keep_logits: bool) -> None:
-        self.config, self.workdir, self.plan, self.mesh = config, workdir, plan, mesh
-        self.model, self.source = checkpoints.build_model(config, plan.num_classes)
-        eval_step = make_eval_step(self.model, mesh, keep_logits=keep_logits)
-        self.evaluate_all = lambda state: evaluate_all(
-            eval_step, state, config, plan, mesh, keep_logits
-        )
-        schedule = make_schedule(config, plan)
-        self.tx = make_optimizer(config, schedule)
-        self.train_step = make_train_step(
-            self.model, self.tx, schedule, mesh, config, num_classes=plan.num_classes
-        )
-        self.ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-        self.board: reporting.TensorBoard | None = None  # opened once the workdir is ours
-        self.profiler: reporting.Profiler | None = None
-        self.metrics = reporting.StepMetrics(plan.batch_size)
-        self.best = os.path.join(workdir, "best")
-        self.best_top1 = _best_top1(self.best)
-        self.history: list[dict[str, float]] = []
-        self.damaged = 0  # damaged training images skipped this epoch
-        self.bar = None
+    config: ml_collections.ConfigDict
+    workdir: str
+    plan: Plan
+    model: nnx.Module
+    train_step: Any
+    evaluate_all: Any  # state -> Evaluation
+    ckpt: checkpoints.Checkpoints
+    meta: dict
+    board: reporting.TensorBoard
+    profiler: reporting.Profiler
+    bar: Any
+    metrics: reporting.StepMetrics
+    best: str  # workdir/best
+    best_top1: float
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    damaged: int = 0  # damaged training images skipped this epoch
 
-    def restore(self) -> tuple[int, dict]:
-        """(step, state): the workdir's newest good checkpoint, or a fresh state at step 0."""
-        c, plan = self.config, self.plan
-        fresh = init_state(self.model, self.tx, c.seed, self.mesh, ema=c.ema_decay > 0)
-        self.meta = checkpoints.model_meta(self.model, c, plan.num_classes, fresh["opt_state"])
-        step, state = self.ckpt.restore_latest(fresh, self.meta)
+    @classmethod
+    def resume(
+        cls, config, workdir: str, plan: Plan, mesh, ckpt: checkpoints.Checkpoints, model, source
+    ) -> tuple[_Run, int, dict]:
+        """(run, step, state): the run's parts around ``model`` (``start.build_model``'s, from
+        ``source``), and the workdir's newest good checkpoint or a fresh state at step 0."""
+        c = config
+        eval_step = make_eval_step(model, mesh)
+        schedule = make_schedule(c, plan)
+        tx = make_optimizer(c, schedule)
+        train_step = make_train_step(model, tx, schedule, mesh, c, num_classes=plan.num_classes)
+        fresh = init_state(model, tx, c.seed, mesh, ema=c.ema_decay > 0)
+        meta = checkpoints.model_meta(model, c, plan.num_classes, fresh["opt_state"])
+        step, state = ckpt.restore_latest(fresh, meta)
         logger.info(
-            f"resuming from {self.ckpt.root}/{step} (step {step})"
-            if step
-            else f"starting from {self.source}"
+            f"resuming from {ckpt.root}/{step} (step {step})" if step else f"starting from {source}"
         )
-        reporting.save_config(self.workdir, c, plan, self.meta, self.source)
+        reporting.save_config(workdir, c, plan, meta, source)
         logger.info(
-            f"training {c.model} on {c.dataset} with {self.mesh.devices.size} devices "
+            f"training {c.model} on {c.dataset} with {mesh.devices.size} devices "
             f"({jax.process_count()} processes): {plan.total_steps} steps of {plan.batch_size} "
             f"images ({plan.steps_per_epoch} per epoch), peak lr {plan.learning_rate:g}"
         )
-        self.board = reporting.TensorBoard(self.workdir)
-        self.profiler = reporting.Profiler(c, self.workdir)
-        total = plan.total_steps * plan.batch_size
-        self.bar = reporting.progress(total, "train", step * plan.batch_size)
-        return step, state
+        best = os.path.join(workdir, "best")
+        evaluate = lambda s: evaluate_all(eval_step, s, c, plan, mesh)
+        board, profiler = reporting.TensorBoard(workdir), reporting.Profiler(c, workdir)
+        bar = reporting.progress(
+            plan.total_steps * plan.batch_size, "train", step * plan.batch_size
+        )
+        metrics = reporting.StepMetrics(plan.batch_size)
+        parts = (model, train_step, evaluate, ckpt, meta, board, profiler, bar, metrics)
+        return cls(c, workdir, plan, *parts, best, _best_top1(best)), step, state
 
     def after_step(self, step: int, step_metrics: dict) -> None:
         self.profiler.after_step(step, step_metrics)
@@ -357,7 +361,7 @@ class _Run:
         self.ckpt.wait()
         saved = f"saved checkpoint {self.ckpt.root}/{step}; run the same command to resume"
         if signal_name == "Ctrl-C":
-            raise Interrupted(saved)
+            raise Interrupted(saved, step=step, last_good=f"{self.ckpt.root}/{step}")
         logger.info(f"{signal_name}: {saved}")
         return RunResult(step, None, preempted=True, history=self.history)
 
@@ -383,13 +387,10 @@ class _Run:
         return RunResult(step, evals.raw, history=self.history, eval_ema=evals.ema)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.profiler is not None:
-            self.profiler.stop()
+        self.bar.close()
+        self.profiler.stop()
         self.ckpt.close()
-        if self.board is not None:
-            self.board.close()
+        self.board.close()
 
 
 def _log_train(step: int, plan: Plan, scalars: dict, board: reporting.TensorBoard) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eca_flax.training.config import ConfigError
+from eca_flax.errors import ConfigError
 from eca_flax.training.reporting import logger
 
 DATA_AXIS = "data"

@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-import eca_flax
-from eca_flax.training.config import Plan, TrainingError, profile_range
+from eca_flax.errors import TrainingError
+from eca_flax.training.config import Plan, profile_range
+from eca_flax.version import __version__
 
 logger = logging.getLogger("eca_flax")
 TENSORBOARD_DIR = "tensorboard"
@@ -187,7 +188,7 @@ def save_config(
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "backend": jax.default_backend(),
-        "eca_flax": eca_flax.__version__,
+        "eca_flax": __version__,
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # what this process started jax with
     }

@@ -21,19 +21,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from eca_flax.data.transforms import MEAN_RGB, STD_RGB
+from eca_flax.data.transforms import normalize
 from eca_flax.training.config import Plan
 from eca_flax.training.mesh import batch_sharded, put_replicated, replicated
 from eca_flax.training.mixing import Mixing, mix_batch
 
 MIXING_STREAM = 1  # fold_in tag of the mixing key (dropout takes the step key itself)
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 RGB batches -> (x / 255 - mean) / std in float32, on the device (inside the steps:
-    the host sends a quarter of the bytes and does no float work)."""
-    x = images.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(MEAN_RGB, jnp.float32)) / jnp.asarray(STD_RGB, jnp.float32)
 
 
 def make_schedule(config: ml_collections.ConfigDict, plan: Plan) -> optax.Schedule:
@@ -175,7 +168,7 @@ def make_inputs(
     mixing = Mixing.from_config(config)
 
     def inputs(batch: dict, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        images = normalize_images(batch["image"])
+        images = normalize(batch["image"])
         targets = jax.nn.one_hot(batch["label"], num_classes)
         if config.label_smoothing:
             targets = optax.smooth_labels(targets, config.label_smoothing)
@@ -246,20 +239,18 @@ def make_train_step(
     )
 
 
-def make_eval_step(
-    model: nnx.Module, mesh: jax.sharding.Mesh, *, keep_logits: bool = False
-) -> Callable[[Any, Any, dict], dict]:
+def make_eval_step(model: nnx.Module, mesh: jax.sharding.Mesh) -> Callable[[Any, Any, dict], dict]:
     """Masked top-1/top-5 counts of a global batch: ``eval_step(params, batch_stats, batch)``.
 
     ``batch``: uint8 'image', 'label', 'mask' (and 'damaged'). Returns sums {'top1', 'top5',
-    'count', 'damaged'} (and the logits with ``keep_logits``), so padded examples (mask 0)
-    count for nothing and every image counts exactly once.
+    'count', 'damaged'}, so padded examples (mask 0) count for nothing and every image counts
+    exactly once, and the batch's 'logits', 'labels' and 'mask' (read only when asked for).
     """
     model.eval()
     graphdef, _, _, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
 
     def eval_fn(params: Any, batch_stats: Any, batch: dict) -> dict:
-        logits = nnx.merge(graphdef, params, batch_stats, rest)(normalize_images(batch["image"]))
+        logits = nnx.merge(graphdef, params, batch_stats, rest)(normalize(batch["image"]))
         labels, mask = batch["label"], batch["mask"]
         k = min(5, logits.shape[-1])
         top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
@@ -269,9 +260,7 @@ def make_eval_step(
             "count": jnp.sum(mask),
             "damaged": jnp.sum(batch["damaged"]) if "damaged" in batch else jnp.int32(0),
         }
-        if keep_logits:
-            out.update(logits=logits, labels=labels, mask=mask)
-        return out
+        return {**out, "logits": logits, "labels": labels, "mask": mask}
 
     repl = replicated(mesh)
     return jax.jit(eval_fn, in_shardings=(repl, repl, batch_sharded(mesh)), out_shardings=repl)

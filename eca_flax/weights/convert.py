@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eca_flax.errors import ConversionError
 from eca_flax.models import mobilenetv2
 from eca_flax.models.registry import (
     ORIGINAL,
@@ -41,13 +42,14 @@ from eca_flax.models.registry import (
     weight_paths,
 )
 from eca_flax.weights import hub, pth
+from eca_flax.weights.arch import ArchSpec, eca_kernel, format_k_size, head_classes
 from eca_flax.weights.pretrained import (
     check_destination,
     load_pretrained,
     read_model_json,
     save_pretrained,
 )
-from eca_flax.weights.pth import PREFIX, ConversionError, list_keys, strip_prefix
+from eca_flax.weights.pth import PREFIX, list_keys, strip_prefix
 from eca_flax.weights.verify import (
     verification_images,
     verify_backbone_with_torch,
@@ -153,62 +155,11 @@ def state_dict(model: nnx.Module, *, prefix: str = "") -> dict[str, np.ndarray]:
 # Architecture inference.
 
 
-@dataclasses.dataclass(frozen=True)
-class ArchSpec:
-    """Everything needed to rebuild the network a state_dict came from."""
-
-    arch: str
-    k_size: tuple[int, ...]  # per stage (ResNet) or per inverted residual block (MobileNetV2)
-    num_classes: int
-    attention: str | None  # "eca", "eca_ns", "se" or None (no ECA layers: the plain baseline)
-
-    def describe(self) -> str:
-        """E.g. 'eca_resnet50, k=3,5,5,7, 1000 classes'."""
-        classes = f"{self.num_classes} classes" if self.num_classes else "backbone (no classifier)"
-        if self.attention is None:
-            return f"{self.arch} without ECA layers (attention=None, the plain baseline), {classes}"
-        if self.attention == "se":
-            return f"{self.arch} with SE blocks instead of ECA (attention='se'), {classes}"
-        ns = " with non-shared ECA (eca_ns)" if self.attention == "eca_ns" else ""
-        return f"{self.arch}{ns}, k={format_k_size(self.k_size)}, {classes}"
-
-
-def format_k_size(k_size: Sequence[int]) -> str:
-    """'3,5,5,7' for ResNets; MobileNetV2's 17 per-block sizes as runs, '1x10,3x7'."""
-    if len(k_size) <= 4:
-        return ",".join(map(str, k_size))
-    runs: list[list[int]] = []
-    for k in k_size:
-        if runs and runs[-1][0] == k:
-            runs[-1][1] += 1
-        else:
-            runs.append([k, 1])
-    return ",".join(f"{k}x{n}" for k, n in runs)
-
-
 _SE_KEY = re.compile(r"layer[1-4]\.\d+\.se\.fc1\.weight")
 _ECA_KEY = {
     "resnet": re.compile(r"layer([1-4])\.(\d+)\.eca\.conv\.weight"),
     "mobilenet_v2": re.compile(r"features\.(\d+)\.conv\.\d+\.conv\.weight"),
 }
-
-
-def _eca_kernel(key: str, shape: tuple[int, ...]) -> tuple[str, int]:
-    """('eca' | 'eca_ns', k) from an ECA conv weight's shape: (1, 1, k) or (C, 1, k)."""
-    if len(shape) != 3 or shape[1] != 1 or shape[2] % 2 == 0:
-        raise ConversionError(
-            f"{key} has shape {shape}; an ECA kernel is (1, 1, k) (or (C, 1, k) for ECA-NS) "
-            "with k odd"
-        )
-    return ("eca" if shape[0] == 1 else "eca_ns"), shape[2]
-
-
-def _head_classes(sd: Mapping[str, np.ndarray], prefix: str) -> int:
-    for leaf, axis in (("weight", 0), ("bias", 0)):
-        value = sd.get(f"{prefix}.{leaf}")
-        if value is not None and np.ndim(value) >= 1:
-            return int(np.shape(value)[axis])
-    return 1000  # no head: load_state_dict reports the missing keys
 
 
 def _resnet_arch(sd: Mapping[str, np.ndarray]) -> str:
@@ -275,7 +226,7 @@ def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
     for key, value in sd.items():
         m = _ECA_KEY[family].fullmatch(key)
         if m:
-            kind, k = _eca_kernel(key, tuple(np.shape(value)))
+            kind, k = eca_kernel(key, tuple(np.shape(value)))
             kinds.add(kind)
             group = int(m.group(1)) - 1  # stage (ResNet) or block (features.1 is block 0)
             per_group.setdefault(group, set()).add(k)
@@ -293,7 +244,7 @@ def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
             raise ConversionError(f"ECA layer in unexpected block {group + 1}")
     k_size = tuple(min(per_group.get(g, {k})) for g, k in enumerate(release))
     attention = kinds.pop() if kinds else None
-    return ArchSpec(arch, k_size, _head_classes(sd, head), attention)
+    return ArchSpec(arch, k_size, head_classes(sd, head), attention)
 
 
 # Every key of the classification ECA-ResNets' state_dicts (ECA, SE or none), in one pattern.

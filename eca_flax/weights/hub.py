@@ -16,18 +16,16 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from eca_flax.errors import ConversionError
 from eca_flax.files import one_line
 from eca_flax.models import resnet
 from eca_flax.models.registry import EVAL_MEAN_STD, TIMM, list_models, model_info
 from eca_flax.weights import pth
-from eca_flax.weights.pth import ConversionError
-
-if TYPE_CHECKING:
-    from eca_flax.weights.convert import ArchSpec
+from eca_flax.weights.arch import ArchSpec, eca_kernel, head_classes
 
 CONFIG = "config.json"
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's save_for_hf writes
@@ -140,8 +138,6 @@ def _stem(sd: Mapping[str, Any]) -> str:
 def infer_timm_arch(sd: Mapping[str, Any]) -> ArchSpec:
     """The ``ArchSpec`` of a timm ECA-ResNet state_dict, from its tensors alone: stem, blocks per
     stage, groups, every block's widths (pruned models), ECA kernel sizes per stage, classes."""
-    from eca_flax.weights.convert import ArchSpec, _eca_kernel, _head_classes
-
     stem = _stem(sd)
     counts = [0, 0, 0, 0]
     for key in sd:
@@ -166,7 +162,7 @@ def infer_timm_arch(sd: Mapping[str, Any]) -> ArchSpec:
     per_stage: dict[int, set[int]] = {}
     for key, value in sd.items():
         if m := _ATTENTION.fullmatch(key):
-            kind, k = _eca_kernel(key, tuple(np.shape(value)))
+            kind, k = eca_kernel(key, tuple(np.shape(value)))
             kinds.add(kind)
             per_stage.setdefault(int(m.group(1)) - 1, set()).add(k)
     if any(re.fullmatch(r"layer[1-4]\.\d+\.se\.fc1\.weight", k) for k in sd):
@@ -180,7 +176,7 @@ def infer_timm_arch(sd: Mapping[str, Any]) -> ArchSpec:
     release = model_info(arch).release_k_size
     k_size = tuple(min(per_stage.get(s, {k})) for s, k in enumerate(release))
     attention = kinds.pop() if kinds else None
-    return ArchSpec(arch, k_size, _head_classes(sd, "fc"), attention)
+    return ArchSpec(arch, k_size, head_classes(sd, "fc"), attention)
 
 
 def _match(stem: str, counts: tuple[int, ...], groups: int, widths: tuple) -> str:

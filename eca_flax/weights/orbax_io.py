@@ -12,13 +12,13 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from eca_flax.errors import PretrainedError
 from eca_flax.files import one_line
-from eca_flax.weights.pretrained import (
+from eca_flax.weights.description import (
     MODEL_JSON,
     STATE_DIR,
     Flat,
     Path_,
-    PretrainedError,
     check_checksum,
     check_stored,
     flatten,

@@ -22,102 +22,56 @@ loading ResNet-152 take seconds rather than the half minute its random init cost
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import zlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
-from eca_flax.data.transforms import default_resize_size
+from eca_flax.errors import PretrainedError
 from eca_flax.files import write_directory
-from eca_flax.models import resnet
 from eca_flax.models.layers import attention_choice
 from eca_flax.models.registry import (
     WEIGHTS,
     abstract_model,
     abstract_paths,
-    arch_of,
     count_params,
     empty_model,
     list_models,
     resolve_k_size,
     weight_paths,
 )
+from eca_flax.version import __version__
+from eca_flax.weights import safetensors_io
+from eca_flax.weights.description import (
+    FORMAT,
+    HINT,
+    MODEL_JSON,
+    MODEL_KEYS,
+    SAFETENSORS,
+    STATE_DIR,
+    Flat,
+    Path_,
+    abstract,
+    checksum,
+    default_resize_size,
+    describe,
+    differences,
+    flatten,
+    host_array,
+    is_safetensors,
+    parse_description,
+)
 
-FORMAT = "eca_flax.pretrained/1"
-MODEL_JSON = "model.json"
-STATE_DIR = "state"
-SAFETENSORS = ".safetensors"  # the suffix of single-file weights (safetensors_io)
-HINT = "(convert a .pth file with convert_torch_weights.py SRC DST)"
-MODEL_KEYS = ("arch", "k_size", "num_classes", "attention")  # every weights file's description
 _CORE_KEYS = ("format", *MODEL_KEYS, "image_size", "resize_size", "params", "source", "checksum")
 _EXTRA_DEFAULTS = {"epoch": None, "best_prec1": None}
-
-Path_ = str | os.PathLike[str]
-Flat = dict[tuple, Any]  # {('layer1', 0, 'conv1', 'kernel'): value}
-
-
-class PretrainedError(Exception):
-    """A pretrained-model directory that cannot be read or written; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------
 # Models, their weights and their description.
-
-
-def num_classes_of(model: nnx.Module) -> int:
-    """The number of logits the model's classifier produces (0: a backbone without one)."""
-    if isinstance(model, resnet.ECAResNet) and model.fc is None:
-        return 0  # built with num_classes=0: a backbone, e.g. converted from a detector
-    head = getattr(model, "fc", None) or getattr(model, "classifier", [None, None])[1]
-    if not isinstance(head, nnx.Linear):
-        raise TypeError(f"not an eca_flax model: {type(model).__name__}")
-    return int(head.out_features)
-
-
-def describe(model: nnx.Module) -> dict:
-    """The ``MODEL_KEYS`` description of a model, read from its structure."""
-    return {
-        "arch": arch_of(model),
-        "k_size": [int(k) for k in model.k_size],
-        "num_classes": num_classes_of(model),
-        "attention": model.attention,
-    }
-
-
-def differences(have: Mapping, want: Mapping, keys: Collection[str]) -> list[tuple[str, Any, Any]]:
-    """[(key, have's value, want's value)] for the description keys that differ.
-
-    The one comparison of model descriptions (a checkpoint against a config, a model against
-    what it is saved as); callers phrase the message. k_size values compare after
-    ``resolve_k_size`` ("3577" equals [3, 5, 7, 7]), attention after ``attention_choice``.
-    """
-
-    def norm(key: str, d: Mapping) -> Any:
-        value = d.get(key)
-        with contextlib.suppress(ValueError, TypeError):
-            if key == "k_size" and value is not None:
-                return list(resolve_k_size(have.get("arch") or want.get("arch"), value))
-            if key == "attention":
-                return attention_choice(value)
-        return value
-
-    return [(k, norm(k, have), norm(k, want)) for k in keys if norm(k, have) != norm(k, want)]
-
-
-def abstract(tree: Any, sharding: Any = None) -> Any:
-    """``jax.ShapeDtypeStruct`` placeholders of ``tree``'s arrays, placed by ``sharding`` (default:
-    each array's own sharding): the target Orbax restores into."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree
-    )
 
 
 def restore_model(
@@ -176,62 +130,6 @@ def _weight_shapes(
 # The weights as one pure dict: paths, checksums, checks shared by orbax_io and safetensors_io.
 
 
-def flatten(tree: Any) -> Flat:
-    """{path: leaf} of a nested dict (or Orbax tree metadata); digit keys become list indices."""
-    flat = traverse_util.flatten_dict(dict(tree), is_leaf=lambda _, v: not hasattr(v, "items"))
-    return {
-        tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p): v
-        for p, v in flat.items()
-    }
-
-
-def checksum(tree: Any) -> str:
-    """CRC-32 of a pytree's arrays in path order (this process's copy of replicated arrays):
-    recorded when weights are written and checked when they are read, since Orbax checks no
-    bytes (a changed data file restores silently otherwise)."""
-    crc = 0
-    leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    for path, leaf in sorted(leaves.items()):
-        array = np.ascontiguousarray(host_array(leaf))
-        crc = zlib.crc32(f"{path}{array.dtype}{array.shape}".encode(), crc)
-        crc = zlib.crc32(array.reshape(-1).view(np.uint8), crc)
-    return f"crc32:{crc:08x}"
-
-
-def check_stored(where: Path_, stored: Flat, target: Flat, what: str = MODEL_JSON) -> None:
-    """Stored arrays (anything with a shape, by path) must have ``target``'s paths and shapes:
-    PretrainedError naming an array that differs from what the description ``what`` implies."""
-    if set(stored) != set(target):
-        diff = sorted("/".join(map(str, p)) for p in set(stored) ^ set(target))
-        raise PretrainedError(
-            f"{where}: the arrays do not match {what} (e.g. {', '.join(diff[:3])})"
-        )
-    for p, leaf in sorted(stored.items(), key=lambda kv: str(kv[0])):
-        if tuple(leaf.shape) != tuple(target[p].shape):
-            raise PretrainedError(
-                f"{where}: {'/'.join(map(str, p))} is stored with shape {tuple(leaf.shape)} but "
-                f"{what} implies {tuple(target[p].shape)}"
-            )
-
-
-def check_checksum(where: Path_, tree: Any, expected: str | None) -> None:
-    """With ``expected`` (what ``checksum`` gave when they were written), ``tree`` must match."""
-    if expected is not None and checksum(tree) != expected:
-        raise PretrainedError(
-            f"{where}: the arrays do not match the checksum recorded when they were written "
-            "(a damaged or changed file)"
-        )
-
-
-def host_array(x: Any) -> np.ndarray:
-    """A weight as a host numpy array (replicated multi-process arrays: this process's copy)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if not x.sharding.is_fully_replicated:
-            raise PretrainedError("save_pretrained needs replicated (or host-local) weights")
-        x = x.addressable_data(0)
-    return np.asarray(x)
-
-
 # --------------------------------------------------------------------------------------------
 # Pretrained directories and .safetensors files.
 
@@ -273,18 +171,11 @@ def save_pretrained(
     text = json.dumps(meta, indent=2) + "\n"  # fails here, before anything is written
     check_destination(path, overwrite)
     if single_file:
-        from eca_flax.weights import safetensors_io
-
         safetensors_io.write_model(path, flatten(state), text)
     else:
-        from eca_flax.weights import orbax_io
+        from eca_flax.weights import orbax_io  # here: a .safetensors file needs no Orbax
 
         write_directory(path, lambda tmp: orbax_io.write_state(tmp, state, text), PretrainedError)
-
-
-def is_safetensors(path: Path_) -> bool:
-    """Whether ``path`` names a single .safetensors file rather than a pretrained directory."""
-    return Path(path).suffix.lower() == SAFETENSORS
 
 
 def _single_file(path: Path, format: str | None) -> bool:
@@ -326,8 +217,6 @@ def _description(
     extra = dict(extra or {})
     if clash := sorted(set(extra) & {*_CORE_KEYS, "converter_version"}):
         raise PretrainedError(f"extra may not set {', '.join(clash)}")
-    import eca_flax  # the package is fully imported by the time this runs
-
     return {
         "format": FORMAT,
         **have,
@@ -337,25 +226,7 @@ def _description(
         "source": dict(source) if source is not None else None,
         **_EXTRA_DEFAULTS,
         **extra,
-        "converter_version": eca_flax.__version__,
-    }
-
-
-def eval_settings(meta: Mapping) -> dict[str, Any]:
-    """The eval preprocessing model.json records, as ``transforms.ORIGINAL_EVAL``'s keys.
-    timm's models record theirs under "preprocessing" (test size, crop_pct, bicubic, mean,
-    std); the original's are their image_size / resize_size, bilinear, ImageNet mean/std."""
-    from eca_flax.data.transforms import ORIGINAL_EVAL
-
-    size = int(meta.get("image_size") or 224)
-    pre = meta.get("preprocessing") or {}
-    return {
-        "image_size": size,
-        "resize_size": int(meta.get("resize_size") or default_resize_size(size)),
-        "crop_pct": pre.get("test_crop_pct"),
-        "interpolation": pre.get("interpolation", ORIGINAL_EVAL["interpolation"]),
-        "mean": tuple(pre.get("mean", ORIGINAL_EVAL["mean"])),
-        "std": tuple(pre.get("std", ORIGINAL_EVAL["std"])),
+        "converter_version": __version__,
     }
 
 
@@ -386,8 +257,6 @@ def read_model_json(path: Path_) -> dict:
     checked: raises PretrainedError otherwise."""
     path = Path(path).expanduser()
     if is_safetensors(path):
-        from eca_flax.weights import safetensors_io
-
         return safetensors_io.read_description(path)
     if not path.exists():
         raise PretrainedError(f"{path}: no such directory {HINT}")
@@ -401,31 +270,6 @@ def read_model_json(path: Path_) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise PretrainedError(f"{file}: unreadable ({e})") from None
     return parse_description(text, file)
-
-
-def parse_description(text: str, where: Path_) -> dict:
-    """model.json's text as a dict, checked: our format, a known model (``check_description``)."""
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PretrainedError(f"{where}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise PretrainedError(f"{where}: format {got!r}, expected {FORMAT!r}")
-    check_description(meta, where)
-    return meta
-
-
-def check_description(meta: Mapping, where: Path_) -> None:
-    """A stored model description must name a known model: PretrainedError otherwise."""
-    if missing := [k for k in MODEL_KEYS if k not in meta]:
-        raise PretrainedError(f"{where}: missing {', '.join(missing)}")
-    if meta["arch"] not in list_models():
-        raise PretrainedError(f"{where}: unknown arch {meta['arch']!r}")
-    try:
-        attention_choice(meta["attention"])
-    except ValueError as e:
-        raise PretrainedError(f"{where}: {e}") from None
 
 
 def load_pretrained(
@@ -444,15 +288,13 @@ def load_pretrained(
     meta = read_model_json(path)
     expected = meta.get("checksum")
     if is_safetensors(path):
-        from eca_flax.weights import safetensors_io
-
         read = lambda target: safetensors_io.read_weights(path, target, expected=expected)
         where = str(path)
     else:
         state_dir = Path(path).expanduser() / STATE_DIR
         if not state_dir.is_dir():
             raise PretrainedError(f"{path}: no {STATE_DIR}/ checkpoint beside {MODEL_JSON}")
-        from eca_flax.weights import orbax_io
+        from eca_flax.weights import orbax_io  # here: a .safetensors file needs no Orbax
 
         read = lambda target: orbax_io.read_weights(state_dir, target, expected=expected)
         where = str(Path(path) / MODEL_JSON)

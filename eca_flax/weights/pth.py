@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from eca_flax.errors import ConversionError
 from eca_flax.files import write_file
 
 PREFIX = "module."
@@ -32,10 +33,6 @@ DETECTOR_PARTS = (
     "shared_head", "bbox_roi_extractor", "mask_roi_extractor", "panoptic_head",
 )  # fmt: skip
 MAX_LISTED_KEYS = 10  # error messages list this many keys, then say how many more
-
-
-class ConversionError(ValueError):
-    """A state_dict that does not fit the model: the message names keys and shapes."""
 
 
 def strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -27,13 +27,13 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from eca_flax.errors import PretrainedError
 from eca_flax.files import one_line, write_file
-from eca_flax.weights.pretrained import (
+from eca_flax.weights.description import (
     FORMAT,
     HINT,
     MODEL_JSON,
     Flat,
-    PretrainedError,
     check_checksum,
     check_stored,
     parse_description,
@@ -80,7 +80,7 @@ def _opened(path: Path) -> Iterator[Any]:
 
 def read_description(path: Path) -> dict:
     """The model.json stored in a .safetensors model file's metadata, checked like a
-    directory's (``pretrained.parse_description``)."""
+    directory's (``description.parse_description``)."""
     path = Path(path).expanduser()
     with _opened(path) as f:
         metadata = f.metadata() or {}

@@ -7,18 +7,25 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eca_flax.weights.pth import ConversionError, strip_prefix
-
-if TYPE_CHECKING:
-    from eca_flax.weights.convert import ArchSpec
+from eca_flax.errors import ConversionError
+from eca_flax.weights.pth import strip_prefix
 
 VERIFY_TOLERANCE = 1e-4  # max |delta logit| relative to max |logit|
+
+
+class ReferenceSpec(Protocol):
+    """The PyTorch network to build (``convert.ArchSpec`` is one; verify sits below convert)."""
+
+    arch: str
+    k_size: tuple[int, ...]
+    num_classes: int
+    attention: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +126,7 @@ def verification_images(image_size: int = 224, random_images: int = 2) -> tuple[
 
 
 def verify_with_torch(
-    model: nnx.Module, spec: ArchSpec, state_dict: Mapping[str, np.ndarray], images: np.ndarray
+    model: nnx.Module, spec: ReferenceSpec, state_dict: Mapping[str, np.ndarray], images: np.ndarray
 ) -> LogitComparison:
     """Run the PyTorch reference holding ``state_dict`` and ``model`` on NHWC ``images``."""
     from eca_flax.models import torch_reference
@@ -134,7 +141,7 @@ def verify_with_torch(
 
 
 def verify_backbone_with_torch(
-    model: nnx.Module, spec: ArchSpec, state_dict: Mapping[str, np.ndarray], images: np.ndarray
+    model: nnx.Module, spec: ReferenceSpec, state_dict: Mapping[str, np.ndarray], images: np.ndarray
 ) -> FeatureComparison:
     """C2-C5 of the PyTorch reference holding a backbone ``state_dict`` (no fc) and of
     ``model.stage_features`` on NHWC ``images``."""
