@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import re
@@ -406,3 +407,24 @@ def test_orbax_echoes_are_dropped_and_the_rest_passed_on(monkeypatch):
     other = ValueError("something else")
     unraisable._hook(args(other))
     assert [a.exc_value for a in seen] == [other]
+
+
+def test_asyncio_echo_of_a_failed_orbax_write_is_dropped():
+    """asyncio's "Future exception was never retrieved" for TensorStore's failed write into an
+    Orbax checkpoint (a future set from C++: no Python frames, as under a full disk) is an echo
+    of the error already reported; another asyncio error is kept."""
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        message = (
+            f"Future exception was never retrieved\nfuture: <Future finished exception={exc!r}>"
+        )
+        return logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, message, None, (type(exc), exc, None)
+        )
+
+    echo = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "layer2.1.bn1.var/0" in OCDBT database at local file '
+        '"/d/.dst.tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/": No space left on device'
+    )
+    assert not unraisable._orbax_task(record(echo))
+    assert unraisable._orbax_task(record(ValueError("a user's own future failed")))

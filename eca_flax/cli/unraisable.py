@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 _ECHO_PACKAGES = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore{os.sep}")
+_ORBAX_WRITES = (".orbax-checkpoint-tmp", "in OCDBT database")  # TensorStore's own words
 
 
 def _in_orbax(tb: Any) -> bool:
@@ -48,8 +49,12 @@ def _orbax_echo(unraisable: Any) -> bool:
 
 
 def _orbax_task(record: logging.LogRecord) -> bool:
-    """asyncio's log filter: False for a task of Orbax that failed unobserved."""
-    return not any(p in record.getMessage() for p in _ECHO_PACKAGES)
+    """asyncio's log filter: False for a task or future of Orbax that failed unobserved (its
+    frames pass through Orbax, or the failed write it reports is in an Orbax checkpoint's
+    TensorStore: a future set from C++ has no Python frames)."""
+    tb = record.exc_info[2] if record.exc_info else None
+    message = record.getMessage()
+    return not (_in_orbax(tb) or any(p in message for p in (*_ECHO_PACKAGES, *_ORBAX_WRITES)))
 
 
 def _orbax_thread(record: logging.LogRecord) -> bool:
