@@ -145,7 +145,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.profile_steps = ""  # "START,END": a jax.profiler trace of those steps into tensorboard/.
     c.distributed = False  # jax.distributed.initialize() (multi-host; see README).
     c.distributed_timeout_s = 300  # How long to wait for all processes before giving up.
-    c.debug_nan_step = -1  # Testing aid: make the loss of this step NaN.
     return c
 
 

@@ -193,7 +193,7 @@ def make_train_step(
     ``batch``: uint8 'image' (B, S, S, 3), int32 'label' (and 'damaged' counts, optional).
     From ``config``: the targets (``label_smoothing``; Mixup / CutMix of the normalized batch,
     training/mixing.py), the loss (``loss``, ``bce_target_thresh``: ``classification_loss``),
-    the EMA of the weights (``ema_decay`` > 0: ``ema_decay_at``) and ``debug_nan_step``.
+    the EMA of the weights (``ema_decay`` > 0: ``ema_decay_at``).
     Compiled once with ``jax.jit`` over the mesh; the state is donated. Metrics (loss, batch
     top-1 against the unmixed labels, learning rate, damaged files replaced) are replicated.
     """
@@ -215,8 +215,6 @@ def make_train_step(
                 nnx.reseed(m, **{s: key for s in streams})
             logits = m(images)
             value = classification_loss(logits, targets, c.loss, c.bce_target_thresh)
-            if c.debug_nan_step >= 0:
-                value = value * jnp.where(step + 1 == c.debug_nan_step, jnp.nan, 1.0)
             return value, (logits, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
