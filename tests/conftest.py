@@ -12,3 +12,10 @@ from eca_flax.cli import xla_flags  # noqa: E402
 xla_flags.use_recommended()  # Tests run with the XLA:CPU flags train.py sets.
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import torch_reference and fixtures
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The slow tests (whole trainings, subprocesses: a minute or two each) first, in their
+    files' order, then the rest: pytest-xdist hands tests out in this order, so the long ones
+    start while the short ones can still fill the other workers (no lone long test at the end)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -68,6 +68,7 @@ TINY = (
 )
 
 
+@pytest.mark.slow
 def test_benchmark_against_torch_end_to_end():
     """The real tool with --torch on a tiny batch: train.py's step and PyTorch's, interleaved;
     FLOPs equal to the MACs counted by hand; the table and the ratios."""
@@ -94,6 +95,7 @@ def test_benchmark_against_torch_end_to_end():
     assert float(ratio.group(2)) == pytest.approx(want_ratio, abs=0.006)
 
 
+@pytest.mark.slow
 def test_benchmark_eca_and_se_overhead_rows():
     results, out = run_tool(*TINY, "--mode", "infer", "--se")
     variants = ["eca_flax", "eca_flax, attention=None", "eca_flax, attention=se"]

@@ -182,7 +182,10 @@ def test_fixture_is_released_format(released):
     )
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[] if n == "eca_resnet18" else [pytest.mark.slow]) for n in NAMES],
+)
 def test_released_file_round_trip(name, released, tmp_path, capsys):
     src, ref = released[name]
     dst = tmp_path / "converted"
@@ -244,6 +247,7 @@ def test_released_file_round_trip(name, released, tmp_path, capsys):
     np.testing.assert_array_equal(torch_logits(fresh, x), want)
 
 
+@pytest.mark.slow
 def test_verify_with_real_photos(released, tmp_path, capsys):
     for name in ("eca_resnet18", "eca_mobilenet_v2"):
         dst = tmp_path / name
@@ -286,7 +290,9 @@ def test_bare_zip_state_dict_infers_everything(small, tmp_path, capsys):
     assert verify.compare_logits(torch_logits(ref, x), np.asarray(model(x))).ok
 
 
-@pytest.mark.parametrize("attention", [None, "eca_ns", "se"])
+@pytest.mark.parametrize(
+    "attention", [None, *(pytest.param(a, marks=pytest.mark.slow) for a in ("eca_ns", "se"))]
+)
 def test_attention_variants(attention, tmp_path, capsys):
     ref = reference("eca_resnet18", seed=3, attention=attention)
     src = write(tmp_path / "plain.pth", ref.state_dict(), legacy=True)
@@ -500,6 +506,7 @@ def converter(*args) -> list[str]:
     return [sys.executable, str(ROOT / "convert_torch_weights.py"), *map(str, args)]
 
 
+@pytest.mark.slow
 def test_full_disk_new_overwrite_and_to_torch(small, tmp_path):
     """No space on DST's disk: one line saying so, nothing written (hidden temporaries
     included), and with --overwrite the previous DST is untouched."""

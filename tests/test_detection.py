@@ -190,7 +190,9 @@ def bn(name: str, c: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "name, k_size, kind",
     [
-        ("eca_resnet50", (3, 3, 7, 7), "mask_rcnn"),  # mask_rcnn_ecanet50_k3377_bs8_lr0.01
+        pytest.param(  # mask_rcnn_ecanet50_k3377_bs8_lr0.01
+            "eca_resnet50", (3, 3, 7, 7), "mask_rcnn", marks=pytest.mark.slow
+        ),
         pytest.param(  # RetinaNet_ecanet101_k3357_bs8_lr0.01
             "eca_resnet101", (3, 3, 5, 7), "retinanet", marks=pytest.mark.slow
         ),
@@ -287,6 +289,7 @@ def r18(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
     return ref, src, root / "converted"
 
 
+@pytest.mark.slow
 def test_new_head_and_init_from(r18, tmp_path, capsys):
     ref, _, dst = r18
     tuned = eca_flax.load_pretrained(dst, num_classes=7)

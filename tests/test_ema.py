@@ -108,6 +108,7 @@ def assert_closed_form(ema: dict, trajectory: list[dict], decays: list[float]) -
         assert np.all(err <= scale * b), (jax.tree_util.keystr(path), float(np.max(err)))
 
 
+@pytest.mark.slow
 def test_train_step_ema_is_the_closed_form_average(run) -> None:
     """The real jitted train step, 4 steps at ema_decay=0.9: the EMA of params and BatchNorm
     statistics equals 0.9^4 p_0 + sum_t 0.1 * 0.9^(4 - t) p_t of the recorded weights."""

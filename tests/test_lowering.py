@@ -14,7 +14,10 @@ import pytest
 
 from eca_flax.benchmark import lowering
 
-PROGRAMS = [(case, platform) for case in lowering.CASES for platform in lowering.PLATFORMS]
+PROGRAMS = [  # the fast tier lowers the default recipe for cuda; the rest is slow
+    pytest.param(case, platform, marks=[] if i == 0 else [pytest.mark.slow])
+    for i, (case, platform) in enumerate((c, p) for c in lowering.CASES for p in lowering.PLATFORMS)
+]
 
 
 @functools.cache

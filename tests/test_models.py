@@ -55,6 +55,12 @@ def ported(name: str, *, seed: int = 0, **kw):
     return ref, model
 
 
+def deep(name: str, fast: tuple[str, ...]) -> pytest.param:
+    """``name`` as a case, in the fast tier if it is one of ``fast`` (slow: the deeper networks,
+    whose eager forward or construction takes seconds on a CPU)."""
+    return pytest.param(name, marks=[] if name in fast else [pytest.mark.slow], id=name)
+
+
 def images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randn(n, size, size, 3).astype(np.float32)
 
@@ -66,12 +72,13 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize(
     "name,size",
     [
-        ("eca_resnet18", 64),
-        ("eca_resnet34", 64),
-        ("eca_resnet50", 224),
-        ("eca_resnet101", 64),  # damped residual branches: tr.residual_scale
-        ("eca_resnet152", 64),
-        ("eca_mobilenet_v2", 96),
+        ("eca_resnet18", 64),  # the fast tier: the basic block
+        pytest.param("eca_resnet34", 64, marks=pytest.mark.slow),
+        pytest.param("eca_resnet50", 224, marks=pytest.mark.slow),
+        # damped residual branches: tr.residual_scale
+        pytest.param("eca_resnet101", 64, marks=pytest.mark.slow),
+        pytest.param("eca_resnet152", 64, marks=pytest.mark.slow),
+        pytest.param("eca_mobilenet_v2", 96, marks=pytest.mark.slow),
     ],
 )
 def test_eval_logits_match_reference(name, size):
@@ -93,7 +100,7 @@ def test_eval_logits_match_reference(name, size):
         ("eca_resnet18", None),
         ("eca_resnet18", "eca_ns"),
         ("eca_resnet18", "se"),  # the SE baseline in the basic block ...
-        ("eca_resnet50", "se"),  # ... and in the bottleneck
+        pytest.param("eca_resnet50", "se", marks=pytest.mark.slow),  # ... and the bottleneck
     ],
 )
 def test_attention_variants_match_reference(name, attention):
@@ -105,7 +112,7 @@ def test_attention_variants_match_reference(name, attention):
     assert rel_err(model(jnp.asarray(x)), want) <= 1e-4
 
 
-@pytest.mark.parametrize("size", [33, 75])
+@pytest.mark.parametrize("size", [33, pytest.param(75, marks=pytest.mark.slow)])
 def test_odd_input_sizes_match_reference(size):
     """Explicit symmetric padding: 'SAME' would shift every stride-2 layer on these sizes."""
     ref, model = ported("eca_resnet18", seed=1)
@@ -115,6 +122,7 @@ def test_odd_input_sizes_match_reference(size):
     assert rel_err(model(jnp.asarray(x)), want) <= 1e-4
 
 
+@pytest.mark.slow
 def test_mobilenet_variants_match_reference():
     ref, model = ported("eca_mobilenet_v2", attention="eca_ns", k_size=(3, 5), seed=2)
     x = images(2, 64, seed=3)
@@ -123,7 +131,9 @@ def test_mobilenet_variants_match_reference():
     assert rel_err(model(jnp.asarray(x)), want) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["eca_resnet18", "eca_mobilenet_v2"])
+@pytest.mark.parametrize(
+    "name", ["eca_resnet18", pytest.param("eca_mobilenet_v2", marks=pytest.mark.slow)]
+)
 def test_train_mode_forward_and_batch_statistics_match_reference(name):
     """Batch statistics in train mode; running stats updated with PyTorch's momentum 0.1."""
     ref, model = ported(name, seed=4)
@@ -239,7 +249,7 @@ def test_max_pool_pads_with_minus_infinity():
     np.testing.assert_array_equal(np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x))), want)
 
 
-@pytest.mark.parametrize("name", list(TABLE))
+@pytest.mark.parametrize("name", [deep(n, ("eca_resnet18", "eca_resnet34")) for n in TABLE])
 def test_parameter_counts_equal_the_original(name):
     params, eca_params, ks = TABLE[name]
     model = eca_flax.create_model(name)
@@ -264,7 +274,7 @@ SE_LAYOUT = {  # facts file: block output widths are 64/128/256/512 x expansion;
 }
 
 
-@pytest.mark.parametrize("name", list(SE_LAYOUT))
+@pytest.mark.parametrize("name", [deep(n, ("eca_resnet18", "eca_resnet50")) for n in SE_LAYOUT])
 def test_se_parameter_counts_follow_the_formula(name):
     """SE (reduction 16) adds fc1 (C*C/16 + C/16) and fc2 (C/16*C + C) to every block."""
     expansion, blocks = SE_LAYOUT[name]
@@ -323,6 +333,7 @@ def test_adaptive_kernel_formula():
     assert eca_flax.adaptive_kernel_size(256, gamma=1, b=0) == 9
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32():
     ref, model32 = ported("eca_resnet18", seed=8)
     model16 = eca_flax.create_model("eca_resnet18", dtype=jnp.bfloat16)
@@ -339,6 +350,7 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert (np.asarray(y16).argmax(-1) == np.asarray(y32).argmax(-1)).all()
 
 
+@pytest.mark.slow
 def test_stage_features():
     x = jnp.asarray(images(2, 64))
     r50 = eca_flax.create_model("eca_resnet50", num_classes=10)
@@ -354,6 +366,7 @@ def test_stage_features():
     np.testing.assert_allclose(r50.fc(c5.mean((1, 2))), r50(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_eval_modes():
     model = eca_flax.create_model("eca_mobilenet_v2", num_classes=10, rngs=nnx.Rngs(0))
     x = jnp.asarray(images(4, 32))
@@ -413,6 +426,7 @@ def test_linen_wrapper_matches_nnx_and_reference():
     assert any(jax.tree.leaves(changed))
 
 
+@pytest.mark.slow
 def test_readme_example_runs():
     """The README's "use as Flax modules" block runs as written."""
     text = (REPO / "README.md").read_text()
