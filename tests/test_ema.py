@@ -153,6 +153,7 @@ def test_warmup_decays_and_closed_form() -> None:
     assert_closed_form(host(ema), trajectory, got)
 
 
+@pytest.mark.slow
 def test_checkpoints_restore_the_ema_exactly(run, tmp_path, caplog) -> None:
     """Save after 2 of 4 steps, restore from disk, continue: bit-identical to running on
     (weights, optimizer state, EMA). Checkpoints without an EMA still load: into a run with

@@ -62,6 +62,7 @@ def test_problems_sees_a_cpu_formulation(monkeypatch):
     assert "without select_and_scatter" in found
 
 
+@pytest.mark.slow
 def test_problems_sees_float32_convolutions_in_a_bfloat16_program():
     p = program("sgd_float32", "cuda")
     _, bf16 = lowering.case_config("sgd_bfloat16", "eca_resnet18")

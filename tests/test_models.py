@@ -384,6 +384,7 @@ def test_train_eval_modes():
     assert not jax.tree.all(jax.tree.map(jnp.array_equal, before, stats()))
 
 
+@pytest.mark.slow
 def test_initialisation_follows_the_original():
     model = eca_flax.create_model("eca_resnet50", rngs=nnx.Rngs(3))
     k = np.asarray(model.layer3[0].conv2.kernel[...])  # 3x3, 256 out
