@@ -21,6 +21,7 @@ import torch
 from flax import nnx
 from PIL import Image
 from safetensors.numpy import save_file
+from test_config import load_config
 
 import eca_flax
 from eca_flax.data import preprocess_for_eval
@@ -487,13 +488,6 @@ def test_predict_and_eval_only_use_the_models_preprocessing(dst26t: Path, capsys
 
 # ------------------------------------------------------------------------------------------
 # Training.
-
-
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def test_rsb_a3_config_resolves() -> None:
