@@ -425,9 +425,10 @@ def test_readme_detection_commands(tmp_path, monkeypatch, capsys):
     section = text[text.index("### COCO detection backbones") :]
     section = section[: section.index("\n## ")]
     command = next(
-        line for line in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines()
+        line
+        for line in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines()
         if line.startswith("python convert_torch_weights.py")
-    )  # fmt: skip
+    )
     example = next(b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "FPN" in b)
     monkeypatch.chdir(tmp_path)
     ref = tr.random_reference("eca_resnet50", seed=4, k_size=(3, 3, 7, 7))

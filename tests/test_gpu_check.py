@@ -19,8 +19,12 @@ def test_gpu_check_dry_run(tmp_path: pathlib.Path) -> None:
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--dry-run"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "error:" not in proc.stdout, proc.stdout
     summary = (tmp_path / "out" / "summary.md").read_text()

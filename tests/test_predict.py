@@ -78,10 +78,21 @@ def test_top5_on_real_photos_matches_pytorch(converted, capsys):
 def test_predict_subprocess(converted):
     """As a user runs it: exit status 0, the top-3 of one photo, no traceback."""
     proc = subprocess.run(
-        [sys.executable, "-m", "eca_flax.predict", "--weights", str(converted[0]),
-         "--top", "3", PHOTOS[1]],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "eca_flax.predict",
+            "--weights",
+            str(converted[0]),
+            "--top",
+            "3",
+            PHOTOS[1],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"{PHOTOS[1]}:" and len(lines) == 4
@@ -158,8 +169,11 @@ def test_damaged_weights_are_one_line(converted, tmp_path, how):
     weights = damage(converted[0], tmp_path / "w", how)
     proc = subprocess.run(
         [sys.executable, "-m", "eca_flax.predict", "--weights", str(weights), PHOTOS[1]],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {weights / 'state'}: "), proc.stderr

@@ -251,11 +251,20 @@ print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"orbax", "to
 def test_load_and_predict_without_orbax_or_torch(small, tmp_path):
     photo = load_sample_images().filenames[0]
     proc = subprocess.run(
-        [sys.executable, "-c", no_tensorflow.hook("orbax", "torch", "tensorstore", "tensorflow")
-         + SCRIPT, str(small[2]), str(tmp_path / "w.npz"), photo],
-        cwd=no_tensorflow.REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            no_tensorflow.hook("orbax", "torch", "tensorstore", "tensorflow") + SCRIPT,
+            str(small[2]),
+            str(tmp_path / "w.npz"),
+            photo,
+        ],
+        cwd=no_tensorflow.REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"{photo}:" and len(lines) == 4

@@ -495,8 +495,12 @@ def test_rsb_a3_config_resolves() -> None:
     crop_pct 0.95, bicubic; LAMB 8e-3 per 2048, BCE at 0.2, RandAugment m6)."""
     c = cfg.resolve_config(load_config("ecaresnet50t_rsb_a3"))
     assert (c.model, c.recipe, c.optimizer, c.learning_rate, c.loss) == (
-        "ecaresnet50t", "rsb_a3", "lamb", 8e-3, "bce"
-    )  # fmt: skip
+        "ecaresnet50t",
+        "rsb_a3",
+        "lamb",
+        8e-3,
+        "bce",
+    )
     assert (c.image_size, c.eval_image_size, c.eval_resize_size) == (160, 224, 235)
     assert c.eval_resize_size == math.floor(224 / 0.95) and c.eval_interpolation == "bicubic"
     assert (c.batch_size, c.num_epochs, c.randaugment) == (2048, 100, "rand-m6-mstd0.5-inc1")
@@ -513,9 +517,15 @@ def test_rsb_a3_config_trains_a_step(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     c = load_config("ecaresnet50t_rsb_a3")
     c.update(
-        dataset="digits:32", image_size=32, eval_image_size=32, eval_resize_size=36,
-        batch_size=8, eval_batch_size=64, num_train_steps=2, log_every_steps=1,
-    )  # fmt: skip
+        dataset="digits:32",
+        image_size=32,
+        eval_image_size=32,
+        eval_resize_size=36,
+        batch_size=8,
+        eval_batch_size=64,
+        num_train_steps=2,
+        log_every_steps=1,
+    )
     result = loop.train_and_evaluate(c, str(tmp_path / "run"))
     assert [h["step"] for h in result.history] == [1, 2]
     assert all(np.isfinite(h["loss"]) for h in result.history)

@@ -243,8 +243,10 @@ def prepare(data_dir: str | None) -> DatasetInfo:
             raise DataError(_missing_imagenet_message(root))
         log.warning(
             "Preparing TFDS imagenet2012 in %s from %s; this takes hours on the full ImageNet "
-            "(1.28M images) and needs ~150 GB of free space.", root, manual,
-        )  # fmt: skip
+            "(1.28M images) and needs ~150 GB of free space.",
+            root,
+            manual,
+        )
         _builder(root, file_format=ARRAY_RECORD).download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual, try_download_gcs=False)
         )

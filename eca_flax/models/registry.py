@@ -306,10 +306,13 @@ def abstract_model(arch: str, k_size: tuple, num_classes: int, attention: str | 
     and one process often builds a model repeatedly (convert, load, export). Callers clone it."""
     return nnx.eval_shape(
         lambda: create_model(
-            arch, k_size=k_size, num_classes=num_classes, attention=attention,
-            dtype=jnp.dtype(dtype)
+            arch,
+            k_size=k_size,
+            num_classes=num_classes,
+            attention=attention,
+            dtype=jnp.dtype(dtype),
         )
-    )  # fmt: skip
+    )
 
 
 @functools.lru_cache(maxsize=16)

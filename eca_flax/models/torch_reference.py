@@ -272,10 +272,15 @@ class TimmResNet(nn.Module):
                     downsample = nn.Sequential(pool, conv, nn.BatchNorm2d(widths[2]))
                 blocks.append(
                     TimmBottleneck(
-                        inplanes, widths, stride, int(k_size[i]), design.groups, attention,
+                        inplanes,
+                        widths,
+                        stride,
+                        int(k_size[i]),
+                        design.groups,
+                        attention,
                         downsample,
                     )
-                )  # fmt: skip
+                )
                 inplanes = widths[2]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.global_pool = nn.AdaptiveAvgPool2d(1)

@@ -132,9 +132,13 @@ def verify_with_torch(
     from eca_flax.models import torch_reference
 
     want = torch_reference.logits(
-        spec.arch, strip_prefix(state_dict), images, k_size=spec.k_size,
-        num_classes=spec.num_classes, attention=spec.attention,
-    )  # fmt: skip
+        spec.arch,
+        strip_prefix(state_dict),
+        images,
+        k_size=spec.k_size,
+        num_classes=spec.num_classes,
+        attention=spec.attention,
+    )
     model.eval()
     got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images)))
     return compare_logits(want, got)
