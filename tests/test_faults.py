@@ -115,11 +115,7 @@ ENV = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory) -> None:
-    """train.py runs of this module share JAX's persistent cache: one compilation each."""
-    ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # train.py runs share the run's cache
 
 
 # ------------------------------------------------------------------------------------------

@@ -138,8 +138,8 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cli_cache(tmp_path_factory) -> pathlib.Path:
-    """Caches shared by this module's train.py runs: the digits folder (XDG cache) and JAX's
-    persistent compilation cache, so that runs of the same program compile it once."""
+    """The digits folder (XDG cache) this module's train.py runs share (JAX's compilation cache
+    is the whole run's: conftest.py)."""
     return tmp_path_factory.mktemp("cli_cache")
 
 
@@ -149,7 +149,6 @@ def cli_env(cache: pathlib.Path, devices: int = 8, **extra: str) -> dict:
         os.environ,
         XDG_CACHE_HOME=str(cache / "xdg"),
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache / "jax"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
