@@ -1,0 +1,86 @@
+"""eca_flax.models.registry: the parameter counts of the original (facts file), the SE
+baseline's formula, and kernel-size parsing."""
+
+from __future__ import annotations
+
+import pytest
+from flax import nnx
+from test_models import PLAIN_PARAMS, TABLE, deep
+
+import eca_flax
+from eca_flax.models import torch_reference as tr
+from eca_flax.weights import convert
+
+
+@pytest.mark.parametrize("name", [deep(n, ("eca_resnet18", "eca_resnet34")) for n in TABLE])
+def test_parameter_counts_equal_the_original(name):
+    params, eca_params, ks = TABLE[name]
+    model = eca_flax.create_model(name)
+    plain = eca_flax.create_model(name, attention=None)
+    assert model.k_size == ks
+    assert eca_flax.count_params(model) == params
+    assert eca_flax.count_params(plain) == PLAIN_PARAMS[name]
+    assert params - PLAIN_PARAMS[name] == eca_params
+    info = eca_flax.model_info(name)
+    assert (info.params, info.eca_params) == (params, eca_params)
+    # every state_dict key of the reference exists in the model and vice versa
+    ref_keys = set(tr.build(name).state_dict())
+    assert set(convert.state_dict(model)) == ref_keys
+
+
+SE_LAYOUT = {  # facts file: block output widths are 64/128/256/512 x expansion; blocks per stage
+    "eca_resnet18": (1, (2, 2, 2, 2)),
+    "eca_resnet34": (1, (3, 4, 6, 3)),
+    "eca_resnet50": (4, (3, 4, 6, 3)),
+    "eca_resnet101": (4, (3, 4, 23, 3)),
+    "eca_resnet152": (4, (3, 8, 36, 3)),
+}
+
+
+@pytest.mark.parametrize("name", [deep(n, ("eca_resnet18", "eca_resnet50")) for n in SE_LAYOUT])
+def test_se_parameter_counts_follow_the_formula(name):
+    """SE (reduction 16) adds fc1 (C*C/16 + C/16) and fc2 (C/16*C + C) to every block."""
+    expansion, blocks = SE_LAYOUT[name]
+    se_params = sum(
+        n * (2 * c * (c // 16) + c // 16 + c)
+        for n, c in zip(blocks, (w * expansion for w in (64, 128, 256, 512)))
+    )
+    model = nnx.eval_shape(lambda: eca_flax.create_model(name, attention="se"))
+    assert eca_flax.count_params(model) == PLAIN_PARAMS[name] + se_params
+    if name == "eca_resnet50":
+        assert PLAIN_PARAMS[name] + se_params == 28_088_024  # the paper's 28.09M
+    keys = {convert.path_to_torch_key(p) for p in eca_flax.models.registry.weight_paths(model)}
+    assert "layer1.0.se.fc1.weight" in keys and not any(".eca." in k for k in keys)
+    if name in ("eca_resnet18", "eca_resnet50"):  # the reference, for each block type (fast)
+        ref = tr.build(name, attention="se")
+        assert sum(p.numel() for p in ref.parameters()) == PLAIN_PARAMS[name] + se_params
+        assert keys == {k for k in ref.state_dict() if not k.endswith("num_batches_tracked")}
+
+
+def test_reference_parameter_counts_match_the_table():
+    for name, (params, _, _) in TABLE.items():
+        assert sum(p.numel() for p in tr.build(name).parameters()) == params, name
+
+
+def test_kernel_size_parsing():
+    r = eca_flax.resolve_k_size
+    assert r("eca_resnet50") == (3, 5, 5, 7)
+    assert r("eca_resnet50", "3557") == (3, 5, 5, 7)
+    assert r("eca_resnet50", "3,3,5,7") == (3, 3, 5, 7)
+    assert r("eca_resnet50", [3, 3, 3, 3]) == (3, 3, 3, 3)
+    assert r("eca_resnet34", 5) == (5, 5, 5, 5)
+    assert r("eca_resnet50", "adaptive") == (5, 5, 5, 7)
+    assert r("eca_resnet18", "adaptive") == (3, 5, 5, 5)
+    assert r("eca_mobilenet_v2", "13") == TABLE["eca_mobilenet_v2"][2]
+    # widths 16, 24x2, 32x3, 64x4, 96x3 -> 3; 160x3, 320 -> 5
+    assert r("eca_mobilenet_v2", "adaptive") == (3,) * 13 + (5,) * 4
+    assert eca_flax.create_model("eca_resnet18", k_size="adaptive").k_size == (3, 5, 5, 5)
+    for bad in ("3456", "35", "abc", [3, 5, 7], 0):
+        with pytest.raises(ValueError):
+            r("eca_resnet50", bad)
+    with pytest.raises(ValueError, match="choices"):
+        eca_flax.create_model("resnet50")
+    with pytest.raises(ValueError, match="attention"):
+        eca_flax.create_model("eca_resnet18", attention="sk")
+    with pytest.raises(ValueError, match="attention 'se' .* ResNets, not eca_mobilenet_v2"):
+        eca_flax.create_model("eca_mobilenet_v2", attention="se")
