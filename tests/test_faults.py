@@ -222,6 +222,42 @@ def test_workdir_lock(tiny, tmp_path, capfd):
 
 
 @pytest.mark.slow
+def test_config_file_faults_are_one_line(tmp_path):
+    """train.py with a config file whose get_config() raises, that returns a dict, or that has
+    no get_config, and with --config.seed=-1: one line naming the file (the field), exit 1, no
+    traceback, no workdir."""
+    files = {
+        "raises.py": "def get_config():\n    raise RuntimeError('no such recipe')\n",
+        "a_dict.py": "def get_config():\n    return {'model': 'eca_resnet18'}\n",
+        "no_get_config.py": "import ml_collections\n\nCONFIG = ml_collections.ConfigDict()\n",
+    }
+    lines = {
+        "raises.py": ", line 2: get_config() raised RuntimeError: no such recipe",
+        "a_dict.py": ": get_config() returned a dict, not an ml_collections.ConfigDict (start "
+        "from eca_flax.training.config.default_config())",
+        "no_get_config.py": " has no get_config(); a config file defines get_config() returning "
+        "an ml_collections.ConfigDict (as configs/*.py do)",
+    }
+    popen = dict(cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = {}
+    for name, text in files.items():
+        path = tmp_path / name
+        path.write_text(text)
+        cmd = [sys.executable, "train.py", "--config", str(path), "--workdir", str(tmp_path / "w")]
+        procs[f"error: config file {path}{lines[name]}"] = subprocess.Popen(cmd, **popen)
+    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.py", "--config.seed=-1"]
+    want = "error: seed must be in [0, 9223372036854775807] (2**63 - 1: the seeds numpy and JAX "
+    procs[want + "take), got -1"] = subprocess.Popen(
+        [*cmd, "--workdir", str(tmp_path / "w")], **popen
+    )
+    for want, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, f"{want}\n{out}\n{err}"
+        assert err.splitlines() == [want], err
+    assert sorted(os.listdir(tmp_path)) == sorted(files)
+
+
+@pytest.mark.slow
 def test_disk_full_while_saving_names_the_last_good_checkpoint(trained, tiny, tmp_path):
     """No space for the second checkpoint: one error line naming the workdir and the last good
     checkpoint, exit 1; the good one is intact and nothing half-written is left."""
