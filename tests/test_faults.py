@@ -222,6 +222,39 @@ def test_workdir_lock(tiny, tmp_path, capfd):
 
 
 @pytest.mark.slow
+def test_failed_start_leaves_the_workdir_as_it_was(trained, tiny, tmp_path):
+    """A start that fails (a bad init_from, a bad value, a first batch that cannot be read)
+    leaves the workdir as it was found: a new one is not created, an existing one keeps its
+    files and gets no config.json, tensorboard/ or empty checkpoints/, and a resumed one keeps
+    its config.json and everything else as they were."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny, damaged)
+    for image in (damaged / "train").rglob("*.png"):
+        image.write_text("not an image\n")
+
+    def tree(root: pathlib.Path) -> dict:
+        return {str(p.relative_to(root)): p.is_dir() or p.read_bytes() for p in root.rglob("*")}
+
+    new = tmp_path / "new"
+    found = tmp_path / "found"
+    (found / "notes").mkdir(parents=True)
+    (found / "notes" / "todo.txt").write_text("try another seed\n")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained, resumed)
+    bad_starts = [
+        (errors.ConfigError, tiny, {"init_from": str(tmp_path / "missing")}),  # a bad init_from
+        (errors.ConfigError, tiny, {"momentum": 2.0}),  # a bad value
+        (errors.DataError, damaged, {}),  # the first batch
+    ]
+    for workdir, steps in ((new, 6), (found, 6), (resumed, 12)):
+        for error, dataset, fields in bad_starts:
+            before = tree(workdir) if workdir.exists() else None
+            with pytest.raises(error):
+                train(config(dataset, num_train_steps=steps, **fields), workdir)
+            assert (tree(workdir) if workdir.exists() else None) == before, (workdir, fields)
+
+
+@pytest.mark.slow
 def test_config_file_faults_are_one_line(tmp_path):
     """train.py with a config file whose get_config() raises, that returns a dict, or that has
     no get_config, and with --config.seed=-1: one line naming the file (the field), exit 1, no
