@@ -33,7 +33,7 @@ from flax import nnx
 
 from eca_flax import errors
 from eca_flax.cli import unraisable
-from eca_flax.training import checkpoints, loop
+from eca_flax.training import checkpoints, loop, reporting
 from eca_flax.training import config as cfg
 from eca_flax.training.lock import LOCK_FILE, WorkdirLock
 from eca_flax.training.mesh import make_mesh
@@ -219,6 +219,51 @@ def test_workdir_lock(tiny, tmp_path, capfd):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert f"{lock}: left by pid {owner.pid}" in capfd.readouterr().out
     assert not lock.exists()
+
+
+def test_workdir_locks_left_behind_are_taken_over(tmp_path, capfd):
+    """A lock holding this process's own pid (a restarted container: same hostname, same pid)
+    and one that cannot be read are reported in one line each and taken over; a live other
+    process's lock, and one this process holds, are refused in one line naming the owner."""
+    reporting.setup_logging()
+    lock, host = tmp_path / LOCK_FILE, socket.gethostname()
+    taken_over = {
+        "own pid": (
+            json.dumps({"host": host, "pid": os.getpid(), "since": "x"}),
+            f"{lock}: left by pid {os.getpid()} on {host}, this process's own pid: taking the "
+            "workdir over",
+        ),
+        "garbage": (
+            "\x00garbage{",
+            f"{lock} is unreadable (not the JSON of a lock): taking the workdir over",
+        ),
+        "empty": ("", f"{lock} is unreadable (not the JSON of a lock): taking the workdir over"),
+        "no pid": (
+            json.dumps({"host": host}),
+            f"{lock} is unreadable (no host and pid): taking the workdir over",
+        ),
+    }
+    for case, (text, line) in taken_over.items():
+        lock.write_text(text)
+        capfd.readouterr()
+        with WorkdirLock(str(tmp_path)):
+            assert json.loads(lock.read_text())["pid"] == os.getpid(), case
+            with pytest.raises(  # held by this process: not a lock left behind
+                errors.ConfigError, match=f"workdir {tmp_path} is in use by pid {os.getpid()}"
+            ):
+                WorkdirLock(str(tmp_path)).__enter__()
+        logged = [x for x in capfd.readouterr().out.splitlines() if LOCK_FILE in x]
+        assert len(logged) == 1 and logged[0].endswith(line), (case, logged)
+        assert not lock.exists(), case
+    parent = os.getppid()  # alive, and not this process
+    lock.write_text(json.dumps({"host": host, "pid": parent, "since": "then"}))
+    with pytest.raises(errors.ConfigError) as e:
+        WorkdirLock(str(tmp_path)).__enter__()
+    assert str(e.value) == (
+        f"workdir {tmp_path} is in use by pid {parent} on {host} (since then); wait for that "
+        f"run, or delete {lock} if it is gone"
+    )
+    assert sorted(os.listdir(tmp_path)) == [LOCK_FILE]
 
 
 @pytest.mark.slow
