@@ -1,7 +1,9 @@
 """Faults a training run must survive, or report in one line without losing work: damaged
 checkpoints (set aside, resume from the newest good one), a full disk, a second run on the
-workdir, resuming with another configuration, a damaged validation image at an epoch end,
-Ctrl-C, a coordinator that never answers, and the unraisable echoes of all these.
+workdir and the locks runs leave behind, a start that fails (the workdir left as it was), a
+config file that does not load, resuming with another configuration, a damaged validation image
+at an epoch end, Ctrl-C, a coordinator that never answers, and the unraisable echoes of all
+these.
 
 Real components: the trainer on a 16-image folder dataset cut from scikit-learn's digits,
 train.py as a user runs it, a real full disk (a small tmpfs, tests/faults.py).
