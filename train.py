@@ -32,21 +32,36 @@ try:
     from eca_flax import errors
     from eca_flax.cli import preemption
     from eca_flax.training import loop, mesh, reporting
+    from eca_flax.training.config import load_config_file
 except BaseException as e:  # Ctrl-C while Python loads JAX: one line
     if not shell.by_ctrl_c(e):
         raise
     shell.report(f"interrupted: {BEFORE_START}", e)
     shell.exit_now(130)
 
+
+class ConfigFile(flags.ArgumentParser):
+    """--config FILE read by ``load_config_file``: a fault of the file is one line naming it."""
+
+    def parse(self, argument: str) -> object:
+        config = load_config_file(argument)
+        config.lock()
+        return config
+
+    def flag_type(self) -> str:
+        return "config object"
+
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+FLAGS["config"].parser = ConfigFile()  # the flag's file parser (its overrides stay config_flags')
 flags.DEFINE_string("workdir", None, "Checkpoints and logs (default: workdirs/<config name>).")
 flags.mark_flags_as_required(["config"])
 
 
 def fail(message: object) -> None:
-    """One line on stderr, exit code 1."""
-    shell.report(shell.error_line(message))
+    """One line on stderr (an exception's: ECA_FLAX_TRACEBACK=1 shows its traceback), exit 1."""
+    shell.report(shell.error_line(message), message if isinstance(message, Exception) else None)
     sys.exit(1)
 
 
@@ -67,14 +82,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing; a bad flag, config file or config field is a one-line error."""
     try:
         return FLAGS(argv)
-    except flags.Error as e:
-        fail(e)
+    except flags.Error as e:  # absl's; a ConfigError of ConfigFile (a ValueError) it wraps
+        fail(e.__context__ if isinstance(e.__context__, errors.ConfigError) else e)
     except AttributeError as e:  # --config.FIELD=... for a field the config does not have
         fail(unknown_field(e))
-    except errors.Error as e:  # Raised by a config file's get_config().
-        fail(e)
-    except (OSError, ImportError, SyntaxError) as e:  # A missing or broken config file.
-        fail(e)
     return []
 
 
@@ -83,14 +94,8 @@ def main(argv: list[str]) -> int:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # Orbax and JAX log much at INFO; -v 0 shows it.
         logging.set_verbosity(logging.WARNING)
-    path = config_flags.get_config_filename(FLAGS["config"])
-    if not os.path.isfile(path):
-        fail(f"config file {path} not found")
-    try:
-        config = FLAGS.config
-        config.get("model")
-    except OSError as e:  # ml_collections reports a config file that failed to load here.
-        fail(e)
+    config = FLAGS.config
+    path = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]
     name = os.path.splitext(os.path.basename(path))[0]
     workdir = FLAGS.workdir or os.path.join("workdirs", name)
 

@@ -1,7 +1,9 @@
 """Faults a training run must survive, or report in one line without losing work: damaged
 checkpoints (set aside, resume from the newest good one), a full disk, a second run on the
-workdir, resuming with another configuration, a damaged validation image at an epoch end,
-Ctrl-C, a coordinator that never answers, and the unraisable echoes of all these.
+workdir and the locks runs leave behind, a start that fails (the workdir left as it was), a
+config file that does not load, resuming with another configuration, a damaged validation image
+at an epoch end, Ctrl-C, a coordinator that never answers, and the unraisable echoes of all
+these.
 
 Real components: the trainer on a 16-image folder dataset cut from scikit-learn's digits,
 train.py as a user runs it, a real full disk (a small tmpfs, tests/faults.py).
@@ -33,7 +35,7 @@ from flax import nnx
 
 from eca_flax import errors
 from eca_flax.cli import unraisable
-from eca_flax.training import checkpoints, loop
+from eca_flax.training import checkpoints, loop, reporting
 from eca_flax.training import config as cfg
 from eca_flax.training.lock import LOCK_FILE, WorkdirLock
 from eca_flax.training.mesh import make_mesh
@@ -215,6 +217,120 @@ def test_workdir_lock(tiny, tmp_path, capfd):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert f"{lock}: left by pid {owner.pid}" in capfd.readouterr().out
     assert not lock.exists()
+
+
+def test_workdir_locks_left_behind_are_taken_over(tmp_path, capfd):
+    """A lock holding this process's own pid (a restarted container: same hostname, same pid)
+    and one that cannot be read are reported in one line each and taken over; a live other
+    process's lock, and one this process holds, are refused in one line naming the owner."""
+    reporting.setup_logging()
+    lock, host = tmp_path / LOCK_FILE, socket.gethostname()
+    taken_over = {
+        "own pid": (
+            json.dumps({"host": host, "pid": os.getpid(), "since": "x"}),
+            f"{lock}: left by pid {os.getpid()} on {host}, this process's own pid: taking the "
+            "workdir over",
+        ),
+        "garbage": (
+            "\x00garbage{",
+            f"{lock} is unreadable (not the JSON of a lock): taking the workdir over",
+        ),
+        "empty": ("", f"{lock} is unreadable (not the JSON of a lock): taking the workdir over"),
+        "no pid": (
+            json.dumps({"host": host}),
+            f"{lock} is unreadable (no host and pid): taking the workdir over",
+        ),
+    }
+    for case, (text, line) in taken_over.items():
+        lock.write_text(text)
+        capfd.readouterr()
+        with WorkdirLock(str(tmp_path)):
+            assert json.loads(lock.read_text())["pid"] == os.getpid(), case
+            with pytest.raises(  # held by this process: not a lock left behind
+                errors.ConfigError, match=f"workdir {tmp_path} is in use by pid {os.getpid()}"
+            ):
+                WorkdirLock(str(tmp_path)).__enter__()
+        logged = [x for x in capfd.readouterr().out.splitlines() if LOCK_FILE in x]
+        assert len(logged) == 1 and logged[0].endswith(line), (case, logged)
+        assert not lock.exists(), case
+    parent = os.getppid()  # alive, and not this process
+    lock.write_text(json.dumps({"host": host, "pid": parent, "since": "then"}))
+    with pytest.raises(errors.ConfigError) as e:
+        WorkdirLock(str(tmp_path)).__enter__()
+    assert str(e.value) == (
+        f"workdir {tmp_path} is in use by pid {parent} on {host} (since then); wait for that "
+        f"run, or delete {lock} if it is gone"
+    )
+    assert sorted(os.listdir(tmp_path)) == [LOCK_FILE]
+
+
+@pytest.mark.slow
+def test_failed_start_leaves_the_workdir_as_it_was(trained, tiny, tmp_path):
+    """A start that fails (a bad init_from, a bad value, a first batch that cannot be read)
+    leaves the workdir as it was found: a new one is not created, an existing one keeps its
+    files and gets no config.json, tensorboard/ or empty checkpoints/, and a resumed one keeps
+    its config.json and everything else as they were."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny, damaged)
+    for image in (damaged / "train").rglob("*.png"):
+        image.write_text("not an image\n")
+
+    def tree(root: pathlib.Path) -> dict:
+        return {str(p.relative_to(root)): p.is_dir() or p.read_bytes() for p in root.rglob("*")}
+
+    new = tmp_path / "new"
+    found = tmp_path / "found"
+    (found / "notes").mkdir(parents=True)
+    (found / "notes" / "todo.txt").write_text("try another seed\n")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained, resumed)
+    bad_starts = [
+        (errors.ConfigError, tiny, {"init_from": str(tmp_path / "missing")}),  # a bad init_from
+        (errors.ConfigError, tiny, {"momentum": 2.0}),  # a bad value
+        (errors.DataError, damaged, {}),  # the first batch
+    ]
+    for workdir, steps in ((new, 6), (found, 6), (resumed, 12)):
+        for error, dataset, fields in bad_starts:
+            before = tree(workdir) if workdir.exists() else None
+            with pytest.raises(error):
+                train(config(dataset, num_train_steps=steps, **fields), workdir)
+            assert (tree(workdir) if workdir.exists() else None) == before, (workdir, fields)
+
+
+@pytest.mark.slow
+def test_config_file_faults_are_one_line(tmp_path):
+    """train.py with a config file whose get_config() raises, that returns a dict, or that has
+    no get_config, and with --config.seed=-1: one line naming the file (the field), exit 1, no
+    traceback, no workdir."""
+    files = {
+        "raises.py": "def get_config():\n    raise RuntimeError('no such recipe')\n",
+        "a_dict.py": "def get_config():\n    return {'model': 'eca_resnet18'}\n",
+        "no_get_config.py": "import ml_collections\n\nCONFIG = ml_collections.ConfigDict()\n",
+    }
+    lines = {
+        "raises.py": ", line 2: get_config() raised RuntimeError: no such recipe",
+        "a_dict.py": ": get_config() returned a dict, not an ml_collections.ConfigDict (start "
+        "from eca_flax.training.config.default_config())",
+        "no_get_config.py": " has no get_config(); a config file defines get_config() returning "
+        "an ml_collections.ConfigDict (as configs/*.py do)",
+    }
+    popen = dict(cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = {}
+    for name, text in files.items():
+        path = tmp_path / name
+        path.write_text(text)
+        cmd = [sys.executable, "train.py", "--config", str(path), "--workdir", str(tmp_path / "w")]
+        procs[f"error: config file {path}{lines[name]}"] = subprocess.Popen(cmd, **popen)
+    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.py", "--config.seed=-1"]
+    want = "error: seed must be in [0, 9223372036854775807] (2**63 - 1: the seeds numpy and JAX "
+    procs[want + "take), got -1"] = subprocess.Popen(
+        [*cmd, "--workdir", str(tmp_path / "w")], **popen
+    )
+    for want, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, f"{want}\n{out}\n{err}"
+        assert err.splitlines() == [want], err
+    assert sorted(os.listdir(tmp_path)) == sorted(files)
 
 
 @pytest.mark.slow

@@ -109,6 +109,7 @@ class Checkpoints:
     def __init__(self, workdir: str, keep: int) -> None:
         self.workdir = workdir
         self.root = os.path.join(workdir, CHECKPOINT_DIR)
+        self.created = not os.path.isdir(self.root)  # Orbax creates it: removed by close if empty
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=True,
@@ -224,11 +225,15 @@ class Checkpoints:
         self.manager.reload()
 
     def close(self) -> None:
-        """Waits for a pending save and closes the manager; errors were reported by ``wait``."""
+        """Waits for a pending save and closes the manager; errors were reported by ``wait``. A
+        checkpoints/ this run created and saved nothing into (a failed start) is removed."""
         with contextlib.suppress(Exception):
             self.manager.wait_until_finished()
         with contextlib.suppress(Exception):
             self.manager.close()
+        if self.created and jax.process_index() == 0:
+            with contextlib.suppress(OSError):  # not empty: it holds checkpoints, and stays
+                os.rmdir(self.root)
 
 
 def check_resume(step_dir: str, saved: dict, meta: dict) -> None:

@@ -1,15 +1,21 @@
 """The trainer's configuration: every field with its default, the recipes, the checks, the Plan.
 
 ``default_config()`` is the schema (the files in configs/ start from it; ``--config.FIELD=V``
-overrides any field). ``resolve_config`` checks every field before anything runs and applies
-the recipe; ``make_plan`` derives the sizes that need the dataset and the device count.
+overrides any field; ``load_config_file`` runs a file's ``get_config()``). ``resolve_config``
+checks every field before anything runs and applies the recipe; ``make_plan`` derives the sizes
+that need the dataset and the device count.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
+import importlib.util
+import math
 import os
 import re
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -75,7 +81,27 @@ POSITIVE_FIELDS = (
     "keep_checkpoints",
     "eval_every_epochs",
     "distributed_timeout_s",
+    "lr_decay_epochs",
 )
+# The other numeric fields: (low, high, the bounds included "[]", "[)", "(]" or "()", a note).
+# A value must be a finite number within; a finite learning rate however large is a recipe's
+# choice. Seeds: numpy's SeedSequence (the data order and augmentation) takes integers >= 0,
+# jax.random.key (initialisation, dropout, mixing) a 64-bit signed one.
+RANGES: dict[str, tuple[float, float, str, str]] = {
+    "learning_rate": (0, math.inf, "()", ""),
+    "momentum": (0, 1, "[)", ""),
+    "weight_decay": (0, math.inf, "[)", ""),
+    "label_smoothing": (0, 1, "[)", ""),
+    "lr_decay_factor": (0, 1, "(]", ""),
+    "warmup_epochs": (0, math.inf, "[)", ""),
+    "min_crop_area": (0, 1, "(]", ""),
+    "mixup_alpha": (0, math.inf, "[)", " (0: off)"),
+    "cutmix_alpha": (0, math.inf, "[)", " (0: off)"),
+    "mixup_switch_prob": (0, 1, "[]", ""),
+    "mixup_prob": (0, 1, "[]", ""),
+    "ema_decay": (0, 1, "[)", " (0: no EMA)"),
+    "seed": (0, 2**63 - 1, "[]", " (2**63 - 1: the seeds numpy and JAX take)"),
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -148,6 +174,50 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """The ``get_config()`` of the config file ``path`` ("FILE", or "FILE:ARG" to pass ARG, as
+    ml_collections' config flags do). Every fault of the file is one ConfigError naming it (and
+    the line, when one of its lines raised): missing, failing to load, no ``get_config``,
+    ``get_config()`` raising, or returning something that is not a ConfigDict."""
+    file, *args = path.split(":", 1)
+    if not os.path.isfile(file):
+        raise ConfigError(f"config file {file} not found")
+    name = f"{os.path.splitext(os.path.basename(file))[0]}_config"
+    loader = importlib.machinery.SourceFileLoader(name, file)  # any file name, as ml_collections
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    try:
+        sys.modules[name] = module  # as an import does (dataclasses in config files need it)
+        loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ConfigError(f"config file {_where(file, e)}: {type(e).__name__}: {e}") from e
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(
+            f"config file {file} has no get_config(); a config file defines get_config() "
+            "returning an ml_collections.ConfigDict (as configs/*.py do)"
+        )
+    try:
+        config = get_config(*args)
+    except Exception as e:
+        raise ConfigError(
+            f"config file {_where(file, e)}: get_config() raised {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        got = "None" if config is None else f"a {type(config).__name__}"
+        raise ConfigError(
+            f"config file {file}: get_config() returned {got}, not an ml_collections.ConfigDict "
+            "(start from eca_flax.training.config.default_config())"
+        )
+    return config
+
+
+def _where(file: str, error: BaseException) -> str:
+    """``file``, with the line of it that raised ``error`` (its innermost frame in the file)."""
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == file]
+    return f"{file}, line {lines[-1]}" if lines else file
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Sizes derived from the config and the dataset."""
@@ -179,6 +249,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     for name in POSITIVE_FIELDS:
         if c[name] <= 0:
             raise ConfigError(f"{name} must be positive, got {c[name]}")
+    for name in RANGES:
+        _check_range(name, c[name])
     if c.k_size:
         try:
             registry.resolve_k_size(c.model, c.k_size)
@@ -190,8 +262,6 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         raise ConfigError(
             f"augment={c.augment!r}: choose 'inception_crop' or 'pad_crop:N' (N pixels)"
         )
-    if not 0.0 < c.min_crop_area <= 1.0:
-        raise ConfigError(f"min_crop_area must be in (0, 1], got {c.min_crop_area}")
     if c.eval_only and c.init_from:
         _eval_from_init(c)
     if not c.eval_interpolation:
@@ -205,8 +275,6 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             f"{c.eval_image_size}: the center crop would not fit (-1 gives the original's 256/224 "
             "ratio)"
         )
-    if not 0.0 <= c.ema_decay < 1.0:
-        raise ConfigError(f"ema_decay must be in [0, 1) (0: no EMA), got {c.ema_decay}")
     if c.ema_warmup and not c.ema_decay:
         raise ConfigError("ema_warmup=True needs an ema_decay > 0")
     _resolve_workers(c)
@@ -257,21 +325,32 @@ def _eval_from_init(c: ml_collections.ConfigDict) -> None:
 
 
 def _check_procedure(c: ml_collections.ConfigDict) -> None:
-    """The optimizer, loss, mixing and RandAugment fields."""
+    """The optimizer, loss and RandAugment fields (the numbers: RANGES)."""
     _choice("optimizer", c.optimizer, OPTIMIZERS)
     _choice("loss", c.loss, LOSSES)
-    if c.bce_target_thresh >= 1.0:
+    if not c.bce_target_thresh < 1.0:  # NaN too
         raise ConfigError(f"bce_target_thresh={c.bce_target_thresh} must be < 1 (-1: off)")
-    for name in ("mixup_alpha", "cutmix_alpha"):
-        if c[name] < 0:
-            raise ConfigError(f"{name} must be >= 0 (0: off), got {c[name]}")
-    for name in ("mixup_switch_prob", "mixup_prob"):
-        if not 0.0 <= c[name] <= 1.0:
-            raise ConfigError(f"{name} must be in [0, 1], got {c[name]}")
     try:
         randaugment.parse(c.randaugment)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_range(name: str, value: Any) -> None:
+    """ConfigError unless ``value`` is a finite number within ``RANGES[name]``."""
+    low, high, bounds, note = RANGES[name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and not (isinstance(value, float) and not math.isfinite(value))
+    ok = ok and (low <= value if bounds[0] == "[" else low < value)
+    ok = ok and (value <= high if bounds[1] == "]" else value < high)
+    if ok:
+        return
+    if high == math.inf:
+        finite = " and finite" if isinstance(value, float) else ""
+        rule = f"{'>=' if bounds[0] == '[' else '>'} {low}{finite}"
+    else:
+        rule = f"in {bounds[0]}{low}, {high}{bounds[1]}"
+    raise ConfigError(f"{name} must be {rule}{note}, got {value}")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:

@@ -304,8 +304,10 @@ class _Run:
     metrics: reporting.StepMetrics
     best: str  # workdir/best
     best_top1: float
+    source: str  # where the weights came from (config.json's "init")
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     damaged: int = 0  # damaged training images skipped this epoch
+    started: bool = False  # this run's first step ran (and config.json records it)
 
     @classmethod
     def resume(
@@ -324,7 +326,6 @@ class _Run:
         logger.info(
             f"resuming from {ckpt.root}/{step} (step {step})" if step else f"starting from {source}"
         )
-        reporting.save_config(workdir, c, plan, meta, source)
         logger.info(
             f"training {c.model} on {c.dataset} with {mesh.devices.size} devices "
             f"({jax.process_count()} processes): {plan.total_steps} steps of {plan.batch_size} "
@@ -338,9 +339,15 @@ class _Run:
         )
         metrics = reporting.StepMetrics(plan.batch_size)
         parts = (model, train_step, evaluate, ckpt, meta, board, profiler, bar, metrics)
-        return cls(c, workdir, plan, *parts, best, _best_top1(best)), step, state
+        return cls(c, workdir, plan, *parts, best, _best_top1(best), source), step, state
 
     def after_step(self, step: int, step_metrics: dict) -> None:
+        """After each step; after the first (its data read, compiled and run), the run has
+        started and config.json records it: a start that fails leaves the workdir as it was."""
+        if not self.started:
+            jax.block_until_ready(step_metrics)
+            reporting.save_config(self.workdir, self.config, self.plan, self.meta, self.source)
+            self.started = True
         self.profiler.after_step(step, step_metrics)
         self.metrics.add(step, step_metrics)
         self.bar.update(self.plan.batch_size)

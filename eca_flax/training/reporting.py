@@ -102,31 +102,35 @@ class StepMetrics:
 
 
 class TensorBoard:
-    """Scalars as a TensorBoard event file in workdir/tensorboard (process 0).
+    """Scalars as a TensorBoard event file in workdir/tensorboard (process 0), created with the
+    first scalars: a run that stops before it has any (a failed start) leaves no tensorboard/.
 
     Written with the ``tensorboard`` package's own record framing and protos, which need no
     TensorFlow (its EventFileWriter would import TensorFlow wherever it is installed).
     """
 
     def __init__(self, workdir: str) -> None:
+        self.logdir = os.path.join(workdir, TENSORBOARD_DIR)
         self.file = None
-        if main_process():
-            from tensorboard.compat.proto import event_pb2
-            from tensorboard.summary.writer.record_writer import RecordWriter
 
-            logdir = os.path.join(workdir, TENSORBOARD_DIR)
-            os.makedirs(logdir, exist_ok=True)
-            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-            self.file = RecordWriter(open(os.path.join(logdir, name), "wb"))  # noqa: SIM115
-            self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    def _open(self) -> None:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        os.makedirs(self.logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.file = RecordWriter(open(os.path.join(self.logdir, name), "wb"))  # noqa: SIM115
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def _write(self, event: Any) -> None:
         self.file.write(event.SerializeToString())
         self.file.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.file is None:
+        if not main_process():
             return
+        if self.file is None:
+            self._open()
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
         summary = summary_pb2.Summary(
