@@ -2,6 +2,9 @@
 
     python -m eca_flax.predict --weights DST IMAGE [IMAGE ...]
 
+Every image that reads is classified; each one that does not (missing, unreadable, not an
+image) is one line ``error: FILE: reason`` on stderr, and the exit status is then 1.
+
 DST is a pretrained directory (``convert_torch_weights.py SRC DST`` or a training workdir's
 ``pretrained/``) or .safetensors file (``convert_torch_weights.py SRC DST.safetensors``).
 Images go through the model's own eval preprocessing, as its model.json records it (released
@@ -71,30 +74,38 @@ def top_k(model: nnx.Module, images: np.ndarray, k: int = 5) -> list[list[tuple[
     return out
 
 
+def load_image(
+    name: str, image_size: int, resize_size: int | None, interpolation: str = "bilinear"
+) -> np.ndarray:
+    """One image through the eval preprocessing (uint8); a missing, unreadable or undecodable
+    file is a one-line DataError naming it."""
+    path = Path(name)
+    if path.is_dir():
+        raise DataError(f"{name}: is a directory, not an image file")
+    if not path.is_file():
+        raise DataError(f"{name}: no such file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # no permission, an I/O error
+        raise DataError(f"{name}: cannot be read ({e.strerror or e})") from None
+    try:
+        return eval_transform(data, image_size, resize_size, interpolation)
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not an image (unknown format)") from None
+    except DECODE_ERRORS as e:  # truncated or corrupt image data
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise DataError(f"{name}: not a decodable image ({reason})") from None
+
+
 def load_images(
     paths: Sequence[str],
     image_size: int,
     resize_size: int | None,
     interpolation: str = "bilinear",
 ) -> np.ndarray:
-    """Every image through the eval preprocessing (uint8); a missing or undecodable file is a
-    one-line DataError naming it."""
-    images = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            raise DataError(f"{name}: is a directory, not an image file")
-        if not path.is_file():
-            raise DataError(f"{name}: no such file")
-        try:
-            data = path.read_bytes()
-            images.append(eval_transform(data, image_size, resize_size, interpolation))
-        except UnidentifiedImageError:
-            raise DataError(f"{name}: not an image (unknown format)") from None
-        except DECODE_ERRORS as e:  # truncated or corrupt image data
-            reason = " ".join(str(e).split())[:160] or type(e).__name__
-            raise DataError(f"{name}: not a decodable image ({reason})") from None
-    return np.stack(images)
+    """Every image through the eval preprocessing (uint8), stacked; the first missing or
+    undecodable file is a one-line DataError naming it."""
+    return np.stack([load_image(p, image_size, resize_size, interpolation) for p in paths])
 
 
 def eval_size(meta: dict, image_size: int | None) -> tuple[int, int | None, str]:
@@ -129,21 +140,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return shell.run(lambda: predict(args))
 
 
-def predict(args: argparse.Namespace) -> None:
-    """Prints the classes ``args`` ask for."""
+def predict(args: argparse.Namespace) -> int:
+    """Prints the classes of every image ``args`` name that reads, and one line ``error: FILE:
+    reason`` for each that does not; returns 1 if any did not, else 0."""
     meta = read_model_json(args.weights)  # a wrong --weights fails before decoding images
     if not meta["num_classes"]:
         raise PretrainedError(
             f"{args.weights}: a backbone without a classifier (converted from a detection "
             "checkpoint); it has no classes to predict"
         )
-    images = load_images(args.images, *eval_size(meta, args.image_size))
-    model = load_pretrained(args.weights)
-    num_classes = num_classes_of(model)
-    for name, best in zip(args.images, top_k(model, images, min(args.top, num_classes))):
-        print(f"{name}:")
-        for rank, (index, prob) in enumerate(best, 1):
-            print(f"  {rank}. {100 * prob:6.2f}%  {class_name(index, num_classes)}")
+    size = eval_size(meta, args.image_size)
+    names, images = [], []
+    for name in args.images:
+        try:
+            images.append(load_image(name, *size))
+            names.append(name)
+        except DataError as e:  # reported, and the others still classified
+            shell.report(shell.error_line(e), e)
+    if images:
+        model = load_pretrained(args.weights)
+        num_classes = num_classes_of(model)
+        best_of = top_k(model, np.stack(images), min(args.top, num_classes))
+        for name, best in zip(names, best_of):
+            print(f"{name}:")
+            for rank, (index, prob) in enumerate(best, 1):
+                print(f"  {rank}. {100 * prob:6.2f}%  {class_name(index, num_classes)}")
+    return 1 if len(images) < len(args.images) else 0
 
 
 if __name__ == "__main__":

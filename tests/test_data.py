@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -15,11 +18,12 @@ import tarfile
 import imagenet_fixture
 import numpy as np
 import pytest
-from faults import run_on_small_disk
+from faults import popen_interruptible, run_on_small_disk
 from PIL import Image
 
 from eca_flax import data, errors
-from eca_flax.data import transforms
+from eca_flax.cli import shell
+from eca_flax.data import sources, transforms
 from eca_flax.data.__main__ import main as data_cli
 
 MEAN = np.asarray(data.MEAN_RGB, np.float32)
@@ -498,6 +502,80 @@ def test_folder_errors_name_the_path(tmp_path: pathlib.Path, problem: str) -> No
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
 
 
+def symlink(link: pathlib.Path, target: str | pathlib.Path) -> None:
+    """``ln -s TARGET LINK`` for a directory, replacing a folder already at LINK."""
+    if link.is_dir():
+        shutil.rmtree(link)
+    link.symlink_to(target, target_is_directory=True)
+
+
+# case -> the directory symlinks to make (LINK, TARGET; OUT: a folder of images outside DS), and
+# the one the error names; relative to tmp_path
+LINKS_BACK = {
+    "loop": ([("DS/train/c0/loop", "..")], "DS/train/c0/loop"),  # the issue's ln -s ..
+    "to the root": ([("DS/train/c0/all", "../..")], "DS/train/c0/all"),
+    "second path": ([("DS/train/c1/more", "../c0")], "DS/train/c1/more"),
+    "class folder": ([("DS/val/c2", "../train/c2")], "DS/val/c2"),
+    "split folder": ([("DS/val", "train")], "DS/val"),
+    "holding the tree": ([("DS/train/c0/up", "../../..")], "DS/train/c0/up"),
+    "outside, twice": ([("DS/train/c0/x", "OUT"), ("DS/train/c2/x", "OUT")], "DS/train/c2/x"),
+    "loop outside": ([("OUT/sub", "."), ("DS/train/c0/x", "OUT")], "DS/train/c0/x/sub"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINKS_BACK))
+def test_folder_symlink_back_into_the_tree_is_refused(tmp_path: pathlib.Path, case, capsys):
+    """A directory symlink that leads back into the dataset (a loop, a second path to the same
+    images) is one line naming it, and the run that would count its images does not start."""
+    spec = {"train": {"c0": 2, "c1": 2, "c2": 2}, "val": {"c0": 1, "c1": 1, "c2": 1}}
+    root = write_folder(tmp_path / "DS", spec)
+    outside = write_folder(tmp_path / "outside", {"more": {"a": 2}}) / "more" / "a"
+    links, named = LINKS_BACK[case]
+    for link, target in links:
+        link = tmp_path / link.replace("OUT", os.path.relpath(outside, tmp_path))
+        symlink(link, outside if target == "OUT" else target)
+    dataset = f"folder:{root}"
+    with pytest.raises(errors.DataError) as e:
+        data.dataset_info(dataset, None)
+    message = str(e.value)
+    named = str(tmp_path / named.replace("OUT", os.path.relpath(outside, tmp_path)))
+    assert message.startswith(f"folder dataset: {named} ") and "\n" not in message, message
+    assert message.endswith("remove it") or message.endswith("remove the symlink"), message
+    # As a command line reports it (train.py reads steps_per_epoch first): one line, exit 1.
+    assert shell.run(lambda: data.steps_per_epoch(dataset, None, 2)) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"error: {message}\n")
+
+
+def test_folder_symlinks_out_of_the_tree_are_followed(tmp_path: pathlib.Path) -> None:
+    """Symlinked files (to anywhere), and directory symlinks to folders outside the tree (a
+    class folder, a folder inside one, the dataset root itself), are read as before."""
+    root = write_folder(tmp_path / "DS", {"train": {"c0": 2, "c1": 2}, "val": {"c0": 1, "c1": 1}})
+    outside = write_folder(tmp_path / "outside", {"more": {"c0": 3, "c2": 2, "v2": 1}}) / "more"
+    symlink(root / "train" / "c0" / "extra", outside / "c0")  # 3 more c0 images
+    symlink(root / "train" / "c2", outside / "c2")  # a class folder elsewhere
+    symlink(root / "val" / "c2", outside / "v2")
+    (root / "train" / "c1" / "linked.jpg").symlink_to(outside / "c0" / "img1.jpg")
+    (root / "val" / "c1" / "again.jpg").symlink_to(root / "train" / "c1" / "img0.JPEG")
+    (tmp_path / "alias").symlink_to(root, target_is_directory=True)
+    for path in (root, tmp_path / "alias"):
+        info = data.dataset_info(f"folder:{path}", None)
+        assert info.class_names == ("c0", "c1", "c2")
+        assert (info.num_train, info.num_eval) == (2 + 3 + 2 + 1 + 2, 1 + 2 + 1)
+    train = sources.records(f"folder:{root}", None, "train")
+    by_label = collections.Counter(train.labels)
+    assert by_label == {0: 5, 1: 3, 2: 2}
+    extra = [lab for f, lab in zip(train.files, train.labels) if "/c0/extra/" in f]
+    assert extra == [0, 0, 0]
+    batches = collect(
+        data.eval_iterator(
+            f"folder:{root}", None, global_batch_size=4, image_size=8,
+            process_index=0, process_count=1,
+        )
+    )  # fmt: skip
+    assert sorted(masked_labels(batches)) == [0, 1, 1, 2]  # every linked file decoded
+
+
 # ------------------------------------------------------------------------------------------
 # Quick-start digits.
 
@@ -615,3 +693,71 @@ def test_digits_cli_full_disk_bad_size_and_umask(tmp_path: pathlib.Path) -> None
         os.umask(previous)
     for path in (root, root / "train", next((root / "train" / "0").iterdir())):
         assert path.stat().st_mode & 0o777 == (0o750 if path.is_dir() else 0o640), path
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def digits_progress(path: pathlib.Path | str) -> re.Pattern:
+    """A progress line of write_digits_folder for ``path``; group 1: images written."""
+    return re.compile(
+        rf"digits: (\d+)/1797 images written \((\d+)%\) for {re.escape(str(path))}, "
+        r"(\d+h\d\dm|\d+m\d\ds|\d+s) so far, about (\d+h\d\dm|\d+m\d\ds|\d+s) left"
+    )
+
+
+def test_digits_progress_lines(tmp_path: pathlib.Path, monkeypatch) -> None:
+    """Progress lines at most every PROGRESS_SECONDS (0 here: one per image, the last one
+    excepted), counting up with their percentage and the time left."""
+    monkeypatch.setattr(sources, "PROGRESS_SECONDS", 0.0)
+    handler, level = _Lines(), sources.log.level
+    sources.log.addHandler(handler)
+    sources.log.setLevel(logging.INFO)
+    sources.log.propagate = False  # not 1,796 lines through a training test's log handler
+    try:
+        path = data.write_digits_folder(tmp_path / "d4", 4)
+    finally:
+        sources.log.removeHandler(handler)
+        sources.log.setLevel(level)
+        sources.log.propagate = True
+    line = digits_progress(path)
+    matches = [line.fullmatch(x) for x in handler.lines]
+    assert all(matches), handler.lines[:3]
+    assert [int(m[1]) for m in matches] == list(range(1, 1797))
+    assert all(int(m[2]) == 100 * int(m[1]) // 1797 for m in matches)
+    assert data.dataset_info(f"folder:{path}", None).num_train == 1437
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_digits_cli_progress_then_interrupted(tmp_path: pathlib.Path, signum: int) -> None:
+    """``python -m eca_flax.data digits`` at a large size: progress lines on stderr while it
+    writes; Ctrl-C or SIGTERM then ends it with one line, exit 130, and no temporary folder
+    (nor PATH) left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = popen_interruptible(
+        [sys.executable, "-m", "eca_flax.data", "digits", str(out / "d"), "--image_size", "768"],
+        cwd=pathlib.Path(__file__).parents[1], text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        first = proc.stderr.readline()  # the first after PROGRESS_SECONDS (5 s) of writing
+        writing = sorted(p.name for p in out.iterdir())
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    line = digits_progress(out / "d")
+    assert first.startswith("INFO ") and line.fullmatch(first[5:].rstrip("\n")), first + stderr
+    assert len(writing) == 1 and writing[0].startswith(".d.tmp-")  # it was writing there
+    lines = stderr.splitlines()
+    assert (proc.returncode, stdout, lines[-1]) == (130, "", "interrupted; nothing written")
+    assert all(x.startswith("INFO ") and line.fullmatch(x[5:]) for x in lines[:-1]), stderr
+    assert list(out.iterdir()) == []

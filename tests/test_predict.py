@@ -179,3 +179,29 @@ def test_damaged_weights_are_one_line(converted, tmp_path, how):
     assert len(lines) == 1 and lines[0].startswith(f"error: {weights / 'state'}: "), proc.stderr
     if how == "other arrays":
         assert "do not match the checksum" in lines[0]
+
+
+def test_bad_files_do_not_stop_the_others(converted, tmp_path, capsys):
+    """``--weights W a.jpg bad.jpg b.jpg``: a and b classified as they are alone, one line
+    ``error: FILE: reason`` for each bad file, exit 1."""
+    weights = converted[0]
+    missing, truncated = tmp_path / "missing.jpg", tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(PHOTOS[0]).read_bytes()[:5000])
+    rc, alone, err = run(capsys, "--weights", weights, *PHOTOS)
+    assert (rc, err) == (0, "") and len(alone.splitlines()) == 12
+    rc, out, err = run(capsys, "--weights", weights, PHOTOS[0], missing, truncated, PHOTOS[1])
+    assert rc == 1 and out == alone
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[0] == f"error: {missing}: no such file", err
+    assert lines[1].startswith(f"error: {truncated}: not a decodable image ("), err
+    # Only bad files: one line each, nothing classified.
+    rc, out, err = run(capsys, "--weights", weights, missing, ROOT / "pyproject.toml")
+    assert (rc, out) == (1, "")
+    assert err.splitlines() == [
+        f"error: {missing}: no such file",
+        f"error: {ROOT / 'pyproject.toml'}: not an image (unknown format)",
+    ]
+    # A wrong --weights still fails first, before any image is read: its line only.
+    rc, out, err = run(capsys, "--weights", tmp_path / "nowhere", missing, PHOTOS[0])
+    assert (rc, out) == (1, "") and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {tmp_path / 'nowhere'}") and "missing.jpg" not in err, err

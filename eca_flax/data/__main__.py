@@ -1,9 +1,11 @@
-"""``python -m eca_flax.data prepare --data_dir DIR`` | ``digits PATH [--image_size N]``."""
+"""``python -m eca_flax.data prepare --data_dir DIR`` | ``digits PATH [--image_size N]`` (progress
+lines for large sizes; Ctrl-C or SIGTERM: nothing left behind, exit 130)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -23,12 +25,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         "convert a TFRecord preparation in place (needs TensorFlow)",
     )
     p.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS's default)")
-    g = sub.add_parser("digits", help="write scikit-learn's digits as a folder dataset")
+    g = sub.add_parser(
+        "digits",
+        help="write scikit-learn's digits as a folder dataset (progress lines on stderr for "
+        "large sizes; Ctrl-C or SIGTERM removes what was written)",
+    )
     g.add_argument("path")
     g.add_argument("--image_size", type=int, default=32)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return shell.run(lambda: run(args), where=args.command)
+    if args.command == "prepare":
+        return shell.run(lambda: run(args), where=args.command)
+    handled = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # an ignored one stays so
+    if handled:
+        signal.signal(signal.SIGTERM, _stop)
+    try:
+        return shell.run(
+            lambda: run(args), interrupted="interrupted; nothing written", where=args.command
+        )
+    finally:
+        if handled:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM stops ``digits`` as Ctrl-C does (a KeyboardInterrupt: the temporary folder is
+    removed, exit 130); a second SIGTERM is ignored while that removal runs."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> None:

@@ -6,9 +6,11 @@
   needs TensorFlow: TFDS's own builder), which also converts a TFRecord preparation in place.
 * ``folder:PATH``: the original repository's layout, ``PATH/train/<class>/*.JPEG`` and
   ``PATH/val/<class>/*.JPEG`` (jpg/jpeg/png, any case), classes in sorted folder order as
-  torchvision's ImageFolder; files are read directly, no conversion step.
+  torchvision's ImageFolder; files are read directly, no conversion step. Directory symlinks
+  are followed to folders outside the tree only, each once (a loop or a second path to the
+  same images is refused: it would train them again, under another label).
 * ``digits:SIZE``: scikit-learn's handwritten digits at SIZE px as a folder in the user's cache,
-  written on first use (the quick start's data).
+  written on first use (the quick start's data), with progress lines when that takes long.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pathlib
 import re
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -106,34 +109,62 @@ def _parse_dataset(dataset: str) -> tuple[str, str | None]:
     raise DataError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASET_CHOICES)}")
 
 
-def _list_class_dir(class_dir: str) -> list[str]:
-    """All image files under class_dir (recursively, like ImageFolder), sorted."""
+def _check_dir(path: str, tree: str, seen: set[str]) -> None:
+    """DataError naming ``path`` if the listing reached its folder before, or if it is a symlink
+    back into the dataset ``tree`` (its real path) or to a folder holding it: labels are the
+    class folders directly under train/ and val/, so a second path to the same images (a loop
+    such as ``ln -s .. train/c0/loop``) would train them many times, under another class."""
+    real = os.path.realpath(path)
+    if os.path.islink(path):
+        inside = real == tree or real.startswith(tree.rstrip(os.sep) + os.sep)
+        if inside or tree.startswith(real.rstrip(os.sep) + os.sep):
+            where = "back into" if inside else "to a folder holding"
+            raise DataError(
+                f"folder dataset: {path} is a directory symlink {where} the dataset {tree} "
+                f"(-> {real}): a loop or a second path to the same images; remove it"
+            )
+    if real in seen:
+        raise DataError(
+            f"folder dataset: {path} leads to {real}, which the dataset already reaches by "
+            "another path (a loop or a second path to the same images); remove the symlink"
+        )
+    seen.add(real)
+
+
+def _list_class_dir(class_dir: str, tree: str, seen: set[str]) -> list[str]:
+    """All image files under class_dir (recursively, like ImageFolder), sorted. Directory
+    symlinks are followed once each, to folders outside the tree only (``_check_dir``)."""
+    _check_dir(class_dir, tree, seen)
     files = []
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         dirnames.sort()
+        for name in dirnames:
+            _check_dir(os.path.join(dirpath, name), tree, seen)
         for name in sorted(filenames):
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 files.append(os.path.join(dirpath, name))
     return files
 
 
-def _list_split(root: str, split: str) -> tuple[tuple[str, ...], FolderRecords]:
+def _list_split(root: str, split: str, seen: set[str]) -> tuple[tuple[str, ...], FolderRecords]:
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
         raise DataError(
             f"folder dataset: {split_dir} is not a directory; expected "
             f"{root}/{{train,val}}/<class>/*.JPEG"
         )
+    tree = os.path.realpath(root)
+    _check_dir(split_dir, tree, seen)
     classes = tuple(sorted(e.name for e in os.scandir(split_dir) if e.is_dir()))
     if not classes:
         raise DataError(f"folder dataset: no class folders in {split_dir}")
     files, labels = [], []
     for label, name in enumerate(classes):
-        class_files = _list_class_dir(os.path.join(split_dir, name))
+        class_dir = os.path.join(split_dir, name)
+        class_files = _list_class_dir(class_dir, tree, seen)
         if not class_files:
             raise DataError(
-                f"folder dataset: no {'/'.join(IMAGE_EXTENSIONS)} images in "
-                f"{os.path.join(split_dir, name)}"
+                f"folder dataset: no {'/'.join(IMAGE_EXTENSIONS)} images in {class_dir}"
             )
         files += class_files
         labels += [label] * len(class_files)
@@ -146,8 +177,9 @@ def _folder(path: str) -> tuple[tuple[str, ...], FolderRecords, FolderRecords]:
     root = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(root):
         raise DataError(f"folder dataset: {root} does not exist or is not a directory")
-    classes, train = _list_split(root, "train")
-    val_classes, val = _list_split(root, "val")
+    seen = {os.path.realpath(root)}  # every folder listed, by real path
+    classes, train = _list_split(root, "train", seen)
+    val_classes, val = _list_split(root, "val", seen)
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))[:5]
         only_val = sorted(set(val_classes) - set(classes))[:5]
@@ -320,6 +352,7 @@ def steps_per_epoch(dataset: str, data_dir: str | None, global_batch_size: int) 
 # Quick-start data: scikit-learn's handwritten digits as a folder dataset.
 
 _DIGITS_TOTAL = 1797
+PROGRESS_SECONDS = 5.0  # writing the digits: at most one progress line per this many seconds
 
 
 def digits_cache_dir(image_size: int) -> str:
@@ -341,10 +374,25 @@ def _digits_folder_complete(root: pathlib.Path, image_size: int) -> bool:
         return im.size == (image_size, image_size)
 
 
-def _write_digit_pngs(root: pathlib.Path, digits: Any, splits: dict, image_size: int) -> None:
-    """The digits of each split's indices as root/<split>/<digit>/<index>.png, upscaled."""
+def _duration(seconds: float) -> str:
+    """'1h02m', '3m05s', '12s'."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _write_digit_pngs(
+    root: pathlib.Path, digits: Any, splits: dict, image_size: int, dest: pathlib.Path
+) -> None:
+    """The digits of each split's indices as root/<split>/<digit>/<index>.png, upscaled. Large
+    sizes take hours (digits:20000: 400-megapixel PNGs): a progress line for ``dest`` (logged at
+    INFO) at most every PROGRESS_SECONDS, none for a write that ends sooner."""
     from PIL import Image
 
+    total = sum(len(ids) for ids in splits.values())
+    done, start = 0, time.monotonic()
+    last = start
     for split, ids in splits.items():
         for i in ids:
             label = int(digits.target[i])
@@ -355,6 +403,15 @@ def _write_digit_pngs(root: pathlib.Path, digits: Any, splits: dict, image_size:
             out = root / split / str(label)
             out.mkdir(parents=True, exist_ok=True)
             image.save(out / f"{i:04d}.png")
+            done += 1
+            now = time.monotonic()
+            if now - last >= PROGRESS_SECONDS and done < total:
+                last = now
+                log.info(
+                    "digits: %d/%d images written (%d%%) for %s, %s so far, about %s left",
+                    done, total, 100 * done // total, dest, _duration(now - start),
+                    _duration((now - start) / done * (total - done)),
+                )  # fmt: skip
 
 
 def write_digits_folder(path: str | os.PathLike[str], image_size: int = 32) -> str:
@@ -366,7 +423,7 @@ def write_digits_folder(path: str | os.PathLike[str], image_size: int = 32) -> s
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from eca_flax.files import private_to_umask
+    from eca_flax.files import deferred_interrupt, private_to_umask
 
     if not isinstance(image_size, int) or image_size <= 0:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
@@ -383,14 +440,16 @@ def write_digits_folder(path: str | os.PathLike[str], image_size: int = 32) -> s
     train_idx, val_idx = train_test_split(
         index, test_size=0.2, stratify=digits.target, random_state=0
     )
+    tmp = None
     try:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    except OSError as e:
-        raise DataError(f"{root}: cannot write there ({e.strerror or e})") from None
-    try:
+        try:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        except OSError as e:
+            raise DataError(f"{root}: cannot write there ({e.strerror or e})") from None
         private_to_umask(tmp)  # readable like any other new directory, not mkdtemp's 0700
-        _write_digit_pngs(tmp, digits, {"train": train_idx, "val": val_idx}, image_size)
+        splits = {"train": train_idx, "val": val_idx}
+        _write_digit_pngs(tmp, digits, splits, image_size, root)
         try:
             tmp.rename(root)
         except OSError:  # Another process finished first.
@@ -400,6 +459,8 @@ def write_digits_folder(path: str | os.PathLike[str], image_size: int = 32) -> s
         raise DataError(
             f"{root}: could not write the digits ({e.strerror or e}); nothing written"
         ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    finally:  # also on Ctrl-C (KeyboardInterrupt); a second one waits for the removal
+        if tmp is not None:
+            with deferred_interrupt():
+                shutil.rmtree(tmp, ignore_errors=True)
     return str(root)
