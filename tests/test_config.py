@@ -136,25 +136,25 @@ SCHEDULE_CHANGES = [
 ]
 
 
-def schedule_record(schedule: str, **fields) -> dict:
-    """What a checkpoint of the quick start (``schedule``, with ``fields``) records of its
+def schedule_record(kind: str, **fields) -> dict:
+    """What a checkpoint of the quick start (schedule ``kind``, then ``fields``) records of its
     schedule; ``steps_per_epoch`` stands for a training set of another size."""
     spe = fields.pop("steps_per_epoch", 22)
     config = load_config("quickstart")
-    config.update({"schedule": schedule, **fields})
+    config.update({"schedule": kind, **fields})
     config = cfg.resolve_config(config)
     lr = config.learning_rate * config.batch_size / config.base_batch_size
     plan = cfg.Plan(10, spe, config.num_epochs * spe, 360, 64, 64, lr)  # total_steps: unread
     return steps.schedule_settings(config, plan)
 
 
-@pytest.mark.parametrize("schedule, fields, message", SCHEDULE_CHANGES)
-def test_resume_refuses_another_schedule(schedule: str, fields: dict, message: str) -> None:
+@pytest.mark.parametrize("kind, fields, message", SCHEDULE_CHANGES)
+def test_resume_refuses_another_schedule(kind: str, fields: dict, message: str) -> None:
     """Resuming with anything the learning rate of the coming steps depends on is refused in
     one line naming both values, as another batch size is."""
-    saved = schedule_record(schedule, num_train_steps=22)
+    saved = schedule_record(kind, num_train_steps=22)
     with pytest.raises(errors.ConfigError) as e:
-        checkpoints.check_resume("w/checkpoints/22", saved, schedule_record(schedule, **fields))
+        checkpoints.check_resume("w/checkpoints/22", saved, schedule_record(kind, **fields))
     assert len(str(e.value).splitlines()) == 1
     assert str(e.value).startswith(
         f"w/checkpoints/22 was trained with another configuration: {message}; "
