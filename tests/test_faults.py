@@ -35,7 +35,7 @@ from flax import nnx
 
 from eca_flax import errors
 from eca_flax.cli import unraisable
-from eca_flax.training import checkpoints, loop, reporting
+from eca_flax.training import checkpoints, loop, reporting, steps
 from eca_flax.training import config as cfg
 from eca_flax.training.lock import LOCK_FILE, WorkdirLock
 from eca_flax.training.mesh import make_mesh
@@ -197,6 +197,42 @@ def test_resume_refuses_another_configuration(trained, tiny, fields, message):
 
 
 @pytest.mark.slow
+def test_resume_with_another_cap_continues_on_the_schedule(trained, tiny, tmp_path, capfd):
+    """Issue 20: ``trained`` stopped at num_train_steps=10 of its 16-step schedule (8 epochs
+    of 2 steps). Resumed with 13, steps 11-13 train at the uncapped run's learning rates (the
+    cosine squeezed into each cap made them jump: 0.0013 instead of 0.0031 at step 11).
+    Resuming with another num_epochs is refused in one line naming both values, nothing
+    written."""
+    work = tmp_path / "run"
+    shutil.copytree(trained, work)
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    with pytest.raises(errors.ConfigError) as e:
+        train(config(tiny, num_train_steps=13, num_epochs=10), work)
+    assert len(str(e.value).splitlines()) == 1
+    assert str(e.value).startswith(
+        f"{work}/checkpoints/10 was trained with another configuration: num_epochs 8 "
+        "(checkpoint) vs 10 (config); "
+    )
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+    capfd.readouterr()
+
+    resumed = train(config(tiny, num_train_steps=13), work)
+
+    out = capfd.readouterr().out
+    assert f"resuming from {work}/checkpoints/10 (step 10)" in out
+    assert "num_train_steps stops it at step 13 of the schedule's 16 (8 epochs)" in out
+    assert [h["step"] for h in resumed.history] == [11, 12, 13] and resumed.step == 13
+    uncapped = cfg.resolve_config(config(tiny))
+    plan = cfg.make_plan(uncapped, make_mesh(jax.devices()[:1]))
+    assert (plan.steps_per_epoch, plan.total_steps) == (2, 16)
+    schedule = steps.make_schedule(uncapped, plan)
+    # Step s logs the lr of update s - 1, computed under jit; here eagerly. The same float32
+    # operations (XLA may fuse them differently: a few roundings), far below rtol 1e-6.
+    want = [float(schedule(t)) for t in (10, 11, 12)]
+    np.testing.assert_allclose([h["lr"] for h in resumed.history], want, rtol=1e-6)
+
+
+@pytest.mark.slow
 def test_workdir_lock(tiny, tmp_path, capfd):
     """A workdir in use by a live process is refused in one line naming it; the lock of a
     process that is gone is reported and taken over, and released at the end."""
@@ -289,11 +325,11 @@ def test_failed_start_leaves_the_workdir_as_it_was(trained, tiny, tmp_path):
         (errors.ConfigError, tiny, {"momentum": 2.0}),  # a bad value
         (errors.DataError, damaged, {}),  # the first batch
     ]
-    for workdir, steps in ((new, 6), (found, 6), (resumed, 12)):
+    for workdir, num_steps in ((new, 6), (found, 6), (resumed, 12)):
         for error, dataset, fields in bad_starts:
             before = tree(workdir) if workdir.exists() else None
             with pytest.raises(error):
-                train(config(dataset, num_train_steps=steps, **fields), workdir)
+                train(config(dataset, num_train_steps=num_steps, **fields), workdir)
             assert (tree(workdir) if workdir.exists() else None) == before, (workdir, fields)
 
 

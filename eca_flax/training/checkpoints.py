@@ -4,7 +4,8 @@ with checksums, restores that check them, damaged ones set aside, the resume che
 ``model`` holds the weights in the pretrained directories' layout (one pure dict of parameters
 and BatchNorm statistics), ``ema`` (runs with ``ema_decay`` > 0) their moving average in the same
 layout, ``train`` the rest of the train state, ``meta`` the model description
-(``description.MODEL_KEYS``), the run's data layout and a CRC-32 of each item's arrays. So
+(``description.MODEL_KEYS``), the run's data layout, what its learning-rate schedule is a
+function of (``steps.SCHEDULE_KEYS``) and a CRC-32 of each item's arrays. So
 ``init_from`` reads a converter output, a training workdir or one of its step directories
 (their raw weights, not the EMA) through the same ``pretrained.restore_model``.
 
@@ -31,16 +32,19 @@ from flax import nnx, traverse_util
 
 from eca_flax import files
 from eca_flax.errors import ConfigError, DamagedCheckpoint, TrainingError
+from eca_flax.training.config import Plan
 from eca_flax.training.reporting import logger
-from eca_flax.training.steps import copy_weights
+from eca_flax.training.steps import SCHEDULE_KEYS, copy_weights, schedule_settings
 from eca_flax.weights import description
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints.damaged"
 FORMAT = "eca_flax.training_checkpoint/2"
 STATE_KEYS = ("step", "opt_state", "rng")  # the train item; params and BN stats are the model
-# Changing these changes what a step number means (the data position) or the model itself.
-# optimizer_state: the layout of the optimizer's state (optimizer, weight decay, its mask).
+# Changing these changes what a step number means (the data position), the model itself or
+# the learning rate of the steps to come. optimizer_state: the layout of the optimizer's state
+# (optimizer, weight decay, its mask); SCHEDULE_KEYS: what the schedule is a function of
+# (num_train_steps is not: it only stops a run early on its schedule, and may change).
 RESUME_KEYS = (
     "arch",
     "k_size",
@@ -50,14 +54,20 @@ RESUME_KEYS = (
     "image_size",
     "optimizer",
     "optimizer_state",
+    *SCHEDULE_KEYS,
 )
 
 
 def model_meta(
-    model: nnx.Module, config: ml_collections.ConfigDict, num_classes: int, opt_state: Any = None
+    model: nnx.Module,
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    opt_state: Any = None,
+    plan: Plan | None = None,
 ) -> dict:
-    """What a checkpoint records besides the arrays: the model, the run's data layout and (with
-    ``opt_state``) a fingerprint of its optimizer state's layout."""
+    """What a checkpoint records besides the arrays: the model, the run's data layout, (with
+    ``opt_state``) a fingerprint of its optimizer state's layout and (with ``plan``) what its
+    learning-rate schedule is a function of (``steps.schedule_settings``)."""
     layout = None
     if opt_state is not None:
         shapes = [(tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(opt_state)]
@@ -74,6 +84,7 @@ def model_meta(
         "dataset": config.dataset,
         "image_size": config.image_size,
         "batch_size": config.batch_size,
+        **(schedule_settings(config, plan) if plan is not None else {}),
     }
 
 
@@ -237,14 +248,19 @@ class Checkpoints:
 
 
 def check_resume(step_dir: str, saved: dict, meta: dict) -> None:
-    """A workdir's checkpoints must be of this model and data layout (RESUME_KEYS)."""
-    keys = [k for k in RESUME_KEYS if saved.get(k) is not None]  # older checkpoints lack some
+    """A workdir's checkpoints must be of this model, data layout and learning-rate schedule
+    (RESUME_KEYS): ConfigError naming each value that differs, the checkpoint's and the
+    config's."""
+    # Older checkpoints lack some keys; None: a field this run's schedule kind ignores.
+    keys = [k for k in RESUME_KEYS if saved.get(k) is not None and meta.get(k) is not None]
     if diff := description.differences(saved, meta, keys):
         what = ", ".join(f"{k} {have} (checkpoint) vs {want} (config)" for k, have, want in diff)
         raise ConfigError(
             f"{step_dir} was trained with another configuration: {what}; the step number is the "
-            "data position of that run and its optimizer state fits only its optimizer settings. "
-            "Use another --workdir, or the checkpoint's values"
+            "data position of that run, its learning-rate schedule is fixed by its recipe and "
+            "num_epochs (num_train_steps may change: it only stops the run early) and its "
+            "optimizer state fits only its optimizer settings. Use another --workdir, or the "
+            "checkpoint's values"
         )
 
 

@@ -146,7 +146,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.recipe = "original"
     c.optimizer = "sgd"  # "sgd" (momentum, nesterov below) or "lamb" (steps.lamb).
     c.num_epochs = 100
-    c.num_train_steps = -1  # Optional cap on the number of steps; -1: none.
+    c.num_train_steps = -1  # Stop at this step (a cap: the schedule stays num_epochs'); -1: none.
     c.learning_rate = 0.1  # At base_batch_size images; scaled linearly with batch_size.
     c.base_batch_size = 256
     c.momentum = 0.9
@@ -224,7 +224,7 @@ class Plan:
 
     num_classes: int
     steps_per_epoch: int
-    total_steps: int
+    total_steps: int  # Where the run stops: num_epochs' steps, or num_train_steps if fewer.
     num_eval: int
     batch_size: int
     eval_batch_size: int
@@ -390,8 +390,8 @@ def make_plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Pla
         spe = total = 0
     else:
         spe = data.steps_per_epoch(config.dataset, data_dir, config.batch_size)
-        total = config.num_epochs * spe
-        if config.num_train_steps > 0:
+        total = config.num_epochs * spe  # what the schedule spans (steps.make_schedule)
+        if config.num_train_steps > 0:  # a cap: stops early, on that same schedule
             total = min(total, config.num_train_steps)
     lr = config.learning_rate * config.batch_size / config.base_batch_size
     return Plan(

@@ -321,7 +321,7 @@ class _Run:
         tx = make_optimizer(c, schedule)
         train_step = make_train_step(model, tx, schedule, mesh, c, num_classes=plan.num_classes)
         fresh = init_state(model, tx, c.seed, mesh, ema=c.ema_decay > 0)
-        meta = checkpoints.model_meta(model, c, plan.num_classes, fresh["opt_state"])
+        meta = checkpoints.model_meta(model, c, plan.num_classes, fresh["opt_state"], plan)
         step, state = ckpt.restore_latest(fresh, meta)
         logger.info(
             f"resuming from {ckpt.root}/{step} (step {step})" if step else f"starting from {source}"
@@ -330,6 +330,7 @@ class _Run:
             f"training {c.model} on {c.dataset} with {mesh.devices.size} devices "
             f"({jax.process_count()} processes): {plan.total_steps} steps of {plan.batch_size} "
             f"images ({plan.steps_per_epoch} per epoch), peak lr {plan.learning_rate:g}"
+            + _capped(c, plan)
         )
         best = os.path.join(workdir, "best")
         evaluate = lambda s: evaluate_all(eval_step, s, c, plan, mesh)
@@ -398,6 +399,17 @@ class _Run:
         self.profiler.stop()
         self.ckpt.close()
         self.board.close()
+
+
+def _capped(config: ml_collections.ConfigDict, plan: Plan) -> str:
+    """What the training line adds when num_train_steps stops the run before num_epochs."""
+    length = config.num_epochs * plan.steps_per_epoch
+    if plan.total_steps >= length:
+        return ""
+    return (
+        f"; num_train_steps stops it at step {plan.total_steps} of the schedule's {length} "
+        f"({config.num_epochs} epochs)"
+    )
 
 
 def _log_train(step: int, plan: Plan, scalars: dict, board: reporting.TensorBoard) -> dict:

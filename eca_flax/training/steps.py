@@ -29,12 +29,28 @@ from eca_flax.training.mixing import Mixing, mix_batch
 MIXING_STREAM = 1  # fold_in tag of the mixing key (dropout takes the step key itself)
 
 
+# What the learning rate of every step depends on: schedule_settings' keys, in this order.
+SCHEDULE_KEYS = (
+    "recipe",
+    "schedule",
+    "num_epochs",
+    "steps_per_epoch",
+    "learning_rate",
+    "base_batch_size",
+    "warmup_epochs",
+    "lr_decay_epochs",
+    "lr_decay_factor",
+)
+
+
 def make_schedule(config: ml_collections.ConfigDict, plan: Plan) -> optax.Schedule:
     """Learning rate per step (optimizer update count), from optax.
 
     "step" is the original's lr * factor ** (epoch // decay_epochs): ResNets 0.1 * 0.1 **
-    (epoch // 30), MobileNetV2 0.045 * 0.98 ** epoch. "cosine" decays to 0 over the run after
-    ``warmup_epochs`` of linear warmup.
+    (epoch // 30), MobileNetV2 0.045 * 0.98 ** epoch. "cosine" decays to 0 over the
+    ``num_epochs`` after ``warmup_epochs`` of linear warmup. Never over ``num_train_steps``: a
+    capped run follows the whole run's schedule and stops early on it, so resuming with another
+    cap continues on the same learning rates.
     """
     spe = max(plan.steps_per_epoch, 1)
     if config.schedule == "step":
@@ -44,10 +60,27 @@ def make_schedule(config: ml_collections.ConfigDict, plan: Plan) -> optax.Schedu
             decay_rate=config.lr_decay_factor,
             staircase=True,
         )
-    warmup = min(config.warmup_epochs * spe, max(plan.total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        0.0, plan.learning_rate, warmup, max(plan.total_steps, warmup + 1), 0.0
-    )
+    length = config.num_epochs * spe  # num_epochs >= 1 (resolve_config)
+    warmup = min(config.warmup_epochs * spe, length - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, plan.learning_rate, warmup, length, 0.0)
+
+
+def schedule_settings(config: ml_collections.ConfigDict, plan: Plan) -> dict[str, Any]:
+    """make_schedule's inputs (SCHEDULE_KEYS), None where the schedule kind ignores a field,
+    with the recipe that set them: checkpoints record them and a resume with other values is
+    refused (checkpoints.check_resume). ``num_train_steps`` is not one of them."""
+    step = config.schedule == "step"
+    return {
+        "recipe": config.recipe,
+        "schedule": config.schedule,
+        "num_epochs": config.num_epochs,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "learning_rate": config.learning_rate,
+        "base_batch_size": config.base_batch_size,
+        "warmup_epochs": None if step else config.warmup_epochs,
+        "lr_decay_epochs": config.lr_decay_epochs if step else None,
+        "lr_decay_factor": config.lr_decay_factor if step else None,
+    }
 
 
 def _decayed(params: Any) -> Any:
