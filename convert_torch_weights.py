@@ -5,7 +5,8 @@
     python convert_torch_weights.py --to-torch DST OUT.pth   (or OUT.safetensors)
 
 SRC is a released file (eca_resnet50_k3557.pth.tar, ...) or a checkpoint of the original
-training script, in torch.save's legacy or zip format, with or without 'module.'. The
+training script, in torch.save's legacy or zip format or as a safetensors state_dict (what
+--to-torch OUT.safetensors writes), with or without 'module.'. The
 architecture, ECA kernel sizes and number of classes are read from the tensors; --arch and
 --k-size only confirm them. DST becomes a directory (model.json + Orbax state/) or, for a
 name ending in .safetensors, one safetensors file (model.json in its metadata), for
@@ -36,7 +37,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog="Example: python convert_torch_weights.py eca_resnet50_k3557.pth.tar "
         "weights/eca_resnet50 --verify",
     )
-    parser.add_argument("src", metavar="SRC", help=".pth / .pth.tar file (DST with --to-torch)")
+    parser.add_argument(
+        "src", metavar="SRC", help=".pth / .pth.tar / .safetensors state_dict (DST with --to-torch)"
+    )
     dst = "output directory, or a .safetensors file (OUT.pth / OUT.safetensors with --to-torch)"
     parser.add_argument("dst", metavar="DST", help=dst)
     parser.add_argument(

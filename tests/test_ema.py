@@ -12,12 +12,16 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_faults import config as fault_config
+from test_faults import tiny, train  # noqa: F401 - tiny: the fixture
+from test_faults import weights as fault_weights
 
 import eca_flax
 from eca_flax import errors
-from eca_flax.training import checkpoints, steps
+from eca_flax.training import checkpoints, start, steps
 from eca_flax.training import config as cfg
 from eca_flax.training.mesh import make_mesh
+from eca_flax.weights import description, pretrained
 
 DECAY = 0.9
 NUM_STEPS = 4
@@ -74,6 +78,18 @@ def host(tree) -> dict:
 
 def weights(state: dict) -> dict:
     return host({"params": state["params"], "batch_stats": state["batch_stats"]})
+
+
+def flat_weights(model) -> dict:
+    """A model's weights by path, on the host (as test_faults.weights gives a directory's)."""
+    state = nnx.state(model, pretrained.WEIGHTS)
+    return description.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(state)))
+
+
+def same_flat(a: dict, b: dict) -> bool:
+    """Two {path: array} dicts with the same paths, bit for bit."""
+    assert a.keys() == b.keys()
+    return all(np.array_equal(a[p], b[p]) for p in a)
 
 
 def assert_same(a, b) -> None:
@@ -211,3 +227,51 @@ def test_ema_config_errors(fields, message) -> None:
     config.update(fields)
     with pytest.raises(errors.ConfigError, match=message):
         cfg.resolve_config(config)
+
+
+@pytest.mark.slow
+def test_a_run_with_ema_exports_both_and_says_which_is_better(tiny, tmp_path, capfd) -> None:
+    """With ema_decay, pretrained/ and best/ hold the raw weights (as without an EMA) and
+    pretrained_ema/ and best_ema/ the EMA, each model.json its own top-1 and the other's; the
+    last log line says which evaluates better. (Decay 0.99 without warmup over 10 steps: the EMA
+    is still 0.99^10 = 90% the initialisation, so it differs from the raw weights.)"""
+    workdir = tmp_path / "run"
+    capfd.readouterr()
+    result = train(fault_config(tiny, num_train_steps=10, ema_decay=0.99), workdir)
+    out, err = capfd.readouterr()
+
+    raw_top1, ema_top1 = 100 * result.eval.top1, 100 * result.eval_ema.top1
+    raw = pretrained.read_model_json(workdir / "pretrained")
+    ema = pretrained.read_model_json(workdir / "pretrained_ema")
+    assert (raw["weights"], raw["top1"], raw["top5"]) == ("raw", raw_top1, 100 * result.eval.top5)
+    assert (ema["weights"], ema["top1"], ema["top5"]) == (
+        "ema",
+        ema_top1,
+        100 * result.eval_ema.top5,
+    )
+    assert raw["ema_top1"] == ema_top1 and ema["raw_top1"] == raw_top1
+    for meta in (raw, ema):
+        assert (meta["step"], meta["ema_decay"], meta["ema_warmup"]) == (10, 0.99, False)
+    # The exports are the final checkpoint's raw weights and EMA, bit for bit.
+    step_dir = workdir / checkpoints.CHECKPOINT_DIR / "10"
+    c = cfg.resolve_config(fault_config(tiny, init_from=str(step_dir)))
+    model, _ = start.build_model(c, 2)
+    assert same_flat(fault_weights(workdir / "pretrained"), flat_weights(model))
+    ema_weights = fault_weights(workdir / "pretrained_ema")
+    assert same_flat(ema_weights, flat_weights(start.read_ema(str(step_dir), model)))
+    assert not same_flat(ema_weights, flat_weights(model))
+    best, best_ema = (pretrained.read_model_json(workdir / n) for n in ("best", "best_ema"))
+    assert (best["weights"], best_ema["weights"]) == ("raw", "ema")
+    assert best["top1"] >= raw_top1 and best_ema["top1"] >= ema_top1
+
+    last = out.strip().splitlines()[-1]
+    better = (
+        "the raw weights evaluate better" if raw_top1 > ema_top1
+        else "the EMA evaluates better" if ema_top1 > raw_top1
+        else "both evaluate the same"
+    )  # fmt: skip
+    assert last.endswith(
+        f" final: {better} (top-1 {raw_top1:.2f}% raw, {ema_top1:.2f}% EMA); the raw weights "
+        f"are in {workdir}/pretrained, the EMA in {workdir}/pretrained_ema"
+    ), out
+    assert "Traceback" not in err

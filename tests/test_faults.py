@@ -40,7 +40,7 @@ from eca_flax.training import config as cfg
 from eca_flax.training.lock import LOCK_FILE, WorkdirLock
 from eca_flax.training.mesh import make_mesh
 from eca_flax.training.start import build_model
-from eca_flax.weights import description, pretrained
+from eca_flax.weights import convert, description, pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = dict(  # configs/quickstart.py (digits at 16 px) at batch 8: 2 steps per epoch here
@@ -419,6 +419,103 @@ def test_damaged_validation_image_keeps_the_epoch_checkpoint(tiny, tmp_path):
     assert result.history[0]["step"] == 3
     assert sum(h["damaged"] for h in result.history) == 2
     assert (result.eval.images, result.eval.skipped) == (4, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# Weights files: init_from a .safetensors file, eval_only on a damaged latest checkpoint.
+
+
+def listing(root: pathlib.Path) -> list[tuple[str, int]]:
+    """Every file under ``root`` with its size: what a run must leave as it was."""
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*"))
+
+
+def eval_logits(dataset: pathlib.Path, workdir: pathlib.Path, **fields) -> loop.RunResult:
+    """eval_only's evaluation with every validation image's logits (writes nothing)."""
+    c = config(dataset, **fields)
+    return loop.evaluate_logits(c, str(workdir), mesh=make_mesh(jax.devices()[:1]))
+
+
+@pytest.mark.slow
+def test_init_from_a_safetensors_file(trained, tiny, tmp_path, capfd):
+    """An eca_flax .safetensors file (save_pretrained's, as convert_torch_weights.py writes) is
+    an init_from like a pretrained directory: eval_only gives the directory's logits exactly,
+    and training starts from it. A PyTorch state_dict .safetensors is one line naming it.
+    Without an EMA, pretrained/ holds the raw weights and there is no pretrained_ema/."""
+    raw = pretrained.read_model_json(trained / "pretrained")
+    assert raw["weights"] == "raw" and "ema_top1" not in raw
+    assert not (trained / "pretrained_ema").exists() and not (trained / "best_ema").exists()
+    model = pretrained.load_pretrained(trained / "pretrained")
+    file = tmp_path / "m.safetensors"
+    pretrained.save_pretrained(model, file, arch="eca_resnet18", attention="eca")
+    capfd.readouterr()
+
+    from_file = eval_logits(tiny, tmp_path / "w", eval_only=True, init_from=str(file))
+    out, err = capfd.readouterr()
+    assert f"evaluating eca_resnet18 from {file} (eca_resnet18, k_size (3, 5, 7, 7)) on" in out
+    from_dir = eval_logits(tiny, tmp_path / "w", init_from=str(trained / "pretrained"))
+    # The same weights through the same program on the same images: the same logits.
+    np.testing.assert_array_equal(from_file.eval.logits, from_dir.eval.logits)
+    assert from_file.eval.summary() == from_dir.eval.summary()
+    assert not (tmp_path / "w").exists()
+
+    tuned = train(config(tiny, num_train_steps=2, init_from=str(file)), tmp_path / "ft")
+    out, err = capfd.readouterr()
+    assert tuned.step == 2 and f"starting from {file} (eca_resnet18, k_size (3, 5, 7, 7))" in out
+    assert pretrained.read_model_json(tmp_path / "ft" / "pretrained")["step"] == 2
+
+    torch_file = tmp_path / "torch.safetensors"
+    convert.export_torch(trained / "pretrained", torch_file, log=lambda line: None)
+    with pytest.raises(
+        errors.PretrainedError,
+        match=f"^{torch_file}: not an eca_flax model file \\(a PyTorch state_dict, ",
+    ):
+        train(config(tiny, num_train_steps=2, init_from=str(torch_file)), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_eval_only_falls_back_to_the_newest_good_checkpoint(trained, tiny, tmp_path, capfd):
+    """eval_only on a workdir whose two latest checkpoints are damaged (10: its metadata lost,
+    8: arrays that do not match their checksum) reports each in one line, evaluates the newest
+    good one (6) saying so, and moves or changes nothing; with every checkpoint damaged, one
+    error line."""
+    work = tmp_path / "run"
+    shutil.copytree(trained, work)
+    root = work / checkpoints.CHECKPOINT_DIR
+    (root / "10" / "meta" / "metadata").unlink()
+    shutil.rmtree(root / "8" / "model")
+    shutil.copytree(root / "2" / "model", root / "8" / "model")
+    before = listing(work)
+    capfd.readouterr()
+
+    result = train(config(tiny, eval_only=True), work)
+
+    out, err = capfd.readouterr()
+    damaged = [line for line in out.splitlines() if " is damaged " in line]
+    instead = f": left in place; reading {root}/6 instead, the newest good one"
+    assert len(damaged) == 2, out
+    assert re.search(
+        rf"checkpoint {root}/10 is damaged \(unreadable metadata .*\){instead}$", damaged[0]
+    )
+    assert re.search(
+        rf"checkpoint {root}/8 is damaged \(.*do not match the checksum.*\){instead}$", damaged[1]
+    )
+    assert f"evaluating eca_resnet18 from {root}/6 (eca_resnet18, k_size (3, 5, 7, 7)) on" in out
+    assert "Traceback" not in err
+    assert listing(work) == before  # nothing set aside: eval_only changes no workdir
+    # It evaluated checkpoint 6: its logits, not those of the undamaged run's latest (10).
+    six = eval_logits(tiny, work, init_from=str(root / "6")).eval
+    assert result.eval.summary() == six.summary()
+    np.testing.assert_array_equal(eval_logits(tiny, work).eval.logits, six.logits)
+    assert not np.array_equal(eval_logits(tiny, trained).eval.logits, six.logits)
+
+    for step in (6, 4, 2):
+        (root / str(step) / "meta" / "metadata").unlink()
+    before = listing(work)
+    with pytest.raises(errors.ConfigError, match=f"^{work}: all 5 checkpoints are damaged"):
+        train(config(tiny, eval_only=True), work)
+    assert listing(work) == before
 
 
 # ------------------------------------------------------------------------------------------

@@ -113,6 +113,36 @@ def test_convert_to_safetensors_and_back_to_torch(small, tmp_path, capsys):
     np.testing.assert_array_equal(torch_logits(fresh, x), torch_logits(ref, x))
 
 
+def test_torch_safetensors_state_dict_converts_back(small, tmp_path, capsys):
+    """.pth -> pretrained directory -> --to-torch OUT.safetensors (a PyTorch state_dict) -> that
+    file as SRC again: the same weights, bit for bit, and so the same logits; also under a name
+    that does not say safetensors (the file's header does)."""
+    ref, src, _ = small
+    first, torch_file = tmp_path / "first", tmp_path / "torch.safetensors"
+    assert run(capsys, src, first)[0] == 0
+    assert run(capsys, "--to-torch", first, torch_file)[0] == 0
+    renamed = tmp_path / "torch_weights.pth"
+    renamed.write_bytes(torch_file.read_bytes())
+    x = jnp.asarray(images(2, 48))
+    original = eca_flax.load_pretrained(first)
+    for source, dst in (
+        (torch_file, tmp_path / "again"),
+        (renamed, tmp_path / "again.safetensors"),
+    ):
+        rc, out, err = run(capsys, source, dst)
+        assert rc == 0 and "Traceback" not in err, err
+        assert out.startswith("eca_resnet18, k=1,3,5,9, 10 classes, ") and out.endswith(
+            f"wrote {dst}\n"
+        ), out
+        meta = pretrained.read_model_json(dst)
+        assert meta["source"]["file"] == source.name and meta["k_size"] == [1, 3, 5, 9]
+        again = eca_flax.load_pretrained(dst)
+        assert_same_weights(weights(again), weights(original))
+        # Bit-identical weights through the same jitted program on the same input: equal logits.
+        np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(original(x)))
+    assert verify.compare_logits(torch_logits(ref, np.asarray(x)), np.asarray(again(x))).ok
+
+
 def test_save_pretrained_format(small, tmp_path):
     tuned = eca_flax.load_pretrained(small[2], num_classes=3)  # a fine-tuning start: new head
     assert tuned.fc.kernel.shape == (512, 3)

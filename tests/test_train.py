@@ -383,11 +383,12 @@ def test_sigterm_sigkill_resume_equals_uninterrupted(
         want = final_weights(tmp_path / "reference", ema)
         assert_weights_close(final_weights(workdir, ema), want, rtol=1e-6, atol=1e-7)
 
-    # The EMA is exported, and evaluated by eval_only beside the raw weights.
-    exported = json.loads((workdir / "pretrained" / "model.json").read_text())
+    # The EMA is exported (pretrained_ema/, beside the raw weights' pretrained/), and evaluated
+    # by eval_only beside the raw weights.
+    exported = json.loads((workdir / "pretrained_ema" / "model.json").read_text())
     about = {k: exported[k] for k in ("weights", "ema_decay", "ema_warmup")}
     assert about == {"weights": "ema", "ema_decay": 0.9, "ema_warmup": True}
-    ema_weights = model_weights(pretrained.load_pretrained(workdir / "pretrained"))
+    ema_weights = model_weights(pretrained.load_pretrained(workdir / "pretrained_ema"))
     assert_weights_close(ema_weights, final_weights(workdir, ema=True), rtol=0, atol=0)
     raw, ema = (SUMMARY.search(line).groups() for line in finals)
     assert float(ema[0]) == pytest.approx(exported["top1"] / 100, abs=5e-5)  # 4 decimals

@@ -11,8 +11,10 @@ function of (``steps.SCHEDULE_KEYS``) and a CRC-32 of each item's arrays. So
 
 Checkpoints cannot cost a run: a latest checkpoint that does not restore, or whose arrays do
 not match their checksum (Orbax itself checks no bytes), is reported in one line, moved to
-``checkpoints.damaged/`` (never deleted) and the run resumes from the newest good one. A save
-that fails (a full disk) stops the run with one line naming the last good checkpoint.
+``checkpoints.damaged/`` (never deleted) and the run resumes from the newest good one
+(``restore_newest``; eval_only and ``init_from`` a workdir read the newest good one the same
+way, but leave the damaged ones in place: they do not hold that workdir's lock). A save that
+fails (a full disk) stops the run with one line naming the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import os
 import shutil
 import time
 import zlib
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
@@ -37,6 +39,7 @@ from eca_flax.training.reporting import logger
 from eca_flax.training.steps import SCHEDULE_KEYS, copy_weights, schedule_settings
 from eca_flax.weights import description
 
+T = TypeVar("T")
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "checkpoints.damaged"
 FORMAT = "eca_flax.training_checkpoint/2"
@@ -131,7 +134,7 @@ class Checkpoints:
 
     def good_steps(self) -> list[int]:
         """Steps whose save finished, on disk."""
-        return sorted(ocp.utils.checkpoint_steps(self.root)) if os.path.isdir(self.root) else []
+        return finished_steps(self.root)
 
     def last_good(self) -> str:
         steps = self.good_steps()
@@ -184,19 +187,16 @@ class Checkpoints:
         """(step, state) of the newest checkpoint that restores and matches its checksums, or
         (0, like). Damaged ones are moved aside with a line each; one of another configuration
         (RESUME_KEYS) stops the run instead (ConfigError)."""
-        for step in reversed(self.good_steps()):
-            step_dir = os.path.join(self.root, str(step))
-            try:
-                saved = read_meta(step_dir)
-            except DamagedCheckpoint as e:  # a damaged meta item
-                self._set_aside(step_dir, e.problem)
-                continue
+
+        def restore(step: int, step_dir: str) -> dict:
+            saved = read_meta(step_dir)
             check_resume(step_dir, saved, meta)
             try:
-                return step, self._restore(step, like, saved.get("checksums", {}))
+                return self._restore(step, like, saved.get("checksums", {}))
             except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
-                self._set_aside(step_dir, files.one_line(e))
-        return 0, like
+                raise DamagedCheckpoint(step_dir, files.one_line(e)) from None
+
+        return restore_newest(self.root, restore, self._set_aside) or (0, like)
 
     def _restore(self, step: int, like: dict, sums: dict) -> dict:
         """The state at ``step``. Its EMA is restored when ``like`` has one: a checkpoint of a
@@ -264,18 +264,44 @@ def check_resume(step_dir: str, saved: dict, meta: dict) -> None:
         )
 
 
+def finished_steps(root: str) -> list[int]:
+    """The steps of the checkpoints under ``root`` whose save finished, oldest first."""
+    return sorted(ocp.utils.checkpoint_steps(root)) if os.path.isdir(root) else []
+
+
+def restore_newest(
+    root: str, restore: Callable[[int, str], T], damaged: Callable[[str, str], None]
+) -> tuple[int, T] | None:
+    """(step, ``restore(step, step_dir)``) of the newest finished checkpoint under ``root`` that
+    restores, or None. Newest first: one whose ``restore`` raises DamagedCheckpoint goes to
+    ``damaged(step_dir, problem)`` (resume sets it aside, eval_only leaves it) and the one
+    before is tried; any other error stops the search."""
+    for step in reversed(finished_steps(root)):
+        step_dir = os.path.join(root, str(step))
+        try:
+            return step, restore(step, step_dir)
+        except DamagedCheckpoint as e:
+            damaged(step_dir, e.problem)
+    return None
+
+
+def is_step_dir(path: str) -> bool:
+    """Whether ``path`` is one checkpoint (checkpoints/<step>), not a workdir."""
+    return os.path.isdir(os.path.join(path, "meta")) and os.path.isdir(os.path.join(path, "model"))
+
+
 def find_checkpoint(path: str) -> str:
     """A checkpoint step dir from a workdir (its latest) or a step dir itself."""
-    if os.path.isdir(os.path.join(path, "meta")) and os.path.isdir(os.path.join(path, "model")):
+    if is_step_dir(path):
         return path
     root = os.path.join(path, CHECKPOINT_DIR)
-    steps = ocp.utils.checkpoint_steps(root) if os.path.isdir(root) else []
+    steps = finished_steps(root)
     if not steps:
         raise ConfigError(
             f"init_from {path}: not a converter output (no model.json), a training workdir "
             f"(no {CHECKPOINT_DIR}/ with finished checkpoints) or a checkpoint step dir"
         )
-    return os.path.join(root, str(max(steps)))
+    return os.path.join(root, str(steps[-1]))
 
 
 def read_meta(step_dir: str) -> dict:

@@ -162,7 +162,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
     # Exponential moving average (EMA) of the weights: params and BatchNorm statistics.
     c.ema_decay = 0.0  # 0: off; e.g. 0.9998 (timm's ResNet recipes). Evaluated beside the raw
-    # weights every epoch; the EMA is what pretrained/ and best/ receive.
+    # weights every epoch and exported beside them: pretrained_ema/ and best_ema/.
     c.ema_warmup = False  # Decay min(ema_decay, (1 + t) / (10 + t)) at update t (0-based).
     # Checkpoints, logging, hosts.
     c.checkpoint_every_steps = 1000  # Also at every epoch end and at the end.

@@ -41,10 +41,9 @@ class Evaluation:
     raw: EvalResult
     ema: EvalResult | None = None
 
-    @property
-    def exported(self) -> EvalResult:
-        """The result of the weights a run exports: the EMA's when there is one."""
-        return self.raw if self.ema is None else self.ema
+    def by_weights(self) -> dict[str, EvalResult]:
+        """{"raw": the raw weights' result, "ema": the EMA's (when there is one)}."""
+        return {"raw": self.raw} | ({} if self.ema is None else {"ema": self.ema})
 
     def log(self, prefix: str) -> None:
         logger.info(f"{prefix} {self.raw.summary()}")

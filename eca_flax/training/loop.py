@@ -6,7 +6,8 @@ state, RNG and (``ema_decay`` > 0) the EMA of the weights, and the input pipelin
 deterministic given (seed, step), so the step number is the data position.
 
 With an EMA, each evaluation covers the raw weights and the EMA (both logged, TensorBoard
-eval/top1 and eval/top1_ema); the EMA is what is exported (pretrained/, and best/ by its top-1).
+eval/top1 and eval/top1_ema), and both are exported, each with its own top-1: the raw weights
+to pretrained/ and best/ as without an EMA, the EMA to pretrained_ema/ and best_ema/.
 """
 
 from __future__ import annotations
@@ -91,6 +92,15 @@ class _Never:
         return False
 
 
+PRETRAINED, BEST = "pretrained", "best"  # the workdir's exports of the raw weights
+EMA_SUFFIX = "_ema"  # and of their EMA: pretrained_ema/, best_ema/
+
+
+def export_dir(workdir: str, name: str, weights: str) -> str:
+    """workdir/pretrained (``name``) for the raw weights, workdir/pretrained_ema for the EMA."""
+    return os.path.join(workdir, name + (EMA_SUFFIX if weights == "ema" else ""))
+
+
 def export_pretrained(
     model: nnx.Module,
     state: dict,
@@ -98,10 +108,13 @@ def export_pretrained(
     plan: Plan,
     path: str,
     evals: Evaluation,
+    weights: str = "raw",
 ) -> None:
-    """The weights of ``state`` as a pretrained directory (model.json + state/), for
-    load_pretrained and predict: workdir/pretrained at the end, workdir/best at each new best.
-    With an EMA, the EMA (model.json: "weights": "ema", its decay, and the raw top-1 beside).
+    """The raw weights of ``state`` (``weights="ema"``: its EMA) as a pretrained directory
+    (model.json + state/), for load_pretrained and predict: workdir/pretrained at the end,
+    workdir/best at each new best (pretrained_ema, best_ema). model.json records "weights",
+    their top-1 and top-5 and, with an EMA, the other weights' top-1 ("raw_top1" / "ema_top1")
+    and the EMA's decay.
 
     Single-process runs only: save_pretrained writes from one process, which Orbax does not
     allow in a multi-process job (there, ``init_from`` takes the workdir itself).
@@ -109,17 +122,15 @@ def export_pretrained(
     if jax.process_count() > 1:
         return
     host = lambda tree: jax.tree.map(np.asarray, tree)
-    weights, result = state.get("ema", state), evals.exported
-    nnx.update(model, host(weights["params"]), host(weights["batch_stats"]))
+    result = evals.by_weights()[weights]
+    chosen = state["ema"] if weights == "ema" else state
+    nnx.update(model, host(chosen["params"]), host(chosen["batch_stats"]))
     step = int(host(state["step"]))
-    about = {"weights": "raw"}
+    about: dict[str, Any] = {"weights": weights}
     if evals.ema is not None:
-        about = {
-            "weights": "ema",
-            "ema_decay": config.ema_decay,
-            "ema_warmup": config.ema_warmup,
-            "raw_top1": 100 * evals.raw.top1,
-        }
+        about["ema_decay"], about["ema_warmup"] = config.ema_decay, config.ema_warmup
+        other = "ema" if weights == "raw" else "raw"
+        about[f"{other}_top1"] = 100 * evals.by_weights()[other].top1
     pretrained.save_pretrained(
         model,
         path,
@@ -139,12 +150,29 @@ def export_pretrained(
     )
 
 
-def _best_top1(path: str) -> float:
-    """The top-1 (in %) of the best model exported so far, or -1."""
+def _best_top1(path: str, weights: str) -> float:
+    """The top-1 (in %) of the best model of these ``weights`` exported so far, or -1."""
     try:
-        return float(pretrained.read_model_json(path).get("top1", -1))
+        meta = pretrained.read_model_json(path)
     except errors.PretrainedError:
         return -1.0
+    # best/ of earlier eca_flax held the EMA of a run with one: not the raw weights' best
+    return float(meta.get("top1", -1)) if meta.get("weights", "raw") == weights else -1.0
+
+
+def _exported_line(workdir: str, evals: Evaluation) -> str:
+    """The last line of a run with an EMA: which directory holds which weights, which is better."""
+    raw, ema = 100 * evals.raw.top1, 100 * evals.ema.top1
+    better = "the raw weights evaluate better" if raw > ema else "the EMA evaluates better"
+    if raw == ema:
+        better = "both evaluate the same"
+    where = ""
+    if jax.process_count() == 1:
+        where = (
+            f"; the raw weights are in {export_dir(workdir, PRETRAINED, 'raw')}, "
+            f"the EMA in {export_dir(workdir, PRETRAINED, 'ema')}"
+        )
+    return f"final: {better} (top-1 {raw:.2f}% raw, {ema:.2f}% EMA){where}"
 
 
 def _train_batches(
@@ -179,10 +207,10 @@ def _evaluate_only(config, workdir: str, plan: Plan, mesh, with_logits: bool) ->
             )
         with config.unlocked():  # our own resolved copy
             config.init_from = workdir
-    model, source = start.build_model(config, plan.num_classes)
+    model, ema, source = start.build_models(config, plan.num_classes, ema=True)
     host = {}
     host["params"], host["batch_stats"] = split_weights(model)
-    if ema := start.read_ema(config.init_from, model):  # a training checkpoint's EMA too
+    if ema is not None:  # a training checkpoint's EMA too
         host["ema"] = dict(zip(("params", "batch_stats"), split_weights(ema)))
     logger.info(
         f"evaluating {config.model} from {source}{' and its EMA' if ema else ''} on "
@@ -302,8 +330,7 @@ class _Run:
     profiler: reporting.Profiler
     bar: Any
     metrics: reporting.StepMetrics
-    best: str  # workdir/best
-    best_top1: float
+    best_top1: dict[str, float]  # in %, of best/ ("raw") and best_ema/ ("ema")
     source: str  # where the weights came from (config.json's "init")
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     damaged: int = 0  # damaged training images skipped this epoch
@@ -332,7 +359,6 @@ class _Run:
             f"images ({plan.steps_per_epoch} per epoch), peak lr {plan.learning_rate:g}"
             + _capped(c, plan)
         )
-        best = os.path.join(workdir, "best")
         evaluate = lambda s: evaluate_all(eval_step, s, c, plan, mesh)
         board, profiler = reporting.TensorBoard(workdir), reporting.Profiler(c, workdir)
         bar = reporting.progress(
@@ -340,7 +366,8 @@ class _Run:
         )
         metrics = reporting.StepMetrics(plan.batch_size)
         parts = (model, train_step, evaluate, ckpt, meta, board, profiler, bar, metrics)
-        return cls(c, workdir, plan, *parts, best, _best_top1(best), source), step, state
+        best = {w: _best_top1(export_dir(workdir, BEST, w), w) for w in ("raw", "ema")}
+        return cls(c, workdir, plan, *parts, best, source), step, state
 
     def after_step(self, step: int, step_metrics: dict) -> None:
         """After each step; after the first (its data read, compiled and run), the run has
@@ -374,24 +401,31 @@ class _Run:
         return RunResult(step, None, preempted=True, history=self.history)
 
     def evaluate(self, step: int, state: dict) -> Evaluation:
-        """Evaluates ``state`` (and its EMA), logs it, and exports it to best/ if it is."""
+        """Evaluates ``state`` (and its EMA), logs it, and exports each of them that is better
+        than it was before to best/ (best_ema/)."""
         evals = self.evaluate_all(state)
         evals.log(f"eval step={step}")
         self.board.scalars(step, evals.scalars())
-        if 100 * evals.exported.top1 > self.best_top1:  # the EMA's, when there is one
-            self.best_top1 = 100 * evals.exported.top1
-            self.ckpt.wait()  # a failed save is reported before anything else
-            export_pretrained(self.model, state, self.config, self.plan, self.best, evals)
+        for weights, result in evals.by_weights().items():
+            if 100 * result.top1 > self.best_top1[weights]:
+                self.best_top1[weights] = 100 * result.top1
+                self.ckpt.wait()  # a failed save is reported before anything else
+                path = export_dir(self.workdir, BEST, weights)
+                export_pretrained(self.model, state, self.config, self.plan, path, evals, weights)
         return evals
 
     def finish(self, step: int, state: dict, evals: Evaluation | None) -> RunResult:
-        """The end of the run: the last save finished, the final weights in pretrained/."""
+        """The end of the run: the last save finished, the final weights in pretrained/ (and
+        the EMA in pretrained_ema/, then a line saying which evaluates better)."""
         self.ckpt.wait()
         if evals is None:  # Resumed a finished run: evaluate the final state again.
             evals = self.evaluate_all(state)
-        path = os.path.join(self.workdir, "pretrained")
-        export_pretrained(self.model, state, self.config, self.plan, path, evals)
+        for weights in evals.by_weights():
+            path = export_dir(self.workdir, PRETRAINED, weights)
+            export_pretrained(self.model, state, self.config, self.plan, path, evals, weights)
         evals.log(f"final step={step}")
+        if evals.ema is not None:
+            logger.info(_exported_line(self.workdir, evals))
         return RunResult(step, evals.raw, history=self.history, eval_ema=evals.ema)
 
     def close(self) -> None:
