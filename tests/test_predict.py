@@ -153,7 +153,7 @@ def damage(weights: Path, where: Path, how: str) -> Path:
         os.truncate(data_file, data_file.stat().st_size // 2)
     else:
         other = eca_flax.load_pretrained(weights)
-        other.fc.bias.value = other.fc.bias.value + 1.0
+        other.fc.bias[...] = other.fc.bias[...] + 1.0
         pretrained.save_pretrained(
             other, where.parent / "other", arch="eca_resnet18", attention="eca"
         )
