@@ -251,6 +251,7 @@ def test_released_detector_backbone(name, k_size, kind, tmp_path, capsys):
             assert torch.equal(stripped[key], value), key
 
 
+@pytest.mark.slow
 def test_faster_rcnn_k5_and_plain_resnet_backbones(tmp_path, capsys):
     """faster_rcnn_ecanet50_k5 (mmdetection 1.x keys, bbox_head at the top, zip format) and a
     plain ResNet backbone (mmdetection's own r18 detectors): attention=None, features exact."""

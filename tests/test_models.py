@@ -229,6 +229,7 @@ def test_initialisation_follows_the_original():
     assert abs(dw.std() - math.sqrt(2 / (9 * 192))) < 0.1 * math.sqrt(2 / (9 * 192))
 
 
+@pytest.mark.slow
 def test_linen_wrapper_matches_nnx_and_reference():
     ref, model = ported("eca_resnet18", seed=10, num_classes=10)
     net = ECANet("eca_resnet18", num_classes=10)
