@@ -33,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("path")
     g.add_argument("--image_size", type=int, default=32)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("eca_flax").setLevel(logging.INFO)  # its progress; others' INFO stays out
     if args.command == "prepare":
         return shell.run(lambda: run(args), where=args.command)
     handled = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # an ignored one stays so
