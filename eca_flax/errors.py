@@ -42,6 +42,30 @@ class TrainingError(Error, RuntimeError):
     """Training had to stop (e.g. a non-finite loss); the message says why and what is kept."""
 
 
+class OutOfMemory(Error, MemoryError):
+    """A train or eval step that asks for more memory than a device has (XLA's
+    RESOURCE_EXHAUSTED, compiling or running it): ``step`` ("train" or "eval"), ``batch_size``
+    (global, split over ``devices``), ``image_size``, ``asked`` (the bytes XLA asked for, on one
+    device; None when it does not say). The message names the config fields to lower."""
+
+    FIELDS = {"train": ("batch_size", "image_size"), "eval": ("eval_batch_size", "eval_image_size")}
+
+    def __init__(
+        self, step: str, *, batch_size: int, image_size: int, asked: int | None, devices: int = 1
+    ) -> None:
+        self.step, self.batch_size, self.image_size = step, batch_size, image_size
+        self.asked, self.devices = asked, devices
+        split = f" ({batch_size // devices} per device, {devices} devices)" if devices > 1 else ""
+        ask = "more memory than the device has"
+        if asked is not None:
+            ask = f"{asked / 2**30:.1f} GiB ({asked} bytes){' per device' if split else ''}"
+        lower = " or ".join(f"--config.{field}" for field in self.FIELDS[step])
+        super().__init__(
+            f"out of memory in the {step} step: batch {batch_size}{split} of "
+            f"{image_size}x{image_size} images asks for {ask}; lower {lower}"
+        )
+
+
 class DataError(Error):
     """The requested data is missing or malformed; the message says how to fix it."""
 

@@ -28,6 +28,7 @@ import types
 
 import imagenet_fixture
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from faults import popen_interruptible, run_on_small_disk
@@ -35,7 +36,7 @@ from flax import nnx
 
 from eca_flax import errors
 from eca_flax.cli import unraisable
-from eca_flax.training import checkpoints, loop, reporting, steps
+from eca_flax.training import checkpoints, evaluation, loop, reporting, steps
 from eca_flax.training import config as cfg
 from eca_flax.training.lock import LOCK_FILE, WorkdirLock
 from eca_flax.training.mesh import make_mesh
@@ -331,6 +332,140 @@ def test_failed_start_leaves_the_workdir_as_it_was(trained, tiny, tmp_path):
             with pytest.raises(error):
                 train(config(dataset, num_train_steps=num_steps, **fields), workdir)
             assert (tree(workdir) if workdir.exists() else None) == before, (workdir, fields)
+
+
+def memory_and_swap() -> int | None:
+    """This machine's memory and swap in bytes, None where Linux would grant any malloc
+    (overcommit_memory 1) or cannot say: what a malloc over it is refused at once against."""
+    try:
+        mode = int(pathlib.Path("/proc/sys/vm/overcommit_memory").read_text())
+        lines = pathlib.Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines)}
+    return None if mode == 1 else 1024 * (kib["MemTotal"] + kib["SwapTotal"])
+
+
+def write_checkpoint(c, workdir: pathlib.Path) -> None:
+    """config.json and a step-0 checkpoint of ``c``'s run, as the trainer writes them: a run of
+    this configuration started where it fits, to be resumed here."""
+    c = cfg.resolve_config(c)
+    mesh = make_mesh(jax.devices()[:1])
+    plan = cfg.make_plan(c, mesh)
+    model, source = build_model(c, plan.num_classes)
+    tx = steps.make_optimizer(c, steps.make_schedule(c, plan))
+    state = steps.init_state(model, tx, c.seed, mesh)
+    meta = checkpoints.model_meta(model, c, plan.num_classes, state["opt_state"], plan)
+    ckpt = checkpoints.Checkpoints(str(workdir), c.keep_checkpoints)
+    ckpt.save(state, meta)
+    ckpt.close()
+    reporting.save_config(str(workdir), c, plan, meta, source)
+
+
+# The case of issue 20: eca_resnet50 at 2048 px, batch 16, on CPU, a train step that asks for
+# 92.0 GiB (98815797520 bytes with train.py's XLA flags, jax 0.10.2). An out-of-memory test must
+# never really allocate: it runs only where memory and swap are under half of that, so that the
+# kernel refuses such a malloc at once.
+OUT_OF_MEMORY = dict(
+    model="eca_resnet50",
+    image_size=2048,
+    eval_resize_size=-1,  # configs/eca_resnet50.py's: Resize(2341), CenterCrop(2048)
+    augment="inception_crop",
+    batch_size=16,
+    base_batch_size=16,
+)
+REFUSES = memory_and_swap() is not None and memory_and_swap() < 46 * 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFUSES, reason="this machine may grant a malloc of 46 GiB")
+def test_out_of_memory_is_one_line_and_leaves_the_workdir_as_it_was(tiny, tmp_path):
+    """train.py with a train step that asks for more memory than the machine has (refused at
+    once, nothing allocated): one line naming the batch, the image size and the bytes asked, and
+    what to lower, exit 1; a new workdir is not left behind, an existing one (resumed: its
+    config.json and checkpoint) is left exactly as it was."""
+
+    def tree(root: pathlib.Path) -> dict:
+        return {str(p.relative_to(root)): p.is_dir() or p.read_bytes() for p in root.rglob("*")}
+
+    resumed = tmp_path / "resumed"
+    write_checkpoint(config(tiny, **OUT_OF_MEMORY), resumed)
+    before = tree(resumed)
+    assert "checkpoints/0/commit_success.txt" in before and "config.json" in before
+    line = re.compile(
+        r"error: out of memory in the train step: batch 16 of 2048x2048 images asks for "
+        r"(\d+\.\d) GiB \((\d+) bytes\); lower --config.batch_size or --config.image_size; "
+        r"stopped, the last good checkpoint is (.*)"
+    )
+    for workdir, last_good in (
+        (tmp_path / "new", "none (no checkpoint was saved)"),
+        (resumed, f"{resumed}/checkpoints/0"),
+    ):
+        proc = subprocess.run(
+            cli(workdir, tiny, **OUT_OF_MEMORY),
+            cwd=REPO,
+            env=ENV,
+            text=True,
+            capture_output=True,
+            timeout=600,
+        )
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and "RESOURCE_EXHAUSTED" not in proc.stderr
+        found = line.fullmatch(proc.stderr.splitlines()[-1])
+        assert found, proc.stderr
+        gib, asked = found.group(1), int(found.group(2))
+        assert asked > memory_and_swap() and gib == f"{asked / 2**30:.1f}", found.group(0)
+        assert found.group(3) == last_good
+    assert not (tmp_path / "new").exists()
+    assert tree(resumed) == before
+
+
+@jax.jit
+def greedy_eval_step(params, batch_stats, batch: dict) -> dict:
+    """An eval step that asks XLA for 373 GiB (a 10^5-fold copy of a 1000x1000 matrix): the
+    eval step of a too large eval_batch_size or eval_image_size, which here would need a batch
+    of gigabytes to do the same (the eval step asks ~30 bytes per byte of its batch)."""
+    huge = jnp.sin(jnp.broadcast_to(params["w"], (100_000, *params["w"].shape)))
+    ones = jnp.ones(batch["label"].shape, jnp.float32)
+    total = jnp.sum(huge @ jnp.ones(params["w"].shape[-1])) * ones
+    return {"top1": total, "top5": total, "count": total, "damaged": jnp.int32(0)}
+
+
+@pytest.mark.skipif(
+    (memory_and_swap() or 2**62) > 186 * 2**30, reason="this machine may grant 186 GiB"
+)
+def test_out_of_memory_in_the_eval_step_is_one_error(tiny):
+    """An evaluation whose eval step runs out of memory (refused at once, nothing allocated)
+    stops with OutOfMemory: the eval batch, eval image size, the bytes asked, what to lower."""
+    c = cfg.resolve_config(config(tiny, eval_batch_size=4))
+    mesh = make_mesh(jax.devices()[:1])
+    plan = cfg.make_plan(c, mesh)
+    state = {"params": {"w": jnp.ones((1000, 1000))}, "batch_stats": {}}
+    with pytest.raises(errors.OutOfMemory) as e:
+        evaluation.evaluate(greedy_eval_step, state, c, plan, mesh)
+    asked = e.value.asked  # the copies' 4e11 bytes and what XLA adds (4.004e11 in jax 0.10.2)
+    assert str(e.value) == (
+        f"out of memory in the eval step: batch 4 of 16x16 images asks for {asked / 2**30:.1f} "
+        f"GiB ({asked} bytes); lower --config.eval_batch_size or --config.eval_image_size"
+    )
+    assert (e.value.step, e.value.batch_size, e.value.image_size) == ("eval", 4, 16)
+    assert asked >= 4 * 10**11
+
+
+def test_out_of_memory_over_devices_says_per_device():
+    """Over 8 devices the batch is split and XLA's ask is one device's; an ask XLA does not
+    size is said so."""
+    e = errors.OutOfMemory("train", batch_size=256, image_size=224, asked=3 * 2**30, devices=8)
+    assert str(e) == (
+        "out of memory in the train step: batch 256 (32 per device, 8 devices) of 224x224 images "
+        f"asks for 3.0 GiB ({3 * 2**30} bytes) per device; lower --config.batch_size or "
+        "--config.image_size"
+    )
+    e = errors.OutOfMemory("eval", batch_size=64, image_size=320, asked=None)
+    assert str(e) == (
+        "out of memory in the eval step: batch 64 of 320x320 images asks for more memory than "
+        "the device has; lower --config.eval_batch_size or --config.eval_image_size"
+    )
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from eca_flax.training import reporting
 from eca_flax.training.config import Plan
 from eca_flax.training.mesh import prefetch_to_mesh
 from eca_flax.training.reporting import logger
+from eca_flax.training.steps import out_of_memory
 
 
 @dataclasses.dataclass
@@ -80,7 +81,8 @@ def evaluate(
         threads=config.data_threads or None,
     )
     totals, kept = None, []
-    with reporting.progress(plan.num_eval, "eval") as bar:
+    memory = out_of_memory("eval", plan.eval_batch_size, config.eval_image_size, mesh.devices.size)
+    with memory, reporting.progress(plan.num_eval, "eval") as bar:
         for batch in prefetch_to_mesh(batches, mesh, plan.eval_batch_size):
             out = eval_step(state["params"], state["batch_stats"], batch)
             if with_logits:
@@ -89,9 +91,9 @@ def evaluate(
             sums = {k: out[k] for k in ("top1", "top5", "count", "damaged")}
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             bar.update(min(plan.eval_batch_size, plan.num_eval - bar.n))
-    if totals is None:
-        raise errors.DataError(f"{config.dataset}: the validation split yielded no batches")
-    totals = jax.device_get(totals)
+        if totals is None:
+            raise errors.DataError(f"{config.dataset}: the validation split yielded no batches")
+        totals = jax.device_get(totals)  # where a failed step is reported
     images = int(round(float(totals["count"])))
     if not images:
         raise errors.DataError(f"{config.dataset}: no readable validation image")

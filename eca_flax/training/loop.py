@@ -40,6 +40,7 @@ from eca_flax.training.steps import (
     make_optimizer,
     make_schedule,
     make_train_step,
+    out_of_memory,
     split_weights,
 )
 from eca_flax.weights import description, pretrained
@@ -276,7 +277,8 @@ def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunRes
     try:
         run, step, state = _Run.resume(config, workdir, plan, mesh, ckpt, model, source)
         batches = _train_batches(config, plan, step, mesh)
-        with stop as preemption:
+        memory = out_of_memory("train", plan.batch_size, config.image_size, mesh.devices.size)
+        with stop as preemption, memory:  # OutOfMemory at step 1: the workdir still as found
             while step < plan.total_steps:
                 run.profiler.before_step(step + 1)
                 state, step_metrics = run.train_step(state, next(batches))

@@ -11,7 +11,9 @@ pipeline (and no TensorFlow): the benchmark uses it as is.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from eca_flax import errors
 from eca_flax.data.transforms import normalize
 from eca_flax.training.config import Plan
 from eca_flax.training.mesh import batch_sharded, put_replicated, replicated
@@ -295,6 +298,29 @@ def make_eval_step(model: nnx.Module, mesh: jax.sharding.Mesh) -> Callable[[Any,
 
     repl = replicated(mesh)
     return jax.jit(eval_fn, in_shardings=(repl, repl, batch_sharded(mesh)), out_shardings=repl)
+
+
+def asked_bytes(error: jax.errors.JaxRuntimeError) -> int | None:
+    """The bytes an XLA out-of-memory error asked for ("... allocating 98815805776 bytes"),
+    None when its message does not say: the only place the number is."""
+    found = re.search(r"(\d+) bytes", error.error_message)
+    return int(found.group(1)) if found else None
+
+
+@contextlib.contextmanager
+def out_of_memory(step: str, batch_size: int, image_size: int, devices: int) -> Iterator[None]:
+    """Around compiling, running and reading a ``step`` ("train" or "eval") of ``batch_size``
+    (global) ``image_size`` images on ``devices`` devices: XLA's RESOURCE_EXHAUSTED (raised when
+    a result is awaited) becomes ``errors.OutOfMemory``, a one-line error saying what to lower."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if e.error_code_string != "RESOURCE_EXHAUSTED":
+            raise
+        asked = asked_bytes(e)
+        raise errors.OutOfMemory(
+            step, batch_size=batch_size, image_size=image_size, asked=asked, devices=devices
+        ) from e
 
 
 def init_state(
