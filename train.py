@@ -102,7 +102,9 @@ def main(argv: list[str]) -> int:
     def train() -> None:
         reporting.setup_logging(all_processes=True)
         mesh.initialize_distributed(config)
-        loop.train_and_evaluate(config, workdir, stop=preemption.Preemption())
+        stop = preemption.Preemption()
+        with stop.outside_the_loop():  # SIGTERM writing digits:N: as Ctrl-C, nothing left
+            loop.train_and_evaluate(config, workdir, stop=stop)
 
     code = shell.run(train, interrupted=f"interrupted: {BEFORE_START}", where=workdir)
     if code == 130:  # now: finalizing with JAX's threads cut mid-way can crash the interpreter

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from faults import popen_interruptible, run_on_small_disk
 from PIL import Image
+from test_train import cli_env, train_cli
 
 from eca_flax import data, errors
 from eca_flax.cli import shell
@@ -761,3 +762,28 @@ def test_digits_cli_progress_then_interrupted(tmp_path: pathlib.Path, signum: in
     assert (proc.returncode, stdout, lines[-1]) == (130, "", "interrupted; nothing written")
     assert all(x.startswith("INFO ") and line.fullmatch(x[5:]) for x in lines[:-1]), stderr
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigterm_while_train_py_writes_the_digits(tmp_path: pathlib.Path) -> None:
+    """SIGTERM to train.py while it writes ``digits:N`` (before its loop, whose handler asks for
+    a save) stops it as Ctrl-C there does: the temporary folder removed, one line, exit 130."""
+    env = cli_env(tmp_path, devices=1)  # a fresh cache: tmp_path/xdg
+    workdir = tmp_path / "run"
+    proc = train_cli(workdir, env, dataset="digits:768")
+    try:
+        dest = tmp_path / "xdg" / "eca_flax" / "digits768"
+        line = digits_progress(dest)
+        for first in proc.stdout:  # the first after PROGRESS_SECONDS (5 s) of writing
+            if line.search(first):
+                break
+        writing = sorted(p.name for p in dest.parent.iterdir())
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert line.search(first), first + stdout + stderr
+    assert len(writing) == 1 and writing[0].startswith(".digits768.tmp-")  # it was writing
+    expected = "interrupted: before the first training step, no checkpoint written"
+    assert (proc.returncode, stderr.splitlines()) == (130, [expected]), stdout + stderr
+    assert list(dest.parent.iterdir()) == [] and not workdir.exists()

@@ -3,6 +3,7 @@ to finish its step, save and stop (``training.loop.StopRequests``)."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+from eca_flax.cli import shell
 from eca_flax.training.reporting import logger
 
 
@@ -26,6 +28,13 @@ class Preemption:
         self.signal: str | None = None
         self._announced = False
         self._previous: dict[int, Any] = {}
+
+    def outside_the_loop(self) -> contextlib.AbstractContextManager:
+        """Around the whole run: SIGTERM before the loop (writing ``digits:N``, building,
+        compiling) and after it stops the run as Ctrl-C there does (``shell.sigterm_as_ctrl_c``:
+        what was half-written is removed, exit 130), not by the signal's default, which leaves
+        it behind. With several processes SIGTERM stays jax.distributed's."""
+        return contextlib.nullcontext() if self.multihost else shell.sigterm_as_ctrl_c()
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():

@@ -9,11 +9,13 @@ one line (the ``Interrupted`` message of a training run, else the command's own)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from eca_flax import errors
 from eca_flax.cli import unraisable
@@ -21,12 +23,37 @@ from eca_flax.cli import unraisable
 TRACEBACK_ENV = "ECA_FLAX_TRACEBACK"
 
 
-_sigint: list[int] = []  # the SIGINTs that came (Python's Ctrl-C handler, counting)
+_sigint: list[int] = []  # the SIGINTs that came (Python's Ctrl-C handler, counting), and the
+# SIGTERMs taken as Ctrl-C (sigterm_as_ctrl_c)
 
 
 def _on_sigint(signum: int, frame: object) -> None:
     _sigint.append(signum)
     raise KeyboardInterrupt
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: the first's clean-up runs
+    _sigint.append(signum)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM inside the block stops the command as Ctrl-C does: a KeyboardInterrupt, so what
+    was half-written is removed (exit 130, one line); a second SIGTERM is ignored while that
+    removal runs. A SIGTERM that is ignored or handled already stays so; main thread only."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def install() -> None:

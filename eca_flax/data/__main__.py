@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -37,23 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("eca_flax").setLevel(logging.INFO)  # its progress; others' INFO stays out
     if args.command == "prepare":
         return shell.run(lambda: run(args), where=args.command)
-    handled = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # an ignored one stays so
-    if handled:
-        signal.signal(signal.SIGTERM, _stop)
-    try:
+    with shell.sigterm_as_ctrl_c():  # the temporary folder is removed, exit 130
         return shell.run(
             lambda: run(args), interrupted="interrupted; nothing written", where=args.command
         )
-    finally:
-        if handled:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _stop(signum: int, frame: object) -> None:
-    """SIGTERM stops ``digits`` as Ctrl-C does (a KeyboardInterrupt: the temporary folder is
-    removed, exit 130); a second SIGTERM is ignored while that removal runs."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> None:

@@ -103,8 +103,35 @@ def _batches(
 
         if not flags.FLAGS.is_parsed():  # grain 0.2 reads its own absl flags in the workers
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        options = grain.MultiprocessingOptions(num_workers=workers)
+        it = it.mp_prefetch(options, worker_init_fn=_end_with_the_trainer)
     return iter(it)
+
+
+def _end_with_the_trainer(index: int, count: int) -> None:
+    """grain's worker init, in each worker process: the worker ends when the trainer that
+    started it does, however (SIGKILL; ``os._exit``, which skips multiprocessing's stopping of
+    its daemon workers). grain's workers do not watch for that: they wait forever to hand their
+    next batch over, holding their memory.
+
+    A thread waits on multiprocessing's parent sentinel, a pipe whose other end only the trainer
+    holds, so it is readable once the trainer is gone (at once if it already is), and ends the
+    worker. Not PR_SET_PDEATHSIG: it follows the *thread* that started the worker, and grain
+    starts workers from its prefetch threads, which end (close, set_state) while the trainer
+    runs on.
+    """
+    import multiprocessing
+    import threading
+
+    trainer = multiprocessing.parent_process()
+    if trainer is None:  # not a spawned worker
+        return
+
+    def wait_then_exit() -> None:
+        trainer.join()
+        os._exit(1)  # nothing to hand over to; the resource tracker removes what is left
+
+    threading.Thread(target=wait_then_exit, name="end-with-the-trainer", daemon=True).start()
 
 
 def _read(records: sources.FolderRecords | sources.TfdsRecords, index: int, transform: Callable):
