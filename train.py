@@ -18,9 +18,11 @@ import os
 import re
 import sys
 
-from eca_flax.cli import shell  # no JAX yet: its hooks are in place before JAX starts
+from eca_flax.cli import shell, supervise  # no JAX yet: hooks in place before JAX starts
 
 BEFORE_START = "before the first training step, no checkpoint written"
+if supervise.is_child():  # a process of a multi-process run: JAX's C++ output to its log
+    supervise.to_log()
 shell.install()
 try:
     from eca_flax.cli import xla_flags
@@ -31,7 +33,7 @@ try:
 
     from eca_flax import errors
     from eca_flax.cli import preemption
-    from eca_flax.training import loop, mesh, reporting
+    from eca_flax.training import checkpoints, loop, mesh, reporting
     from eca_flax.training.config import load_config_file
 except BaseException as e:  # Ctrl-C while Python loads JAX: one line
     if not shell.by_ctrl_c(e):
@@ -89,6 +91,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     return []
 
 
+def last_good(workdir: str) -> str | None:
+    """The workdir's last good checkpoint (None: none yet), for the line of a process that
+    JAX's runtime ended."""
+    root = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+    return checkpoints.last_good(root) if checkpoints.finished_steps(root) else None
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -98,6 +107,10 @@ def main(argv: list[str]) -> int:
     path = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]
     name = os.path.splitext(os.path.basename(path))[0]
     workdir = FLAGS.workdir or os.path.join("workdirs", name)
+    if config.distributed and not supervise.is_child():  # this command again, guarded
+        return supervise.run(sys.argv, os.path.abspath(workdir), last_good)
+    if supervise.is_child():
+        supervise.dumps_to_log()  # absl's app.run enabled faulthandler on the terminal
 
     def train() -> None:
         reporting.setup_logging(all_processes=True)
@@ -106,8 +119,12 @@ def main(argv: list[str]) -> int:
         with stop.outside_the_loop():  # SIGTERM writing digits:N: as Ctrl-C, nothing left
             loop.train_and_evaluate(config, workdir, stop=stop)
 
-    code = shell.run(train, interrupted=f"interrupted: {BEFORE_START}", where=workdir)
-    if code == 130:  # now: finalizing with JAX's threads cut mid-way can crash the interpreter
+    body = supervise.guarded(train) if supervise.is_child() else train
+    code = shell.run(body, interrupted=f"interrupted: {BEFORE_START}", where=workdir)
+    # Now: after Ctrl-C, finalizing with JAX's threads cut mid-way can crash the interpreter; a
+    # process of a multi-process run that failed would wait in jax.distributed's shutdown for
+    # the others (up to 5 minutes), which lose it (their heartbeats tell) and stop too.
+    if code == 130 or (code and supervise.is_child()):
         shell.exit_now(code)
     return code
 

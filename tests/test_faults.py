@@ -754,6 +754,47 @@ def test_coordinator_that_never_answers_ends_in_one_line(tiny, tmp_path):
     ]
 
 
+def two_processes(workdir: pathlib.Path, dataset: pathlib.Path, fields: list[dict]) -> list:
+    """train.py as processes 0 and 1 of a two-process run (``fields[i]``: process i's config
+    overrides), on one CPU device each; their (exit status, stdout, stderr)."""
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            cli(workdir, dataset, distributed=True, **fields[i]),
+            cwd=REPO,
+            env={
+                **ENV,
+                "JAX_COORDINATOR_ADDRESS": address,
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+            },
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    ends = [p.communicate(timeout=300) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, ends)]
+
+
+@pytest.mark.slow
+def test_processes_started_with_different_configs_stop(tiny, tmp_path):
+    """The issue's case: process 1 with --config.seed=1 beside a seed-0 process 0 trained with
+    it and exited 0. Both now stop before anything is written, each with one line naming the
+    field and its own value; fields a host may set for itself (data_threads) may differ."""
+    work = tmp_path / "run"
+    ends = two_processes(work, tiny, [{"data_threads": 2}, {"seed": 1, "data_threads": 1}])
+    for i, (code, out, err) in enumerate(ends):
+        assert code == 1, out + err
+        assert err.strip().splitlines() == [
+            f"error: process {i} of 2: the processes were started with different configs: seed "
+            f"differ (here seed={i}); start every process with the same config file and "
+            "--config flags"
+        ]
+    assert not work.exists()
+
+
 # ------------------------------------------------------------------------------------------
 # What Python cannot raise: eca_flax.cli.unraisable.
 

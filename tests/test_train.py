@@ -156,8 +156,9 @@ def cli_env(cache: pathlib.Path, devices: int = 8, **extra: str) -> dict:
     return env
 
 
-def train_cli(workdir, env: dict, **fields) -> subprocess.Popen:
-    """``python train.py --config configs/quickstart.py --config.F=V ...``, as a user runs it."""
+def train_cli(workdir, env: dict, streams=(subprocess.PIPE,) * 2, **fields) -> subprocess.Popen:
+    """``python train.py --config configs/quickstart.py --config.F=V ...``, as a user runs it
+    (``streams``: its stdout and stderr)."""
     overrides = [f"--config.{k}={v}" for k, v in fields.items()]
     cmd = [
         sys.executable,
@@ -168,9 +169,8 @@ def train_cli(workdir, env: dict, **fields) -> subprocess.Popen:
         str(workdir),
         *overrides,
     ]
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    out, err = streams
+    return subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=out, stderr=err)
 
 
 def quickstart_config(**fields):
@@ -320,6 +320,114 @@ def test_two_processes_train_like_one(tmp_path: pathlib.Path, cli_cache, monkeyp
 
 # ------------------------------------------------------------------------------------------
 # Faults: SIGTERM, SIGKILL, resume; NaN.
+
+
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and its descendants, from /proc."""
+    parents = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree & (set(parents) | {pid})
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_lost_process_stops_the_others_in_one_line_and_the_run_resumes(
+    tmp_path: pathlib.Path, cli_cache
+) -> None:
+    """Two train.py processes (2 CPU devices each). ``kill -9`` of process 1 (a worker), then,
+    restarted, of process 0 (the coordinator): each time the survivor exits 1 within 60 s with
+    one line naming the lost process and the last good checkpoint, no dump (JAX's runtime
+    output goes to WORKDIR/runtime.processI.log, which the line names), and nothing of the
+    killed process stays. Restarted once more, the run ends on exactly the loss and weights of
+    an uninterrupted two-process run (the same computation: resuming is exact)."""
+    steps = 12
+    fields = dict(
+        num_train_steps=steps,
+        batch_size=8,
+        eval_batch_size=72,
+        log_every_steps=1,
+        checkpoint_every_steps=2,
+        distributed=True,
+    )
+    work, whole = tmp_path / "run", tmp_path / "uninterrupted"
+
+    def start(workdir: pathlib.Path, tag: str) -> list[tuple[subprocess.Popen, pathlib.Path]]:
+        """Processes 0 and 1 on ``workdir``, output to files (read while they run)."""
+        port, pair = free_port(), []
+        for i in range(2):
+            out, err = (tmp_path / f"{tag}.{i}.{s}" for s in ("out", "err"))
+            env = cli_env(
+                cli_cache,
+                devices=2,
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            )
+            with open(out, "w") as o, open(err, "w") as e:  # the child has its own copies
+                pair.append((train_cli(workdir, env, streams=(o, e), **fields), err))
+        return pair
+
+    def kill_after(pair, victim: int, step: int, tag: str) -> None:
+        """kill -9 of process ``victim`` (what the user started) once process 0 logged ``step``;
+        the survivor's one line, its exit time, and nothing left of the victim."""
+        log = tmp_path / f"{tag}.0.out"
+        wait_for(lambda: re.search(rf"step {step}/{steps} ", log.read_text()), pair[0][0])
+        tree = process_tree(pair[victim][0].pid)  # the trainer, its child; grain threads only
+        killed = time.monotonic()
+        pair[victim][0].kill()
+        survivor, err = pair[1 - victim]
+        survivor.wait(timeout=120)
+        took = time.monotonic() - killed
+        pair[victim][0].wait()
+        lines = err.read_text().strip().splitlines()
+        assert survivor.returncode == 1, "\n".join(lines)
+        assert took < 60, took
+        lost = "process 1" if victim else "the coordinator (process 0 at 127.0.0.1:"
+        me = 1 - victim
+        good = checkpoint_steps(work)[-1]
+        assert len(lines) == 1 and re.fullmatch(
+            rf"error: process {me} of 2: {re.escape(lost)}.* was lost, and JAX's runtime "
+            rf"stopped this one; the last good checkpoint is {work}/checkpoints/{good}: start "
+            rf"every process again to resume from it; what JAX's runtime wrote is in "
+            rf"{work}/runtime.process{me}.log",
+            lines[0],
+        ), lines
+        assert (work / f"runtime.process{me}.log").stat().st_size > 0
+        time.sleep(1)
+        assert not [pid for pid in tree if alive(pid)]
+
+    reference = start(whole, "whole")  # meanwhile: the uninterrupted run
+    kill_after(start(work, "a"), victim=1, step=5, tag="a")
+    kill_after(start(work, "b"), victim=0, step=9, tag="b")
+    for proc, err in [*start(work, "c"), *reference]:
+        proc.wait(timeout=400)
+        assert proc.returncode == 0, err.read_text()
+    final = re.compile(rf"step {steps}/{steps} .* loss ([0-9.]+)")
+    losses = [final.findall((tmp_path / f"{tag}.0.out").read_text()) for tag in ("c", "whole")]
+    assert losses[0] == losses[1] and len(losses[0]) == 1
+    assert (
+        tensorboard_scalars(work, "train/loss")[-1] == tensorboard_scalars(whole, "train/loss")[-1]
+    )
+    got, want = final_weights(work), final_weights(whole)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 @pytest.mark.slow

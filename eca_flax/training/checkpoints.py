@@ -132,13 +132,8 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.root, options=options)
         self.pending: int | None = None  # the step of the save in flight
 
-    def good_steps(self) -> list[int]:
-        """Steps whose save finished, on disk."""
-        return finished_steps(self.root)
-
     def last_good(self) -> str:
-        steps = self.good_steps()
-        return f"{self.root}/{steps[-1]}" if steps else "none (no checkpoint was saved)"
+        return last_good(self.root)
 
     def save(self, state: dict, meta: dict) -> int:
         """Starts an async save of ``state`` at its step (device->host copy happens now)."""
@@ -267,6 +262,12 @@ def check_resume(step_dir: str, saved: dict, meta: dict) -> None:
 def finished_steps(root: str) -> list[int]:
     """The steps of the checkpoints under ``root`` whose save finished, oldest first."""
     return sorted(ocp.utils.checkpoint_steps(root)) if os.path.isdir(root) else []
+
+
+def last_good(root: str) -> str:
+    """The newest finished checkpoint under ``root``, as a line names it."""
+    steps = finished_steps(root)
+    return f"{root}/{steps[-1]}" if steps else "none (no checkpoint was saved)"
 
 
 def restore_newest(

@@ -81,6 +81,7 @@ POSITIVE_FIELDS = (
     "keep_checkpoints",
     "eval_every_epochs",
     "distributed_timeout_s",
+    "distributed_heartbeat_s",
     "lr_decay_epochs",
 )
 # The other numeric fields: (low, high, the bounds included "[]", "[)", "(]" or "()", a note).
@@ -171,6 +172,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.profile_steps = ""  # "START,END": a jax.profiler trace of those steps into tensorboard/.
     c.distributed = False  # jax.distributed.initialize() (multi-host; see README).
     c.distributed_timeout_s = 300  # How long to wait for all processes before giving up.
+    c.distributed_heartbeat_s = 30  # A process silent this long is lost: all the others stop
+    # (train.py: with one line naming it and the last good checkpoint; JAX's default is 100).
     return c
 
 

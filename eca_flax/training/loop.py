@@ -32,7 +32,12 @@ from eca_flax.training.config import (
     resolve_config,
 )
 from eca_flax.training.evaluation import EvalResult, Evaluation, evaluate_all
-from eca_flax.training.mesh import make_mesh, prefetch_to_mesh, put_replicated
+from eca_flax.training.mesh import (
+    check_processes_agree,
+    make_mesh,
+    prefetch_to_mesh,
+    put_replicated,
+)
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import (
     init_state,
@@ -238,6 +243,7 @@ def train_and_evaluate(
     """
     reporting.setup_logging()
     config = resolve_config(config)
+    check_processes_agree(config)
     mesh = make_mesh() if mesh is None else mesh
     plan = make_plan(config, mesh)
     if config.eval_only:
@@ -262,6 +268,7 @@ def evaluate_logits(
     ``logits`` and ``labels``): for confusion matrices, calibration, ensembles. Writes nothing."""
     reporting.setup_logging()
     config = resolve_config(config)
+    check_processes_agree(config)
     with config.unlocked():  # our own resolved copy
         config.eval_only = True
     mesh = make_mesh() if mesh is None else mesh

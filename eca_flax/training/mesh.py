@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
+import json
 import os
 import socket
 import sys
@@ -18,6 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -25,6 +28,9 @@ from eca_flax.errors import ConfigError
 from eca_flax.training.reporting import logger
 
 DATA_AXIS = "data"
+# Fields that may differ between the processes of one run: where this host finds the data and
+# how many threads decode it (the batches are the same), and how long it waits at start-up.
+HOST_FIELDS = ("data_dir", "data_threads", "distributed_timeout_s")
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -56,7 +62,11 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     watchdog.daemon = True
     watchdog.start()
     try:  # jax's own timeout later than ours: ours ends the wait with a line
-        jax.distributed.initialize(initialization_timeout=timeout + 60, **kwargs)
+        jax.distributed.initialize(
+            initialization_timeout=timeout + 60,
+            heartbeat_timeout_seconds=int(config.distributed_heartbeat_s),
+            **kwargs,
+        )
         jax.devices()  # the collectives start here (gloo needs this host's name to resolve)
     except (ValueError, RuntimeError) as e:
         reason = " ".join(str(e).split())[:300]
@@ -80,6 +90,38 @@ def _no_coordinator(address: str, who: str, timeout: int) -> None:
         flush=True,
     )
     os._exit(1)
+
+
+def field_digests(config: ml_collections.ConfigDict) -> tuple[list[str], np.ndarray]:
+    """The config's fields (less HOST_FIELDS) and a 31-bit digest of each one's value."""
+    values = config.to_dict()
+    names = sorted(k for k in values if k not in HOST_FIELDS)
+
+    def digest(text: str) -> int:
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") >> 1
+
+    return names, np.array(
+        [digest(json.dumps(values[k], sort_keys=True, default=repr)) for k in names], np.int32
+    )
+
+
+def check_processes_agree(config: ml_collections.ConfigDict) -> None:
+    """ConfigError, on every process, when the processes of a multi-process run resolved
+    different configs (e.g. another ``--config.seed`` on one host): they would train together
+    on different data orders or models and say nothing. The digests of the fields' values go
+    through jax.distributed; the line names the fields that differ and this process's values."""
+    if jax.process_count() == 1:
+        return
+    names, mine = field_digests(config)
+    gathered = np.asarray(multihost_utils.process_allgather(mine))  # (processes, fields)
+    differ = [n for n, column in zip(names, gathered.T) if (column != column[0]).any()]
+    if differ:
+        here = ", ".join(f"{n}={config[n]!r}" for n in differ)
+        raise ConfigError(
+            f"process {jax.process_index()} of {jax.process_count()}: the processes were "
+            f"started with different configs: {', '.join(differ)} differ (here {here}); start "
+            "every process with the same config file and --config flags"
+        )
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
