@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
     name = os.path.splitext(os.path.basename(path))[0]
     workdir = FLAGS.workdir or os.path.join("workdirs", name)
     if config.distributed and not supervise.is_child():  # this command again, guarded
-        return supervise.run(sys.argv, os.path.abspath(workdir), last_good)
+        return supervise.run(sys.orig_argv[1:], os.path.abspath(workdir), last_good)
     if supervise.is_child():
         supervise.dumps_to_log()  # absl's app.run enabled faulthandler on the terminal
 

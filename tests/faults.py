@@ -1,7 +1,8 @@
 """Helpers for fault tests: a real full disk (``run_on_small_disk``: a command runs with a tmpfs
 of a chosen size mounted over a directory, in its own user and mount namespace, ``unshare
--rm``: no root needed, nothing left mounted; skipped where the kernel does not allow it), and
-commands that take Ctrl-C as in a terminal (``popen_interruptible``)."""
+-rm``: no root needed, nothing left mounted; skipped where the kernel does not allow it),
+commands that take Ctrl-C as in a terminal (``popen_interruptible``), the processes a command
+started (``process_tree``, ``running``: from /proc) and a free port for a coordinator."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 
@@ -73,3 +75,45 @@ def popen_interruptible(cmd: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (a coordinator's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_tree(root: int) -> dict[tuple[int, int], str]:
+    """The live descendants of ``root``: (pid, start time) -> command line, from /proc."""
+    parents, tree = {}, {}
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
+            parents.setdefault(stat[0], []).append((int(entry.name), stat[2]))
+    todo = [root]
+    while todo:
+        for pid, start in parents.get(todo.pop(), []):
+            try:
+                cmdline = (pathlib.Path("/proc") / str(pid) / "cmdline").read_bytes()
+            except OSError:  # gone meanwhile
+                continue
+            tree[(pid, start)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            todo.append(pid)
+    return tree
+
+
+def proc_stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time in clock ticks) of ``pid``; None once it is gone."""
+    try:
+        text = (pathlib.Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after the command name, which may hold ")"
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def running(pid: int, start: int) -> bool:
+    """Whether the process ``pid`` started at ``start`` still runs (a zombie has exited: it
+    holds no memory, only its exit status, until its new parent reaps it)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[1] != "Z" and stat[2] == start

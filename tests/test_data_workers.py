@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from faults import free_port, process_tree, running
 from test_train import cli_env, train_cli
 
 from eca_flax.data import pipeline
@@ -50,49 +51,26 @@ def test_bad_counts_are_refused(value):
         cfg.resolve_config(c)
 
 
-def process_tree(root: int) -> dict[tuple[int, int], str]:
-    """The live descendants of ``root``: (pid, start time) -> command line, from /proc."""
-    parents, tree = {}, {}
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
-            parents.setdefault(stat[0], []).append((int(entry.name), stat[2]))
-    todo = [root]
-    while todo:
-        for pid, start in parents.get(todo.pop(), []):
-            try:
-                cmdline = (pathlib.Path("/proc") / str(pid) / "cmdline").read_bytes()
-            except OSError:  # gone meanwhile
-                continue
-            tree[(pid, start)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            todo.append(pid)
-    return tree
-
-
-def proc_stat(pid: int) -> tuple[int, str, int] | None:
-    """(parent pid, state, start time in clock ticks) of ``pid``; None once it is gone."""
-    try:
-        text = (pathlib.Path("/proc") / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # after the command name, which may hold ")"
-    return int(fields[1]), fields[0], int(fields[19])
-
-
-def running(pid: int, start: int) -> bool:
-    """Whether the process ``pid`` started at ``start`` still runs (a zombie has exited: it
-    holds no memory, only its exit status, until its new parent reaps it)."""
-    stat = proc_stat(pid)
-    return stat is not None and stat[1] != "Z" and stat[2] == start
-
-
 @pytest.mark.slow
-def test_workers_end_with_the_killed_trainer(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("distributed", [False, True], ids=["alone", "supervised"])
+def test_workers_end_with_the_killed_trainer(tmp_path: pathlib.Path, distributed: bool) -> None:
     """Finding 9 of issue 20: ``kill -9`` of a run with data_workers=2 once training steps run
     leaves no process behind: its grain workers, multiprocessing's resource tracker and anything
     else it started end within 10 s (0.2-0.5 s measured: the trainer's end wakes a thread in each
-    worker; the resource tracker ends on its own once the last holder of its pipe is gone)."""
-    env = cli_env(tmp_path, devices=1)  # its own digits folder: tmp_path/xdg
-    proc = train_cli(tmp_path / "run", env, data_workers=2, log_every_steps=1)
+    worker; the resource tracker ends on its own once the last holder of its pipe is gone).
+    ``supervised``: the same with --config.distributed=True (one process), where train.py runs
+    the trainer as its child (cli.supervise): the workers run and train under it, and killing
+    train.py ends the trainer, and through it the workers."""
+    processes = {}
+    if distributed:
+        processes = dict(
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
+            JAX_NUM_PROCESSES="1",
+            JAX_PROCESS_ID="0",
+        )
+    env = cli_env(tmp_path, devices=1, **processes)  # its own digits folder: tmp_path/xdg
+    fields = dict(data_workers=2, log_every_steps=1, distributed=distributed)
+    proc = train_cli(tmp_path / "run", env, **fields)
     lines: queue.Queue[str] = queue.Queue()
     err: list[str] = []
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from faults import popen_interruptible, run_on_small_disk
+from faults import free_port, popen_interruptible, run_on_small_disk
 from flax import nnx
 
 from eca_flax import errors
@@ -723,12 +723,6 @@ def test_ctrl_c_while_starting_is_one_line(tiny, tmp_path):
         assert proc.returncode == 130, out + err
         assert err == "interrupted: before the first training step, no checkpoint written\n"
     assert not (tmp_path / "run").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from faults import free_port, process_tree, running
 from test_config import load_config, small_config
 
 from eca_flax import errors
@@ -264,39 +264,8 @@ def test_prefetch_keeps_the_next_batch_in_flight_in_order() -> None:
     np.testing.assert_array_equal(got[3]["label"], np.arange(8) + 30)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------------------
 # Faults: SIGTERM, SIGKILL, resume; NaN.
-
-
-def process_tree(pid: int) -> set[int]:
-    """``pid`` and its descendants, from /proc."""
-    parents = {}
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    tree, grew = {pid}, True
-    while grew:
-        more = {p for p, parent in parents.items() if parent in tree} - tree
-        tree |= more
-        grew = bool(more)
-    return tree & (set(parents) | {pid})
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.slow
@@ -345,7 +314,7 @@ def test_two_processes_train_like_one_and_resume_after_losing_one(
         the survivor's one line, its exit time, and nothing left of the victim."""
         log = tmp_path / f"{tag}.0.out"
         wait_for(lambda: re.search(rf"step {step}/{steps} ", log.read_text()), pair[0][0])
-        tree = process_tree(pair[victim][0].pid)  # the trainer, its child; grain threads only
+        tree = process_tree(pair[victim][0].pid)  # its trainer (grain decodes in threads here)
         killed = time.monotonic()
         pair[victim][0].kill()
         survivor, err = pair[1 - victim]
@@ -367,7 +336,7 @@ def test_two_processes_train_like_one_and_resume_after_losing_one(
         ), lines
         assert (work / f"runtime.process{me}.log").stat().st_size > 0
         time.sleep(1)
-        assert not [pid for pid in tree if alive(pid)]
+        assert tree and not [p for p in tree if running(*p)], tree
 
     reference = start(whole, "whole")  # the uninterrupted run; meanwhile, in this process:
     monkeypatch.setenv("XDG_CACHE_HOME", str(cli_cache / "xdg"))  # the same digits folder

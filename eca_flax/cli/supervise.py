@@ -39,18 +39,25 @@ CRASHED = 70  # the child's exit status after an unexpected exception (its trace
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
 
+_child: list[bool] = []  # [True] once to_log ran: this process is the supervised trainer
+
+
 def is_child() -> bool:
     """Whether this process is a supervised trainer (train.py then installs ``to_log``)."""
-    return LOG_ENV in os.environ
+    return bool(_child) or LOG_ENV in os.environ
 
 
 def to_log() -> None:
     """In the child, before absl and JAX load: file descriptor 2 to the runtime log, Python's
     ``sys.stderr`` (logging, the error lines) on a copy of the terminal's; it dies with its
-    parent. ``dumps_to_log`` again once absl's app.run has enabled faulthandler."""
-    _die_with_parent(int(os.environ.get(PARENT_ENV, "0")))
+    parent. ``dumps_to_log`` again once absl's app.run has enabled faulthandler. The variables
+    that say so leave the environment: the processes it starts (grain's workers run train.py's
+    top level again) are not supervised trainers."""
+    path, parent = os.environ.pop(LOG_ENV), int(os.environ.pop(PARENT_ENV, "0"))
+    _child.append(True)
+    _die_with_parent(parent)
     terminal = os.dup(2)
-    log = os.open(os.environ[LOG_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(log, 2)
     os.close(log)
     sys.stderr = open(  # noqa: SIM115 - the process's stderr from now on
@@ -97,11 +104,11 @@ def guarded(body: Callable[[], object]) -> Callable[[], object]:
 
 
 def run(argv: list[str], workdir: str, last_good: Callable[[str], str | None]) -> int:
-    """Runs ``argv`` (this command line) as the guarded child and returns the exit status: the
-    child's own when it said its word (0, 1, 130), else 1 after the one line naming what was
-    lost. ``last_good(workdir)``: the workdir's last good checkpoint (None: none), for that
-    line. The runtime log is kept in the workdir after a crash or a finished run (when not
-    empty), else removed."""
+    """Runs ``argv`` (the interpreter's arguments of this command, ``sys.orig_argv[1:]``) as the
+    guarded child and returns the exit status: the child's own when it said its word (0, 1,
+    130), else 1 after the one line naming what was lost. ``last_good(workdir)``: the workdir's
+    last good checkpoint (None: none), for that line. The runtime log is kept in the workdir
+    after a crash or a finished run (when not empty), else removed."""
     fd, log = tempfile.mkstemp(prefix="eca_flax-runtime-", suffix=".log")
     os.close(fd)
     env = dict(os.environ, **{LOG_ENV: log, PARENT_ENV: str(os.getpid())})
@@ -132,16 +139,18 @@ def run(argv: list[str], workdir: str, last_good: Callable[[str], str | None]) -
     if code in (0, 1, 130):  # the child's own end, its line said
         _keep_or_remove(log, workdir, keep=code == 0)
         return code
-    kept = _keep_or_remove(log, workdir, keep=True)
-    with open(kept, errors="replace") as f:
-        text = f.read()
-    if os.environ.get("ECA_FLAX_TRACEBACK", "") not in ("", "0"):
+    kept, text = _keep_or_remove(log, workdir, keep=True), ""
+    if kept is not None:
+        with open(kept, errors="replace") as f:
+            text = f.read()
+    if os.environ.get(shell.TRACEBACK_ENV, "") not in ("", "0"):
         sys.stderr.write(text)
     good = last_good(workdir)
     again = f"the last good checkpoint is {good}: start" if good else "no checkpoint: start"
+    wrote = f"what JAX's runtime wrote is in {kept}" if kept else "JAX's runtime wrote nothing"
     shell.report(
         f"error: {describe_end(code, text, os.environ)}; {again} every process again"
-        f"{' to resume from it' if good else ''}; what JAX's runtime wrote is in {kept}"
+        f"{' to resume from it' if good else ''}; {wrote}"
     )
     return 1
 
@@ -152,15 +161,16 @@ def runtime_log_name(environ: os._Environ | dict) -> str:
     return f"runtime.process{index}.log" if index else "runtime.log"
 
 
-def _keep_or_remove(log: str, workdir: str, keep: bool) -> str:
-    """The runtime log moved into the workdir (when ``keep``, not empty and the workdir
-    exists: its path), else removed (the temporary path)."""
-    if keep and os.path.getsize(log) and os.path.isdir(workdir):
+def _keep_or_remove(log: str, workdir: str, keep: bool) -> str | None:
+    """Where the runtime log is kept (``keep`` and not empty: moved into the workdir, or left
+    in the temporary folder when there is no workdir), or None: removed."""
+    if not keep or not os.path.getsize(log):
+        os.remove(log)
+        return None
+    if os.path.isdir(workdir):
         kept = os.path.join(workdir, runtime_log_name(os.environ))
         shutil.move(log, kept)
         return kept
-    if not keep or not os.path.getsize(log):
-        os.remove(log)
     return log
 
 
