@@ -279,6 +279,7 @@ def test_two_processes_train_like_one_and_resume_after_losing_one(
       each time the survivor exits 1 within 60 s with one line naming the lost process and the
       last good checkpoint, no dump (JAX's runtime output goes to WORKDIR/runtime.processI.log,
       which the line names), and nothing of the killed process stays;
+    - restarted, SIGTERM to process 1 stops both at the same step, saved, exit 0;
     - restarted once more, that run ends on exactly the loss and weights of the uninterrupted
       one (the same computation: resuming is exact)."""
     steps = 12
@@ -346,7 +347,18 @@ def test_two_processes_train_like_one_and_resume_after_losing_one(
     )
     kill_after(start(work, "a"), victim=1, step=5, tag="a")
     kill_after(start(work, "b"), victim=0, step=8, tag="b")
-    for proc, err in [*start(work, "c"), *reference]:
+    # SIGTERM to one train.py reaches its trainer, and JAX's preemption sync point stops both
+    # at the same step, saved: exit 0.
+    pair = start(work, "c")
+    wait_for(lambda: "step 7/" in (tmp_path / "c.0.out").read_text(), pair[0][0])
+    pair[1][0].send_signal(signal.SIGTERM)
+    for proc, err in pair:
+        proc.wait(timeout=120)
+        assert proc.returncode == 0, err.read_text()
+    saved = re.findall(r"SIGTERM: saved checkpoint (\S+);", (tmp_path / "c.0.out").read_text())
+    stopped = checkpoint_steps(work)[-1]
+    assert saved == [f"{work}/checkpoints/{stopped}"] and stopped < steps, saved
+    for proc, err in [*start(work, "d"), *reference]:
         proc.wait(timeout=400)
         assert proc.returncode == 0, err.read_text()
 
@@ -376,7 +388,7 @@ def test_two_processes_train_like_one_and_resume_after_losing_one(
     assert float(top1) == pytest.approx(again.eval.top1, abs=1 / 360 + 1e-4)  # 4 decimals
 
     final = re.compile(rf"step {steps}/{steps} .* loss ([0-9.]+)")
-    losses = [final.findall((tmp_path / f"{tag}.0.out").read_text()) for tag in ("c", "whole")]
+    losses = [final.findall((tmp_path / f"{tag}.0.out").read_text()) for tag in ("d", "whole")]
     assert losses[0] == losses[1] and len(losses[0]) == 1
     assert (
         tensorboard_scalars(work, "train/loss")[-1] == tensorboard_scalars(whole, "train/loss")[-1]
