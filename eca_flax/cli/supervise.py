@@ -127,12 +127,7 @@ def run(argv: list[str], workdir: str, last_good: Callable[[str], str | None]) -
         child = subprocess.Popen([sys.executable, *argv], env=env, process_group=0)
         for signum in pending:
             child.send_signal(signum)
-        while True:
-            try:
-                code = child.wait()
-                break
-            except KeyboardInterrupt:  # not ours: SIGINT is forwarded
-                continue
+        code = child.wait()  # SIGINT too is forwarded: no KeyboardInterrupt here
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
