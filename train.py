@@ -25,16 +25,17 @@ if supervise.is_child():  # a process of a multi-process run: JAX's C++ output t
     supervise.to_log()
 shell.install()
 try:
-    from eca_flax.cli import xla_flags
+    with shell.ctrl_c_deferred():  # Ctrl-C while Python loads JAX: acted on once it is loaded
+        from eca_flax.cli import xla_flags
 
-    xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); first
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+        xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); first
+        from absl import app, flags, logging
+        from ml_collections import config_flags
 
-    from eca_flax import errors
-    from eca_flax.cli import preemption
-    from eca_flax.training import checkpoints, loop, mesh, reporting
-    from eca_flax.training.config import load_config_file
+        from eca_flax import errors
+        from eca_flax.cli import preemption
+        from eca_flax.training import checkpoints, loop, mesh, reporting
+        from eca_flax.training.config import load_config_file
 except BaseException as e:  # Ctrl-C while Python loads JAX: one line
     if not shell.by_ctrl_c(e):
         raise

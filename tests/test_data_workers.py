@@ -11,7 +11,7 @@ import time
 
 import pytest
 from faults import free_port, process_tree, running
-from test_train import cli_env, train_cli
+from test_train import TINY, cli_env, train_cli
 
 from eca_flax.data import pipeline
 from eca_flax.training import config as cfg
@@ -69,7 +69,7 @@ def test_workers_end_with_the_killed_trainer(tmp_path: pathlib.Path, distributed
             JAX_PROCESS_ID="0",
         )
     env = cli_env(tmp_path, devices=1, **processes)  # its own digits folder: tmp_path/xdg
-    fields = dict(data_workers=2, log_every_steps=1, distributed=distributed)
+    fields = dict(model=TINY, data_workers=2, log_every_steps=1, distributed=distributed)
     proc = train_cli(tmp_path / "run", env, **fields)
     lines: queue.Queue[str] = queue.Queue()
     err: list[str] = []

@@ -37,11 +37,11 @@ UPDATE_ROUNDINGS = 4
 
 @pytest.fixture(scope="module")
 def run():
-    """eca_resnet18 (10 classes) at 16 px, global batch 8 on one device: the config, the model,
+    """test_eca_resnet (10 classes) at 16 px, global batch 8 on one device: the config, the model,
     the compiled train step with ``ema_decay=DECAY`` (no warmup), its optimizer and batches."""
     config = cfg.default_config()
     config.update(
-        model="eca_resnet18",
+        model="test_eca_resnet",  # the EMA is the subject: the smallest ECA-ResNet
         dataset="digits:16",
         image_size=16,
         batch_size=8,
@@ -50,7 +50,7 @@ def run():
     )
     config = cfg.resolve_config(config)
     mesh = make_mesh(jax.devices()[:1])
-    model = eca_flax.create_model("eca_resnet18", num_classes=10, rngs=nnx.Rngs(0))
+    model = eca_flax.create_model(config.model, num_classes=10, rngs=nnx.Rngs(0))
     plan = cfg.Plan(10, 100, 100, 10, 8, 8, config.learning_rate)
     schedule = steps.make_schedule(config, plan)
     tx = steps.make_optimizer(config, schedule)

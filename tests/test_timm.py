@@ -14,6 +14,7 @@ import math
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -513,6 +514,7 @@ def test_rsb_a3_config_trains_a_step(tmp_path: Path, monkeypatch) -> None:
     """Two steps of the A3 config's model and recipe on the digits at 32 px, then evaluation
     and the exported model (bicubic recorded)."""
     from eca_flax.training import loop
+    from eca_flax.training.mesh import make_mesh
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     c = load_config("ecaresnet50t_rsb_a3")
@@ -526,7 +528,9 @@ def test_rsb_a3_config_trains_a_step(tmp_path: Path, monkeypatch) -> None:
         num_train_steps=2,
         log_every_steps=1,
     )
-    result = loop.train_and_evaluate(c, str(tmp_path / "run"))
+    # One device: the config is the subject (test_train.py checks device counts); an 8-device
+    # program of ecaresnet50t took minutes to compile here.
+    result = loop.train_and_evaluate(c, str(tmp_path / "run"), mesh=make_mesh(jax.devices()[:1]))
     assert [h["step"] for h in result.history] == [1, 2]
     assert all(np.isfinite(h["loss"]) for h in result.history)
     meta = pretrained.read_model_json(tmp_path / "run" / "pretrained")

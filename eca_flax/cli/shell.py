@@ -56,6 +56,29 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block is held until the block ends, then raised there: raised inside
+    an extension module's import (jaxlib's, while Python loads JAX) it can crash the
+    interpreter (SIGSEGV, measured) or print an import's traceback. Main thread only; an
+    ignored SIGINT stays ignored."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ):
+        yield
+        return
+    came: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if came:
+        _sigint.extend(came)
+        raise KeyboardInterrupt
+
+
 def install() -> None:
     """The command lines' process behaviour (idempotent): ``unraisable.install``, and Python's
     Ctrl-C handler counting what comes (an ignored SIGINT, as in background jobs, stays so)."""

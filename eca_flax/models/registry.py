@@ -31,6 +31,7 @@ WEIGHTS = (nnx.Param, nnx.BatchStat)  # what checkpoints and pretrained files st
 
 ORIGINAL = "ECA-Net"  # the authors' release (BangguWu/ECANet)
 TIMM = "timm"  # huggingface/pytorch-image-models
+TEST = "test"  # no release: a network small enough to compile in a second (as timm's test_*)
 EVAL_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # every model here
 
 
@@ -165,20 +166,30 @@ _TIMM_MODELS = (
     _timm("ecaresnext50t_32x4d", (3, 4, 6, 3), "tiered", 25_045_686, groups=32, base_width=4),
 )  # fmt: skip
 _MODELS.update((m.name, m) for m in _TIMM_MODELS)
+# The smallest ECA-ResNet: one BasicBlock per stage, 16 to 128 channels. Nothing was released
+# for it; it exists so that tests of the trainer, the checkpoints and the command lines (whose
+# subject is not the network) run through the same code as ECA-ResNet-18 in a fraction of the
+# compile time. Like timm's test_resnet, it is a model like any other.
+_MODELS["test_eca_resnet"] = ModelInfo(
+    "test_eca_resnet", "resnet", (3, 5, 7, 7), "", 438_468, 22, None, None, source=TEST,
+    layers=(1, 1, 1, 1), design=resnet.Design(stem_width=16, stage_widths=(16, 32, 64, 128)),
+)  # fmt: skip
 
 
 def list_models(source: str | None = None) -> list[str]:
-    """Names accepted by ``create_model``; with ``source`` ("ECA-Net" or "timm"), its models."""
+    """Names accepted by ``create_model``; with ``source`` ("ECA-Net", "timm" or "test"), its
+    models."""
     return [n for n, m in _MODELS.items() if source is None or m.source == source]
 
 
 def resnet_layout(name: str) -> tuple[type, tuple[int, ...], resnet.Design]:
     """(block class, blocks per stage, design) of ResNet ``name``."""
     info = model_info(name)
-    if info.source == TIMM:
-        return resnet.Bottleneck, info.layers, info.design
-    block, layers = resnet.LAYOUTS[info.depth]
-    return block, layers, info.design
+    if info.depth:
+        block, layers = resnet.LAYOUTS[info.depth]
+        return block, layers, info.design
+    block = resnet.Bottleneck if info.source == TIMM else resnet.BasicBlock
+    return block, info.layers, info.design
 
 
 def model_info(name: str) -> ModelInfo:
@@ -194,8 +205,8 @@ def eca_channels(name: str) -> tuple[int, ...]:
     info = model_info(name)
     if info.family == "mobilenet_v2":
         return mobilenetv2.block_channels()
-    block, _, _ = resnet_layout(name)
-    return tuple(w * block.expansion for w in resnet.STAGE_WIDTHS)
+    block, _, design = resnet_layout(name)
+    return tuple(w * block.expansion for w in design.stage_widths)
 
 
 def resolve_k_size(name: str, k_size: KSize = None) -> tuple[int, ...]:

@@ -47,6 +47,8 @@ class Design:
     + BN (ResNet-D) instead of a strided 1x1 conv. ``groups`` / ``base_width``: the 3x3 conv's
     groups and width per group (ResNeXt 32x4d: 32, 4). ``widths``: per stage, per block the
     (conv1, conv2, conv3) output channels, for pruned networks (None: the regular widths).
+    ``stem_width`` / ``stage_widths``: the stem's output channels and each stage's planes
+    (64 and 64, 128, 256, 512 in every released model; smaller only in the test model).
     ``attention_name``: the attribute the attention layer lives in (None: "eca", or "se" for
     SE, as the original; timm: "se" for its ECA too).
     """
@@ -57,6 +59,8 @@ class Design:
     base_width: int = 64
     widths: tuple[tuple[BlockWidths, ...], ...] | None = None
     attention_name: str | None = None
+    stem_width: int = 64
+    stage_widths: tuple[int, int, int, int] = (64, 128, 256, 512)
 
     def __post_init__(self):
         if self.stem != "plain" and self.stem not in STEMS:
@@ -181,7 +185,7 @@ LAYOUTS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, in
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
-STAGE_WIDTHS = (64, 128, 256, 512)  # planes per stage (x block.expansion at each block's output)
+STAGE_WIDTHS = Design().stage_widths  # planes per stage (x block.expansion at each block's output)
 
 
 def depth_of(block: type, layers: Sequence[int]) -> int | None:
@@ -189,16 +193,16 @@ def depth_of(block: type, layers: Sequence[int]) -> int | None:
     return next((d for d, lay in LAYOUTS.items() if lay == (block, tuple(layers))), None)
 
 
-def _stem(stem: str, **kw) -> nnx.Conv | Sequential:
-    """``conv1``: 7x7/2 3->64 (plain), or conv3x3/2-BN-ReLU-conv3x3-BN-ReLU-conv3x3 to 64 (deep,
-    tiered: timm's ``conv1.0`` ... ``conv1.6``)."""
+def _stem(stem: str, width: int, **kw) -> nnx.Conv | Sequential:
+    """``conv1``: 7x7/2 3->width (plain), or conv3x3/2-BN-ReLU-conv3x3-BN-ReLU-conv3x3 to width
+    (deep, tiered: timm's ``conv1.0`` ... ``conv1.6``)."""
     if stem == "plain":
-        return conv2d(3, 64, 7, stride=2, padding=3, **kw)
+        return conv2d(3, width, 7, stride=2, padding=3, **kw)
     c0, c1 = STEMS[stem]
     return Sequential([
         conv2d(3, c0, 3, stride=2, **kw), batch_norm(c0, **kw), ReLU(),
         conv2d(c0, c1, 3, **kw), batch_norm(c1, **kw), ReLU(),
-        conv2d(c1, 64, 3, **kw),
+        conv2d(c1, width, 3, **kw),
     ])  # fmt: skip
 
 
@@ -238,10 +242,10 @@ class ECAResNet(nnx.Module):
         self.arch = arch
         # None for layouts other than the original five
         self.depth = depth_of(block, layers) if design == Design() else None
-        self.conv1 = _stem(design.stem, **kw)
-        self.bn1 = batch_norm(64, **kw)
-        inplanes = 64
-        for i, (planes, n, k) in enumerate(zip(STAGE_WIDTHS, layers, self.k_size)):
+        self.conv1 = _stem(design.stem, design.stem_width, **kw)
+        self.bn1 = batch_norm(design.stem_width, **kw)
+        inplanes = design.stem_width
+        for i, (planes, n, k) in enumerate(zip(design.stage_widths, layers, self.k_size)):
             stride = 1 if i == 0 else 2
             blocks = []
             for b in range(n):
