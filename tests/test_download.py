@@ -125,9 +125,10 @@ def leftovers(root: Path) -> list[str]:
             continue
         parts = set(p.parts)
         in_hub = "hub" in p.relative_to(root).parts[:1]
-        if in_hub and not ("snapshots" in parts or p.name.endswith(".incomplete")):
-            if "blobs" not in parts or p.stat().st_size < 65536:  # a config, not weights
-                continue
+        weights_blob = "blobs" in parts and p.stat().st_size >= 65536  # not a config
+        partial = p.name.endswith(".incomplete")
+        if in_hub and "snapshots" not in parts and not partial and not weights_blob:
+            continue
         if in_hub and p.name in ("config.json", "CACHEDIR.TAG"):
             continue
         out.append(str(p.relative_to(root)))
