@@ -2,9 +2,10 @@
 
 A stdlib ``ThreadingHTTPServer`` answers what ``huggingface_hub.hf_hub_download`` asks
 (``HEAD`` then ``GET`` of ``/{repo}/resolve/{revision}/{file}``): ``X-Repo-Commit``, an ``ETag``
-(git's blob sha1 for small files; for LFS files, a 302 to ``/lfs/<repo>/<sha256>`` on a second
-server with ``X-Linked-Etag`` / ``X-Linked-Size``: .safetensors, .bin), ``X-Error-Code`` on 404 (RepoNotFound,
-RevisionNotFound, EntryNotFound) and 403 GatedRepo. ``/drive/<id>`` serves what gdown is given.
+(git's blob sha1 for small files; for LFS files, .safetensors and .bin, a 302 to
+``/lfs/<repo>/<sha256>`` on a second server with ``X-Linked-Etag`` / ``X-Linked-Size``),
+``X-Error-Code`` on 404 (RepoNotFound, RevisionNotFound, EntryNotFound) and 403 GatedRepo.
+``/drive/<id>`` serves what gdown is given.
 Byte ranges are honoured (resumed downloads). Every request is recorded; faults on demand: a
 connection cut half-way (``cut``), content other than its ETag says (``damaged``), an HTML
 page instead of a file (``drive_html``).
