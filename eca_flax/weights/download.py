@@ -384,6 +384,8 @@ def _fetch_hub(source: Source, cache: Cache, *, force: bool) -> tuple[Path, str 
 
 
 def _fetch_hub_files(repo: _Hub) -> tuple[Path, str | None, bool]:
+    if repo.offline and repo.cache.commit(repo.source.repo, repo.source.revision) is None:
+        raise repo.offline_error("not in the cache")  # nothing to look for: no import, no wait
     config = repo.fetch(hub.CONFIG, missing_ok=True)
     if config is None:  # no timm config: an eca_flax model file?
         weights = repo.fetch(hub.HUB_WEIGHTS[0], missing_ok=True)
