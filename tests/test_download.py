@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from faults import run_on_small_disk
 from flax import nnx
 from local_hub import LocalHub
 from safetensors.torch import save_file
@@ -34,6 +36,7 @@ from eca_flax.weights import download
 from eca_flax.weights.__main__ import main as weights_cli
 from eca_flax.weights.convert import convert_file
 
+ROOT = Path(__file__).resolve().parents[1]
 TAG_REPO = "timm/ecaresnet26t.ra2_in1k"
 IMAGES = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
 quiet = lambda _: None
@@ -268,3 +271,20 @@ def test_real_hub(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     model = eca_flax.create_model("ecaresnet26t", pretrained=True, cache_dir=tmp_path)
     assert model.fc.out_features == 1000
+
+
+@pytest.mark.slow
+def test_full_disk(hub, tmp_path) -> None:
+    """A full disk while downloading, then while converting: one line, exit 1, and neither
+    partial downloads nor a converted file left, only complete Hub files (python -m
+    eca_flax.weights download, with the cache on a small tmpfs)."""
+    disk = tmp_path / "disk"
+    cmd = [sys.executable, "-m", "eca_flax.weights", "--cache-dir", str(disk), "download"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for size, name in ((20 << 20, "ecaresnet26t"), (90 << 20, "hf-hub:someone/sharded")):
+        proc, found = run_on_small_disk([*cmd, name], disk, size, env=env, cwd=ROOT)
+        assert proc.returncode == 1, proc.stderr
+        error = proc.stderr.strip().splitlines()[-1]
+        assert error.startswith("error: ") and "disk full" in error, proc.stderr
+        converted = [f for f in found if "/converted/" in f and f.endswith(".safetensors")]
+        assert converted == [] and not [f for f in found if f.endswith((".incomplete", ".tmp"))]

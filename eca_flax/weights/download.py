@@ -299,6 +299,9 @@ class _Hub:
                 return None
             raise self.offline_error(f"{filename} is not in the cache") from None
         except Exception as e:  # noqa: BLE001 - huggingface_hub's and httpx's errors, OSError
+            if disk_full(e):  # nothing to resume on a full disk: its partial file goes
+                for partial in blobs.glob("*.incomplete"):
+                    partial.unlink(missing_ok=True)
             raise self.translate(e, filename) from None
         self.commit = path.parent.name if _HEX40.fullmatch(path.parent.name) else self.commit
         if problem := blob_mismatch(path):
