@@ -32,6 +32,7 @@ import eca_flax
 from eca_flax.errors import DownloadError, PretrainedError
 from eca_flax.models import torch_reference as tr
 from eca_flax.models.registry import model_info
+from eca_flax.training import config as train_config
 from eca_flax.weights import download
 from eca_flax.weights.__main__ import main as weights_cli
 from eca_flax.weights.convert import convert_file
@@ -155,8 +156,13 @@ def test_timm_tag_in_one_call(hub, files, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     offline = eca_flax.load_pretrained("ecaresnet26t")
     np.testing.assert_array_equal(logits_of(offline), files["local_logits"])
-    # The cache's original files are what convert_torch_weights.py NAME converts, offline too.
+    # The cache's original files are what convert_torch_weights.py NAME converts, offline too;
+    # train.py's init_from takes the name (its converted file).
     assert (download.fetch("ecaresnet26t") / "config.json").is_file()
+    config = train_config.default_config()
+    config.init_from = "ecaresnet26t.ra2_in1k"
+    train_config._resolve_init_from(config)
+    assert config.init_from == str(converted[0])
     assert weights_cli(["list"]) == 0
 
 
