@@ -188,6 +188,15 @@ def test_eca_flax_repo_needs_no_conversion(hub, files, tmp_path) -> None:
     seen = len(hub.requests)
     eca_flax.load_pretrained("hf-hub:someone/ecaflax")
     assert len(hub.requests) == seen
+    # A damaged cached file is named (its checksum), and fetched again only when asked.
+    blob = next((tmp_path / "hf" / "hub" / "models--someone--ecaflax" / "blobs").iterdir())
+    data = bytearray(blob.read_bytes())
+    data[-100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(DownloadError, match="checksum.*damaged: .*force_download=True"):
+        eca_flax.load_pretrained("hf-hub:someone/ecaflax")
+    model = eca_flax.load_pretrained("hf-hub:someone/ecaflax", force_download=True)
+    np.testing.assert_array_equal(logits_of(model), files["local_logits"])
 
 
 def test_original_name_from_drive(hub, files, tmp_path, capsys) -> None:

@@ -108,6 +108,9 @@ def parse_source(name: str | os.PathLike[str]) -> Source:
                 f"{text}: not a Hub repo; write hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION"
             )
         return Source(text, "hub", repo=repo, revision=revision or None)
+    path = Path(text).expanduser()
+    if os.sep in text or text.endswith(SAFETENSORS) or text.startswith(("~", ".")):
+        return Source(text, "local", path=path)  # a path, whatever it resembles
     arch, _, tag = text.partition(".")
     if arch in list_models():
         info = model_info(arch)
@@ -117,11 +120,10 @@ def parse_source(name: str | os.PathLike[str]) -> Source:
             return Source(text, "hub", repo=info.hub_repo(tag or None), arch=arch)
         if info.source == TIMM and not info.tags:
             raise PretrainedError(f"{text}: timm published no pretrained weights for {arch}")
-        if tag and not Path(text).expanduser().exists():
+        if tag and not path.exists():
             tags = ", ".join(info.tag_names) or "none"
             raise PretrainedError(f"{text}: {arch} has no tag {tag!r} (its tags: {tags})")
-    path = Path(text).expanduser()
-    if path.exists() or os.sep in text or text.endswith(SAFETENSORS):
+    if path.exists():
         return Source(text, "local", path=path)
     close = difflib.get_close_matches(text, released_names(), n=4, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -664,7 +666,18 @@ def load_pretrained(
     from eca_flax.weights import pretrained
 
     path = resolve(source, cache_dir=cache_dir, force_download=force_download)
-    return pretrained.load_pretrained(path, dtype=dtype, num_classes=num_classes, seed=seed)
+    try:
+        return pretrained.load_pretrained(path, dtype=dtype, num_classes=num_classes, seed=seed)
+    except DownloadError:
+        raise
+    except PretrainedError as e:
+        if parse_source(source).kind == "local":
+            raise
+        raise DownloadError(
+            f"{e}; the cached model is damaged: fetch and convert it again with "
+            "force_download=True (--force-download)",
+            source=str(source),
+        ) from None
 
 
 def create_model(
