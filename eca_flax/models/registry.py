@@ -179,6 +179,15 @@ def list_models(source: str | None = None) -> list[str]:
     return [n for n, m in _MODELS.items() if source is None or m.source == source]
 
 
+def split_tag(name: str) -> tuple[str, str | None]:
+    """('ecaresnet50t', 'a1_in1k') for a timm tag of a known model, else (name, None): timm's
+    ``model.tag`` names, which name the architecture too."""
+    arch, _, tag = name.partition(".")
+    if tag and arch in _MODELS and tag in _MODELS[arch].tag_names:
+        return arch, tag
+    return name, None
+
+
 def resnet_layout(name: str) -> tuple[type, tuple[int, ...], resnet.Design]:
     """(block class, blocks per stage, design) of ResNet ``name``."""
     info = model_info(name)

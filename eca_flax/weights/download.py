@@ -48,6 +48,7 @@ from eca_flax.models.registry import ORIGINAL, TIMM, list_models, model_info
 from eca_flax.version import __version__
 from eca_flax.weights import hub
 from eca_flax.weights.description import FORMAT, SAFETENSORS
+from eca_flax.weights.pth import file_sha256
 
 HUB_PREFIX = "hf-hub:"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -78,7 +79,8 @@ class Source:
     path: Path | None = None
 
     def describe(self) -> str:
-        """'ecaresnet26t (timm/ecaresnet26t.ra2_in1k on the Hugging Face Hub)'."""
+        """'ecaresnet26t: timm/ecaresnet26t.ra2_in1k on the Hugging Face Hub', 'eca_resnet50
+        (eca_resnet50_k3557.pth.tar on Google Drive)'."""
         if self.kind == "hub":
             at = f"@{self.revision}" if self.revision else ""
             shown = "" if self.name == f"{HUB_PREFIX}{self.repo}{at}" else f"{self.name}: "
@@ -102,14 +104,14 @@ def parse_source(name: str | os.PathLike[str]) -> Source:
     is a one-line PretrainedError with the close names."""
     text = os.fspath(name)
     if text.startswith(HUB_PREFIX):
-        repo, _, revision = text.removeprefix(HUB_PREFIX).partition("@")
-        if not _REPO.fullmatch(repo) or (_ and not revision):
+        repo, at, revision = text.removeprefix(HUB_PREFIX).partition("@")
+        if not _REPO.fullmatch(repo) or (at and not revision):
             raise PretrainedError(
                 f"{text}: not a Hub repo; write hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION"
             )
         return Source(text, "hub", repo=repo, revision=revision or None)
     path = Path(text).expanduser()
-    if os.sep in text or text.endswith(SAFETENSORS) or text.startswith(("~", ".")):
+    if {"/", os.sep} & set(text) or text.endswith(SAFETENSORS) or text.startswith(("~", ".")):
         return Source(text, "local", path=path)  # a path, whatever it resembles
     arch, _, tag = text.partition(".")
     if arch in list_models():
@@ -224,15 +226,6 @@ def _unreachable(url: str) -> str | None:
 
 # --------------------------------------------------------------------------------------------
 # Integrity.
-
-
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _git_blob_sha1(path: Path) -> str:
@@ -532,7 +525,7 @@ def _gdown(source: Source, url: str | None, drive_id: str, output: Path) -> None
 def _check_drive_download(source: Source, path: Path) -> str:
     """The sha256 of a downloaded file that is a checkpoint of ``source.arch`` with its released
     kernel sizes; an HTML page or another network is one line."""
-    from eca_flax.weights import convert, pth
+    from eca_flax.weights import convert, pth  # here: torch and the converter on a download only
 
     with open(path, "rb") as f:
         head = f.read(4096).lstrip().lower()
@@ -700,10 +693,7 @@ def create_model(
                 f"not {', '.join(extra)}: the weights fix the rest"
             )
         return load_pretrained(name, cache_dir=cache_dir, force_download=force_download, **kwargs)
-    arch, _, tag = str(name).partition(".")
-    if tag and arch in list_models(TIMM) and tag in model_info(arch).tag_names:
-        name = arch
-    return registry.create_model(name, **kwargs)
+    return registry.create_model(registry.split_tag(name)[0], **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
