@@ -70,6 +70,7 @@ def files(tmp_path_factory) -> dict:
         weight_map.update(dict.fromkeys(part, name))
     index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    tr.save_hub_folder("ecaresnet26t", reference, root / "bin", bin_file=True)
     local = root / "local26.safetensors"  # the converted local folder the one call must equal
     convert_file(root / "timm", local, log=quiet)
     ecaflax = root / "ecaflax"  # an eca_flax model file (save_pretrained's) as a repo
@@ -82,7 +83,7 @@ def files(tmp_path_factory) -> dict:
     sd = {"module." + k: v for k, v in original.state_dict().items()}
     pth = root / "eca_resnet18_k3577.pth.tar"
     torch.save({"epoch": 100, "arch": "eca_resnet18", "state_dict": sd, "best_prec1": 70.9}, pth)
-    folders = ("timm", "sharded", "ecaflax", "noweights")
+    folders = ("timm", "sharded", "bin", "ecaflax", "noweights")
     return {
         "repos": {
             name: {p.name: p.read_bytes() for p in sorted((root / name).iterdir())}
@@ -102,7 +103,7 @@ def hub(files, tmp_path, monkeypatch) -> LocalHub:
     server = LocalHub()
     repos = files["repos"]
     server.add_repo(TAG_REPO, repos["timm"])
-    for name in ("sharded", "ecaflax", "noweights"):
+    for name in ("sharded", "bin", "ecaflax", "noweights"):
         server.add_repo(f"someone/{name}", repos[name])
     server.add_repo("someone/gated", repos["timm"], gated=True)
     server.add_repo("someone/damaged", repos["timm"])
@@ -166,9 +167,10 @@ def test_timm_tag_in_one_call(hub, files, tmp_path, monkeypatch) -> None:
     assert weights_cli(["list"]) == 0
 
 
-def test_sharded_repo_at_a_revision_resumes_a_cut(hub, files, tmp_path) -> None:
+def test_sharded_and_bin_repos(hub, files, tmp_path) -> None:
     """hf-hub:ORG/NAME@REV with sharded safetensors, one shard's connection cut half-way:
-    fetched again within the call, every blob checked against its ETag, the same logits."""
+    fetched again within the call, every blob checked against its ETag, the same logits; and a
+    repo with pytorch_model.bin."""
     cut = hub.lfs_path("someone/sharded", "model-00001-of-00002.safetensors")
     hub.cut.add(cut)
     commit = hub.repos["someone/sharded"].commit
@@ -178,6 +180,9 @@ def test_sharded_repo_at_a_revision_resumes_a_cut(hub, files, tmp_path) -> None:
     assert gets.count(cut) == 2 and len(gets) == 5, gets  # config, index, 2 shards, 1 again
     assert eca_flax.load_pretrained(f"hf-hub:someone/sharded@{commit}") is not None
     assert len(hub.gets()) == 5  # cached: no request
+    # A repo with pytorch_model.bin only (timm's older layout): the same model.
+    model = eca_flax.load_pretrained("hf-hub:someone/bin")
+    np.testing.assert_array_equal(logits_of(model), files["local_logits"])
 
 
 def test_eca_flax_repo_needs_no_conversion(hub, files, tmp_path) -> None:
