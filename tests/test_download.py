@@ -29,6 +29,8 @@ from safetensors.torch import save_file
 
 import convert_torch_weights
 import eca_flax
+from eca_flax import predict
+from eca_flax.benchmark import cli as benchmark_cli
 from eca_flax.errors import DownloadError, PretrainedError
 from eca_flax.models import torch_reference as tr
 from eca_flax.models.registry import model_info
@@ -237,7 +239,7 @@ def test_original_name_from_drive(hub, files, tmp_path, capsys) -> None:
     assert kept.read_bytes() == files["pth"].read_bytes() and len(hub.gets()) == 2
 
 
-def test_errors_are_one_line_and_leave_the_cache_clean(hub, tmp_path, monkeypatch) -> None:
+def test_errors_are_one_line_and_leave_the_cache_clean(hub, tmp_path, monkeypatch, capsys) -> None:
     """Every failure: one line naming the problem, nothing but locks and markers in the cache."""
     cache = tmp_path / "hf"
     cases = {
@@ -257,6 +259,11 @@ def test_errors_are_one_line_and_leave_the_cache_clean(hub, tmp_path, monkeypatc
             download.resolve(name, log=quiet)
         assert "\n" not in str(caught.value), name
         assert leftovers(cache) == [], name
+    # The command lines take the names: one error line for a wrong one; a timm tag names its
+    # model for the speed benchmark.
+    assert predict.main(["--weights", "ecaresnet26", str(ROOT / "pyproject.toml")]) == 1
+    assert "did you mean ecaresnet26t" in capsys.readouterr().err
+    assert benchmark_cli.parse_args(["--models", "ecaresnet50t.a1_in1k"]).models == ["ecaresnet50t"]
     # A Drive connection cut half-way: one line; the next call resumes it (a Range request).
     drive_path = f"/drive/{model_info('eca_resnet18').drive_id}"
     hub.cut.add(drive_path)
