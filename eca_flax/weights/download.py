@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -466,6 +467,12 @@ def _fetch_drive(source: Source, cache: Cache, *, force: bool) -> Path:
             f"not in the cache ({final}) and HF_HUB_OFFLINE is set; {_how_to_get(source, cache)}",
             offline=True,
         )
+    if importlib.util.find_spec("torch") is None:  # before downloading what cannot be checked
+        raise _drive_error(
+            source,
+            "the authors' file is a PyTorch checkpoint: checking and converting it needs torch "
+            "(pip install torch; CPU wheels suffice)",
+        )
     info = model_info(source.arch)
     template = os.environ.get(DRIVE_URL_ENV)
     url = template.format(id=info.drive_id) if template else None
@@ -507,7 +514,9 @@ def _gdown(source: Source, url: str | None, drive_id: str, output: Path) -> None
             timeout=(10, 120),
         )
     except Exception as e:  # noqa: BLE001 - gdown's and requests' errors, OSError
-        if disk_full(e):
+        if disk_full(e):  # nothing to resume on a full disk: gdown's partial file goes
+            for partial in output.parent.glob(f"{output.name}*.part"):
+                partial.unlink(missing_ok=True)
             problem = f"could not write {output}: disk full"
         elif "too many" in str(e).lower() or "many accesses" in str(e).lower():
             problem = (
