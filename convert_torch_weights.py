@@ -3,10 +3,13 @@
     python convert_torch_weights.py SRC DST [--verify] [--arch NAME] [--k-size 3557]
     python convert_torch_weights.py SRC DST.safetensors
     python convert_torch_weights.py --to-torch DST OUT.pth   (or OUT.safetensors)
+    python convert_torch_weights.py eca_resnet50 DST          (a released model by name)
 
 SRC is a released file (eca_resnet50_k3557.pth.tar, ...) or a checkpoint of the original
 training script, in torch.save's legacy or zip format or as a safetensors state_dict (what
---to-torch OUT.safetensors writes), with or without 'module.'. The
+--to-torch OUT.safetensors writes), with or without 'module.', a Hub folder, or a released
+model's name (eca_resnet50, ecaresnet50t.ra2_in1k, hf-hub:ORG/NAME: its original files are
+fetched into the cache and checked first, ``eca_flax.weights.download.fetch``). The
 architecture, ECA kernel sizes and number of classes are read from the tensors; --arch and
 --k-size only confirm them. DST becomes a directory (model.json + Orbax state/) or, for a
 name ending in .safetensors, one safetensors file (model.json in its metadata), for
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -38,7 +42,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "weights/eca_resnet50 --verify",
     )
     parser.add_argument(
-        "src", metavar="SRC", help=".pth / .pth.tar / .safetensors state_dict (DST with --to-torch)"
+        "src",
+        metavar="SRC",
+        help=".pth / .pth.tar / .safetensors state_dict, Hub folder, or a released model's name "
+        "(DST with --to-torch)",
     )
     dst = "output directory, or a .safetensors file (OUT.pth / OUT.safetensors with --to-torch)"
     parser.add_argument("dst", metavar="DST", help=dst)
@@ -76,6 +83,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 INTERRUPTED = "interrupted; nothing written"
 
 
+def released_source(src: str) -> str:
+    """SRC itself, or for a released model's name (eca_resnet50, ecaresnet50t.ra2_in1k,
+    hf-hub:ORG/NAME) its original files, fetched into the cache and checked."""
+    if os.path.exists(os.path.expanduser(src)):
+        return src
+    from eca_flax.errors import PretrainedError
+    from eca_flax.weights import download
+
+    try:
+        source = download.parse_source(src)
+    except PretrainedError:
+        return src  # not a name: the converter names the missing file
+    return src if source.kind == "local" else str(download.fetch(src))
+
+
 def convert(args: argparse.Namespace) -> None:
     """The conversion (or export) ``args`` ask for."""
     from eca_flax.weights.convert import convert_file, export_torch
@@ -90,7 +112,7 @@ def convert(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     convert_file(
-        args.src,
+        released_source(args.src),
         args.dst,
         arch=args.arch,
         k_size=args.k_size,

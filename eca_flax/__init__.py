@@ -2,7 +2,10 @@
 
 ``eca_flax.create_model("eca_resnet50")`` builds a model with the released ECA kernel sizes;
 ``model.eval()`` then ``model(images)`` maps ImageNet-normalized NHWC images to logits.
-``eca_flax.load_pretrained(DIR)`` loads weights converted by ``convert_torch_weights.py``.
+``eca_flax.create_model("ecaresnet50t.ra2_in1k", pretrained=True)`` (or ``eca_resnet50``,
+``hf-hub:ORG/NAME``) downloads, checks, converts and caches released weights in one call;
+``eca_flax.load_pretrained(SOURCE)`` takes the same names or a directory converted by
+``convert_torch_weights.py``.
 
 The names below are loaded on first use, so that ``import eca_flax.cli.shell`` (what a command
 line imports first, to install its hooks before JAX starts) or ``eca_flax.errors`` costs no JAX
@@ -24,11 +27,11 @@ _HOMES = {
     "ECAResNet": "eca_flax.models.resnet",
     "ModelInfo": "eca_flax.models.registry",
     "count_params": "eca_flax.models.registry",
-    "create_model": "eca_flax.models.registry",
+    "create_model": "eca_flax.weights.download",
     "list_models": "eca_flax.models.registry",
     "model_info": "eca_flax.models.registry",
     "resolve_k_size": "eca_flax.models.registry",
-    "load_pretrained": "eca_flax.weights.pretrained",
+    "load_pretrained": "eca_flax.weights.download",
 }
 
 if TYPE_CHECKING:
@@ -37,13 +40,12 @@ if TYPE_CHECKING:
     from eca_flax.models.registry import (
         ModelInfo,
         count_params,
-        create_model,
         list_models,
         model_info,
         resolve_k_size,
     )
     from eca_flax.models.resnet import ECAResNet
-    from eca_flax.weights.pretrained import load_pretrained
+    from eca_flax.weights.download import create_model, load_pretrained
 
 
 def __getattr__(name: str) -> Any:

@@ -74,6 +74,16 @@ class PretrainedError(Error):
     """A pretrained-model directory that cannot be read or written; the message says why."""
 
 
+class DownloadError(PretrainedError):
+    """Pretrained weights that cannot be fetched or found in the cache: ``source`` (the name
+    asked for), ``offline`` (True when no network was tried or reachable: the message then says
+    how to get the weights where there is network)."""
+
+    def __init__(self, message: str, *, source: str, offline: bool = False) -> None:
+        super().__init__(message)
+        self.source, self.offline = source, offline
+
+
 class ConversionError(Error, ValueError):
     """A state_dict that does not fit the model: the message names keys and shapes."""
 

@@ -6,7 +6,9 @@ Every image that reads is classified; each one that does not (missing, unreadabl
 image) is one line ``error: FILE: reason`` on stderr, and the exit status is then 1.
 
 DST is a pretrained directory (``convert_torch_weights.py SRC DST`` or a training workdir's
-``pretrained/``) or .safetensors file (``convert_torch_weights.py SRC DST.safetensors``).
+``pretrained/``) or .safetensors file (``convert_torch_weights.py SRC DST.safetensors``), or a
+released model's name (``ecaresnet50t.ra2_in1k``, ``eca_resnet50``, ``hf-hub:ORG/NAME``:
+downloaded, converted and cached on first use, ``eca_flax.weights.download``).
 Images go through the model's own eval preprocessing, as its model.json records it (released
 models: shorter side to 256 bilinear with antialiasing, center crop 224, ImageNet mean/std;
 timm's: their test size, floor(size / crop_pct), bicubic; ``eca_flax.data.preprocess_for_eval``).
@@ -40,6 +42,7 @@ from eca_flax.data.transforms import (
 )
 from eca_flax.errors import DataError, PretrainedError
 from eca_flax.weights.description import num_classes_of
+from eca_flax.weights.download import resolve
 from eca_flax.weights.pretrained import load_pretrained, read_model_json
 
 BATCH = 32
@@ -123,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
     parser.add_argument(
-        "--weights", required=True, help="pretrained directory or .safetensors file"
+        "--weights",
+        required=True,
+        help="pretrained directory or .safetensors file, or a released model's name "
+        "(ecaresnet50t.ra2_in1k, eca_resnet50, hf-hub:ORG/NAME): downloaded and cached",
     )
     parser.add_argument("--top", type=int, default=5, help="classes to show per image")
     parser.add_argument(
@@ -143,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def predict(args: argparse.Namespace) -> int:
     """Prints the classes of every image ``args`` name that reads, and one line ``error: FILE:
     reason`` for each that does not; returns 1 if any did not, else 0."""
-    meta = read_model_json(args.weights)  # a wrong --weights fails before decoding images
+    weights = resolve(args.weights)  # a released model's name: fetched, converted, cached
+    meta = read_model_json(weights)  # a wrong --weights fails before decoding images
     if not meta["num_classes"]:
         raise PretrainedError(
             f"{args.weights}: a backbone without a classifier (converted from a detection "
@@ -158,7 +165,7 @@ def predict(args: argparse.Namespace) -> int:
         except DataError as e:  # reported, and the others still classified
             shell.report(shell.error_line(e), e)
     if images:
-        model = load_pretrained(args.weights)
+        model = load_pretrained(weights)
         num_classes = num_classes_of(model)
         best_of = top_k(model, np.stack(images), min(args.top, num_classes))
         for name, best in zip(names, best_of):

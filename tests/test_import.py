@@ -16,8 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "eca_flax"
 
 # In a fresh interpreter: the third-party libraries first (what they do on import is theirs),
-# then the process state, then eca_flax's parts, a model, converted weights saved and loaded,
-# a jitted forward, and the state again.
+# then the process state, then eca_flax's parts (no download library among what they import),
+# a model, converted weights saved and loaded, a jitted forward, and the state again.
 SCRIPT = """
 import asyncio, logging, signal, sys
 import absl.logging, flax, grain, jax, numpy as np, orbax.checkpoint, safetensors, tensorboard
@@ -39,7 +39,11 @@ import eca_flax.models.layers, eca_flax.models.registry
 import eca_flax.weights.convert, eca_flax.weights.orbax_io, eca_flax.weights.pretrained
 import eca_flax.weights.safetensors_io, eca_flax.weights.verify
 import eca_flax.training.checkpoints, eca_flax.training.loop, eca_flax.training.steps
+import eca_flax.weights.download, eca_flax.weights.__main__, eca_flax.predict
 from flax import nnx
+
+eca_flax.create_model, eca_flax.load_pretrained  # the one-call API: no download library yet
+assert not {"huggingface_hub", "gdown"} & set(sys.modules), "a download library"
 
 model = eca_flax.create_model("eca_resnet18", num_classes=3, rngs=nnx.Rngs(0))
 sd = eca_flax.weights.convert.state_dict(model)  # the PyTorch layout
@@ -131,6 +135,24 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         if cycle := visit(start):
             return cycle
     return None
+
+
+DOWNLOADERS = ("huggingface_hub", "gdown", "filelock")
+
+
+def test_download_libraries_load_on_use():
+    """No module of eca_flax imports huggingface_hub, gdown or filelock at its top level (only
+    inside the functions that download): ``import eca_flax`` and a cached load need none."""
+    found = []
+    for file in PACKAGE.rglob("*.py"):
+        for node in ast.parse(file.read_text()).body:  # module level only
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            found += [f"{file.name}: {n}" for n in names if n.split(".")[0] in DOWNLOADERS]
+    assert found == []
 
 
 def test_find_cycle_finds_one():

@@ -117,7 +117,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog="Example: python -m eca_flax.benchmark --models eca_resnet50 --batch-size 16 "
         "--mode both --torch",
     )
-    parser.add_argument("--models", nargs="+", default=["eca_resnet50"], metavar="NAME")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["eca_resnet50"],
+        metavar="NAME",
+        help="models by name (a timm tag such as ecaresnet50t.ra2_in1k names its model; the "
+        "weights are random: speed does not depend on them)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -160,8 +167,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(default: eca_flax.cli.xla_flags.recommended(), the flags train.py sets; '' for none)",
     )
     args = parser.parse_args(argv)
-    from eca_flax.models.registry import list_models, model_info
+    from eca_flax.models.registry import list_models, model_info, split_tag
 
+    args.models = [split_tag(m)[0] for m in args.models]  # a timm tag names its model
     unknown = [m for m in args.models if m not in list_models()]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; choices: {', '.join(list_models())}")

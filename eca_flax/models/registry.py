@@ -65,6 +65,7 @@ class ModelInfo:
     layers: tuple[int, ...] = ()  # timm ResNets: Bottleneck blocks per stage
     design: resnet.Design = resnet.Design()
     tags: tuple[PretrainedTag, ...] = ()  # timm's published weights (none: untrained)
+    drive_id: str = ""  # the original's released file on Google Drive (the authors' README)
 
     @property
     def tag_names(self) -> tuple[str, ...]:
@@ -87,17 +88,23 @@ _MODELS = {
     m.name: m
     for m in (
         ModelInfo("eca_resnet18", "resnet", (3, 5, 7, 7), "eca_resnet18_k3577.pth.tar",
-                  11_689_556, 44, 70.92, 89.93, 18),
+                  11_689_556, 44, 70.92, 89.93, 18,
+                  drive_id="1LMRFRTyzVifGBi2MUpTuYEWW44S8mwyl"),
         ModelInfo("eca_resnet34", "resnet", (3, 3, 5, 7), "eca_resnet34_k3357.pth.tar",
-                  21_797_744, 72, 74.21, 91.83, 34),
+                  21_797_744, 72, 74.21, 91.83, 34,
+                  drive_id="15LV5Jkea3GPzvLP5__H7Gg88oNQUxBDE"),
         ModelInfo("eca_resnet50", "resnet", (3, 5, 5, 7), "eca_resnet50_k3557.pth.tar",
-                  25_557_112, 80, 77.42, 93.62, 50),
+                  25_557_112, 80, 77.42, 93.62, 50,
+                  drive_id="1670rce333c_lyMWFzBlNZoVUvtxbCF_U"),
         ModelInfo("eca_resnet101", "resnet", (3, 3, 5, 7), "eca_resnet101_k3357.pth.tar",
-                  44_549_317, 157, 78.65, 94.34, 101),
+                  44_549_317, 157, 78.65, 94.34, 101,
+                  drive_id="1b5FQ8yDFnZ_UhvWT9txmjI_LjbKkgnvC"),
         ModelInfo("eca_resnet152", "resnet", (3, 3, 5, 7), "eca_resnet152_k3357.pth.tar",
-                  60_193_042, 234, 78.92, 94.55, 152),
+                  60_193_042, 234, 78.92, 94.55, 152,
+                  drive_id="1_bYnaOg9ptsILC_iC7uQ5Izv-u2rjYG5"),
         ModelInfo("eca_mobilenet_v2", "mobilenet_v2", (1, 3), "eca_mobilenetv2_k13.pth.tar",
-                  3_504_903, 31, 72.56, 90.81),
+                  3_504_903, 31, 72.56, 90.81,
+                  drive_id="1FxzeXPg1SJQZzVVH4HRjMeq_SVMfidUm"),
     )
 }  # fmt: skip
 
@@ -180,6 +187,15 @@ def list_models(source: str | None = None) -> list[str]:
     """Names accepted by ``create_model``; with ``source`` ("ECA-Net", "timm" or "test"), its
     models."""
     return [n for n, m in _MODELS.items() if source is None or m.source == source]
+
+
+def split_tag(name: str) -> tuple[str, str | None]:
+    """('ecaresnet50t', 'a1_in1k') for a timm tag of a known model, else (name, None): timm's
+    ``model.tag`` names, which name the architecture too."""
+    arch, _, tag = name.partition(".")
+    if tag and arch in _MODELS and tag in _MODELS[arch].tag_names:
+        return arch, tag
+    return name, None
 
 
 def resnet_layout(name: str) -> tuple[type, tuple[int, ...], resnet.Design]:

@@ -114,7 +114,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.attention = "eca"  # "eca", "eca_ns" (non-shared ablation), "se" (SE, ResNets) or "none".
     c.num_classes = -1  # -1: the dataset's number of classes.
     c.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params stay float32).
-    c.init_from = ""  # A converter output dir, a training workdir or one of its checkpoints.
+    # A converter output dir, a training workdir or one of its checkpoints, or a released model's
+    # name (ecaresnet50t.ra2_in1k, eca_resnet50, hf-hub:ORG/NAME): downloaded, converted, cached.
+    c.init_from = ""
     # Data.
     c.dataset = "imagenet2012"  # "imagenet2012" (TFDS), "folder:PATH" (train/, val/), "digits:16".
     c.data_dir = ""  # TFDS data dir ("": TFDS's default).
@@ -265,6 +267,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         raise ConfigError(
             f"augment={c.augment!r}: choose 'inception_crop' or 'pad_crop:N' (N pixels)"
         )
+    if c.init_from:
+        _resolve_init_from(c)
     if c.eval_only and c.init_from:
         _eval_from_init(c)
     if not c.eval_interpolation:
@@ -302,6 +306,21 @@ def _resolve_workers(c: ml_collections.ConfigDict) -> None:
     for name in ("data_threads", "data_workers"):
         if c[name] < 0:
             raise ConfigError(f"{name} must be >= 0, got {c[name]}")
+
+
+def _resolve_init_from(c: ml_collections.ConfigDict) -> None:
+    """A released model's name in init_from becomes its converted file in the cache (fetched,
+    checked and converted on first use: ``weights.download.resolve``); paths stay as they are."""
+    from eca_flax.weights import download  # here: only a name needs it
+
+    if os.path.exists(os.path.expanduser(c.init_from)):
+        return
+    try:
+        source = download.parse_source(c.init_from)
+    except PretrainedError:
+        return  # not a name either: build_model names the missing path
+    if source.kind != "local":
+        c.init_from = str(download.resolve(c.init_from))
 
 
 def _eval_from_init(c: ml_collections.ConfigDict) -> None:

@@ -2,8 +2,9 @@
 
 A Hub folder (``hf download timm/ecaresnet50t.ra2_in1k``) holds ``config.json`` (the
 architecture, num_classes and ``pretrained_cfg``: input / test size, crop_pct, interpolation,
-mean, std) and ``model.safetensors`` or ``pytorch_model.bin`` (timm's state_dict). ``read_source``
-reads such a folder or a bare ``.safetensors`` / ``.bin`` / ``.pth`` file. ``infer_timm_arch``
+mean, std) and ``model.safetensors`` (or sharded: ``model.safetensors.index.json`` naming its
+shards) or ``pytorch_model.bin`` (timm's state_dict). ``read_source`` reads such a folder or a
+bare ``.safetensors`` / ``.bin`` / ``.pth`` file. ``infer_timm_arch``
 tells which of timm's ECA-ResNets the tensors are (stem, blocks, groups, per-block widths,
 ECA kernel sizes, classes), from the tensors alone; ``confirm_config`` then checks config.json
 against them, and ``eval_preprocessing`` gives what model.json records.
@@ -28,7 +29,9 @@ from eca_flax.weights import pth
 from eca_flax.weights.arch import ArchSpec, eca_kernel, head_classes
 
 CONFIG = "config.json"
-HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's save_for_hf writes
+SHARD_INDEX = "model.safetensors.index.json"  # sharded safetensors: {"weight_map": {key: file}}
+# what timm's save_for_hf writes (and Hugging Face's sharded form), in the order they are used
+HUB_WEIGHTS = ("model.safetensors", SHARD_INDEX, "pytorch_model.bin")
 DEFAULT_EVAL = {"input_size": 224, "crop_pct": 0.875, "interpolation": "bicubic"}  # timm's _tcfg
 
 
@@ -58,7 +61,36 @@ def read_source(
     weights = next((path / w for w in HUB_WEIGHTS if (path / w).is_file()), None)
     if weights is None:
         raise ConversionError(f"{path}: no {' or '.join(HUB_WEIGHTS)} beside {CONFIG}")
+    if weights.name == SHARD_INDEX:
+        return read_shards(weights), config
     return read_weights_file(weights, allow_unsafe_pickle=allow_unsafe_pickle), config
+
+
+def shard_files(index: Path) -> list[str]:
+    """The shard file names a ``model.safetensors.index.json`` lists (its ``weight_map``'s
+    values, in first-use order); a malformed index is a one-line ConversionError."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ConversionError(f"{index}: unreadable shard index ({one_line(e)})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index}: no weight_map naming the shards")
+    names = list(dict.fromkeys(str(v) for v in weight_map.values()))
+    if bad := [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]:
+        raise ConversionError(f"{index}: {bad[0]!r} is not a .safetensors file beside it")
+    return names
+
+
+def read_shards(index: Path) -> pth.Checkpoint:
+    """One state_dict from the shards a ``model.safetensors.index.json`` names; each key must
+    be in the shard the index says, and every shard must be there."""
+    state_dict: dict[str, np.ndarray] = {}
+    for name in shard_files(index):
+        shard = read_weights_file(index.parent / name)
+        if clash := sorted(set(shard.state_dict) & set(state_dict)):
+            raise ConversionError(f"{index.parent / name}: {clash[0]} is in two shards")
+        state_dict.update(shard.state_dict)
+    return pth.Checkpoint(index, "safetensors", state_dict)
 
 
 def is_safetensors_file(path: Path) -> bool:
