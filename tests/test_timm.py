@@ -133,7 +133,7 @@ def test_parameter_count_exact(name: str) -> None:
 
 
 def test_registry_describes_the_family() -> None:
-    assert eca_flax.list_models("timm") == list(FACTS)
+    assert eca_flax.list_models("timm")[: len(FACTS)] == list(FACTS)  # then issue 30's
     assert set(FACTS) < set(eca_flax.list_models())
     assert eca_flax.list_models("ECA-Net")[0] == "eca_resnet18"
     for (name, tag), (top1, size) in TOP1.items():

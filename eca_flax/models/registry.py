@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.models import mobilenetv2, pruned, resnet
+from eca_flax.models import mobilenetv2, pruned, resnet, vovnet
 from eca_flax.models.layers import adaptive_kernel_size, attention_choice, timm_kernel_size
 
 KSize = None | str | int | Sequence[int]
@@ -52,7 +52,7 @@ class ModelInfo:
     """What was released for one architecture."""
 
     name: str
-    family: str  # "resnet" or "mobilenet_v2"
+    family: str  # "resnet", "mobilenet_v2", or one of OTHER_FAMILIES (timm's other ECA models)
     release_k_size: tuple[int, ...]  # per stage (ResNet) or (k for c < 96, k for c >= 96)
     checkpoint: str  # the original's released file ("" for timm's: see ``tags``)
     params: int
@@ -64,6 +64,9 @@ class ModelInfo:
     layers: tuple[int, ...] = ()  # timm ResNets: Bottleneck blocks per stage
     design: resnet.Design = resnet.Design()
     tags: tuple[PretrainedTag, ...] = ()  # timm's published weights (none: untrained)
+    default_size: int = 224  # timm's default input size (the first tag's, or the cfg's)
+    default_crop_pct: float = 0.875  # ... and its crop_pct (untrained models: the cfg's)
+    size_rule: tuple[str, int] | None = None  # ("only", 256) or ("multiple", 256)
 
     @property
     def tag_names(self) -> tuple[str, ...]:
@@ -166,6 +169,34 @@ _TIMM_MODELS = (
 )  # fmt: skip
 _MODELS.update((m.name, m) for m in _TIMM_MODELS)
 
+# timm's other ECA models (timm_eca_family2_facts.md): their own files, ECA kernels fixed by
+# timm's rule on each layer's channels (no k_size), every layer's key named as timm's.
+OTHER_FAMILIES = {"vovnet": vovnet.VoVNet}
+
+
+def _other(
+    name: str,
+    family: str,
+    params: int,
+    eca_params: int,
+    tags=(),
+    size: int = 224,
+    crop: float = 0.875,
+    size_rule: tuple[str, int] | None = None,
+) -> ModelInfo:
+    """An entry of timm's other ECA families: parameters, ECA weights, tags, default size."""
+    best = max((t.top1 for t in tags), default=None)
+    return ModelInfo(
+        name, family, (), "", params, eca_params, best, None, source=TIMM, tags=tuple(tags),
+        default_size=size, default_crop_pct=crop, size_rule=size_rule,
+    )  # fmt: skip
+
+
+_OTHER_MODELS = (
+    _other("eca_vovnet39b", "vovnet", 22_600_316, 4 * 5),
+)  # fmt: skip
+_MODELS.update((m.name, m) for m in _OTHER_MODELS)
+
 
 def list_models(source: str | None = None) -> list[str]:
     """Names accepted by ``create_model``; with ``source`` ("ECA-Net" or "timm"), its models."""
@@ -209,6 +240,17 @@ def resolve_k_size(name: str, k_size: KSize = None) -> tuple[int, ...]:
     model's rule reads the unpruned widths, as timm's kernels do.
     """
     info = model_info(name)
+    if info.family in OTHER_FAMILIES:
+        if (
+            k_size is None
+            or k_size == "adaptive"
+            or (not isinstance(k_size, str | int) and len(k_size) == 0)
+        ):
+            return ()
+        raise ValueError(
+            f"{name}'s ECA kernel sizes are fixed by timm's rule on each layer's channels; "
+            f"k_size={k_size!r} is not an option (leave it out)"
+        )
     n = 4 if info.family == "resnet" else mobilenetv2.NUM_BLOCKS
     if k_size is None:
         ks: tuple[int, ...] = info.release_k_size
@@ -253,7 +295,7 @@ def create_model(
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
     **kwargs: Any,
-) -> resnet.ECAResNet | mobilenetv2.ECAMobileNetV2:
+) -> nnx.Module:
     """Build a model by name, initialised as the original for training from scratch.
 
     ``attention`` is "eca" (the paper), "eca_ns" (non-shared ablation), "se" (the SE baseline,
@@ -275,6 +317,8 @@ def create_model(
     )
     if info.family == "mobilenet_v2":
         return mobilenetv2.ECAMobileNetV2(ks, **common)
+    if info.family in OTHER_FAMILIES:
+        return OTHER_FAMILIES[info.family](arch=name, **common)
     block, layers, design = resnet_layout(name)
     return resnet.ECAResNet(block, layers, ks, design=design, arch=name, **common)
 
@@ -283,7 +327,9 @@ def arch_of(model: nnx.Module) -> str:
     """The registry name ``model`` was built as (the inverse of ``create_model``'s name)."""
     if isinstance(model, mobilenetv2.ECAMobileNetV2) and model.width_mult == 1.0:
         return "eca_mobilenet_v2"
-    if isinstance(model, resnet.ECAResNet) and getattr(model, "arch", None) in _MODELS:
+    if isinstance(model, (resnet.ECAResNet, *OTHER_FAMILIES.values())) and (
+        getattr(model, "arch", None) in _MODELS
+    ):
         return model.arch
     if isinstance(model, resnet.ECAResNet) and f"eca_resnet{model.depth}" in _MODELS:
         return f"eca_resnet{model.depth}"

@@ -380,6 +380,106 @@ class ECAMobileNetV2(nn.Module):
         return self.classifier(x.mean([2, 3]))
 
 
+# --------------------------------------------------------------------------------------------
+# timm's other ECA families, written from timm_eca_family2_facts.md (module names = its keys).
+
+
+def _timm_k(channels: int) -> int:
+    """timm's ECA kernel rule: t = int((log2 C + 1) / 2), odd, at least 3."""
+    t = int(abs((math.log2(channels) + 1) / 2))
+    return max(t if t % 2 else t + 1, 3)
+
+
+def _eca(channels: int, attention) -> nn.Module | None:
+    return None if attention is None else _attention(attention, channels, _timm_k(channels))
+
+
+class CNA(nn.Module):
+    """conv (no bias, pad ((s-1) + (k-1)) // 2) -> BN -> act: keys ``conv.weight``, ``bn.*``."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, act="relu"):
+        super().__init__()
+        pad = ((stride - 1) + (k - 1)) // 2
+        self.conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = {"relu": nn.ReLU(), "silu": nn.SiLU(), None: nn.Identity()}[act]
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class Head(nn.Module):
+    def __init__(self, features, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class OsaBlock(nn.Module):
+    """VoVNet's OSA block: 5 chained 3x3 CNA, concat [x, y1..y5], 1x1 CNA, ECA, + x if residual."""
+
+    def __init__(self, cin, mid, out, residual, attention):
+        super().__init__()
+        chs = [cin] + [mid] * 5
+        self.conv_mid = nn.Sequential(*[CNA(c, mid, 3) for c in chs[:-1]])
+        self.conv_concat = CNA(cin + 5 * mid, out, 1)
+        self.attn = _eca(out, attention)
+        self.residual = residual
+
+    def forward(self, x):
+        outs = [x]
+        for layer in self.conv_mid:
+            outs.append(layer(outs[-1]))
+        y = self.conv_concat(torch.cat(outs, 1))
+        if self.attn is not None:
+            y = self.attn(y)
+        return y + x if self.residual else y
+
+
+class OsaStage(nn.Module):
+    def __init__(self, blocks, downsample):
+        super().__init__()
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(self.pool(x))
+
+
+class VoVNet(nn.Module):
+    """eca_vovnet39b: stem 3 CNA (64 s2, 64, 128 s2), OSA stages, avg pool, fc."""
+
+    def __init__(self, name, num_classes=1000, attention="eca"):
+        super().__init__()
+        self.stem = nn.Sequential(CNA(3, 64, 3, 2), CNA(64, 64, 3), CNA(64, 128, 3, 2))
+        stages, cin = [], 128
+        for i, (mid, out, n) in enumerate(
+            ((128, 256, 1), (160, 512, 1), (192, 768, 2), (224, 1024, 2))
+        ):
+            blocks = []
+            for b in range(n):
+                blocks.append(OsaBlock(cin, mid, out, b > 0, attention if b == n - 1 else None))
+                cin = out
+            stages.append(OsaStage(blocks, i > 0))
+        self.stages = nn.Sequential(*stages)
+        self.head = Head(cin, num_classes)
+
+    def stage_features(self, x):
+        x, out = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+    def forward(self, x):
+        return self.head(self.stage_features(x)[-1])
+
+
+FAMILY_REFERENCES = {"vovnet": VoVNet}
+
+
 def build(
     name: str, *, k_size: KSize = None, num_classes: int = 1000, attention: str | None = "eca"
 ) -> nn.Module:
@@ -392,6 +492,8 @@ def build(
     attention = model_attention(name, attention)
     if info.family == "mobilenet_v2":
         return ECAMobileNetV2(num_classes, attention=attention, block_k_sizes=ks)
+    if info.family in FAMILY_REFERENCES:
+        return FAMILY_REFERENCES[info.family](name, num_classes, attention)
     block, layers, design = resnet_layout(name)
     if info.source == TIMM:
         return TimmResNet(layers, design, num_classes, ks, attention)
@@ -485,32 +587,39 @@ def stage_features(model: nn.Module, images) -> list[np.ndarray]:
 
 def hub_config(name: str, model: nn.Module, tag: str | None = None) -> dict:
     """config.json as timm's ``save_for_hf`` writes it for ``name`` (tag: the registry's first),
-    its pretrained_cfg from the registry (timm_eca_facts.md)."""
+    its pretrained_cfg from the registry (timm_eca_facts.md, timm_eca_family2_facts.md)."""
     info = model_info(name)
     t = next((t for t in info.tags if t.tag == tag), info.tags[0] if info.tags else None)
-    input_size, crop = (t.input_size, t.crop_pct) if t else (224, 0.875)
+    input_size, crop = (
+        (t.input_size, t.crop_pct) if t else (info.default_size, info.default_crop_pct)
+    )
     test_size, test_crop = (t.test_size, t.test_crop_pct) if t else (input_size, crop)
+    fc = model.head.fc if hasattr(model, "head") else model.fc
+    if hasattr(model, "head"):
+        first_conv = next(k for k in model.state_dict() if k.endswith("weight")).rsplit(".", 1)[0]
+    else:
+        first_conv = "conv1" if isinstance(model.conv1, nn.Conv2d) else "conv1.0"
     pretrained_cfg = {
         "tag": t.tag if t else "untrained",
         "custom_load": False,
         "input_size": [3, input_size, input_size],
         "test_input_size": [3, test_size, test_size],
-        "fixed_input_size": False,
+        "fixed_input_size": info.size_rule is not None and info.size_rule[0] == "only",
         "interpolation": t.interpolation if t else "bicubic",
         "crop_pct": crop,
         "test_crop_pct": test_crop,
         "crop_mode": "center",
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
-        "num_classes": model.fc.out_features,
+        "num_classes": fc.out_features,
         "pool_size": [input_size // 32, input_size // 32],
-        "first_conv": "conv1" if isinstance(model.conv1, nn.Conv2d) else "conv1.0",
-        "classifier": "fc",
+        "first_conv": first_conv,
+        "classifier": "head.fc" if hasattr(model, "head") else "fc",
     }
     return {
         "architecture": name,
-        "num_classes": model.fc.out_features,
-        "num_features": model.fc.in_features,
+        "num_classes": fc.out_features,
+        "num_features": fc.in_features,
         "global_pool": "avg",
         "pretrained_cfg": pretrained_cfg,
     }

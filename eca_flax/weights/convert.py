@@ -41,7 +41,7 @@ from eca_flax.models.registry import (
     resolve_k_size,
     weight_paths,
 )
-from eca_flax.weights import hub, pth
+from eca_flax.weights import families, hub, pth
 from eca_flax.weights.arch import ArchSpec, eca_kernel, format_k_size, head_classes
 from eca_flax.weights.pretrained import (
     check_destination,
@@ -195,6 +195,8 @@ def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
     particular not the file's 'arch' entry or config.json) is consulted.
     """
     sd = strip_prefix(state_dict)
+    if spec := families.infer_family_arch(sd):
+        return spec
     if hub.is_timm_layout(sd):
         return hub.infer_timm_arch(sd)
     if foreign := hub.foreign_timm_model(sd):

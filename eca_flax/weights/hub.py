@@ -260,8 +260,8 @@ def eval_preprocessing(arch: str, config: Mapping | None) -> dict:
         t = info.tags[0] if info.tags else None
         tag = t.tag if t else None
         origin = f"eca_flax's registry ({arch}.{tag})" if t else "timm's defaults"
-        input_size = t.input_size if t else DEFAULT_EVAL["input_size"]
-        crop = t.crop_pct if t else DEFAULT_EVAL["crop_pct"]
+        input_size = t.input_size if t else info.default_size  # timm's cfg (224 by default)
+        crop = t.crop_pct if t else info.default_crop_pct
         test_size, test_crop = (t.test_size, t.test_crop_pct) if t else (input_size, crop)
         interpolation = t.interpolation if t else DEFAULT_EVAL["interpolation"]
         mean, std = EVAL_MEAN_STD
