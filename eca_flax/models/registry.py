@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.models import mobilenetv2, pruned, resnet, vovnet
+from eca_flax.models import byob, mobilenetv2, pruned, resnet, vovnet
 from eca_flax.models.layers import adaptive_kernel_size, attention_choice, timm_kernel_size
 
 KSize = None | str | int | Sequence[int]
@@ -171,7 +171,7 @@ _MODELS.update((m.name, m) for m in _TIMM_MODELS)
 
 # timm's other ECA models (timm_eca_family2_facts.md): their own files, ECA kernels fixed by
 # timm's rule on each layer's channels (no k_size), every layer's key named as timm's.
-OTHER_FAMILIES = {"vovnet": vovnet.VoVNet}
+OTHER_FAMILIES = {"vovnet": vovnet.VoVNet, "byob": byob.ByobNet}
 
 
 def _other(
@@ -194,6 +194,14 @@ def _other(
 
 _OTHER_MODELS = (
     _other("eca_vovnet39b", "vovnet", 22_600_316, 4 * 5),
+    _other("eca_resnet33ts", "byob", 19_676_302, 2 * 3 + 8 * 5,
+           [PretrainedTag("ra2_in1k", 256, 0.9, 288, 1.0, 80.716)], 256, 0.9),
+    _other("eca_resnext26ts", "byob", 10_297_988, 2 * 3 + 6 * 5,
+           [PretrainedTag("ch_in1k", 256, 0.9, 288, 1.0, 78.020)], 256, 0.9),
+    _other("eca_botnext26ts_256", "byob", 10_593_301, 2 * 3 + 3 * 5,
+           [PretrainedTag("c1_in1k", 256, 0.95, 256, 0.95, 79.262)], 256, 0.95, ("only", 256)),
+    _other("eca_halonext26ts", "byob", 10_756_885, 2 * 3 + 3 * 5,
+           [PretrainedTag("c1_in1k", 256, 0.94, 256, 0.94, 79.518)], 256, 0.94, ("multiple", 256)),
 )  # fmt: skip
 _MODELS.update((m.name, m) for m in _OTHER_MODELS)
 
@@ -275,6 +283,13 @@ def resolve_k_size(name: str, k_size: KSize = None) -> tuple[int, ...]:
     if bad:
         raise ValueError(f"ECA kernel sizes must be positive odd numbers, got {ks}")
     return ks
+
+
+def check_input_size(name: str, height: int, width: int | None = None) -> None:
+    """ValueError in one line naming the rule when ``name`` cannot take a height x width input
+    (eca_botnext26ts_256: 256 only; eca_halonext26ts: multiples of 256); others take any."""
+    if model_info(name).family == "byob":
+        byob.check_input_size(name, height, height if width is None else width)
 
 
 def model_attention(name: str, attention: Any) -> str | None:

@@ -477,7 +477,177 @@ class VoVNet(nn.Module):
         return self.head(self.stage_features(x)[-1])
 
 
-FAMILY_REFERENCES = {"vovnet": VoVNet}
+class ByobBottleneck(nn.Module):
+    """byobnet's BottleneckBlock: CNA 1x1, CNA 3x3 (stride, groups), ECA on mid, conv 1x1 + BN,
+    + shortcut (strided 1x1 conv + BN), SiLU."""
+
+    def __init__(self, cin, cout, stride, groups, attention):
+        super().__init__()
+        mid = cout // 4
+        self.conv1_1x1 = CNA(cin, mid, 1, act="silu")
+        self.conv2_kxk = CNA(mid, mid, 3, stride, groups, act="silu")
+        self.attn = _eca(mid, attention)
+        self.conv3_1x1 = CNA(mid, cout, 1, act=None)
+        self.shortcut = CNA(cin, cout, 1, stride, act=None) if stride > 1 or cin != cout else None
+
+    def forward(self, x):
+        h = self.conv2_kxk(self.conv1_1x1(x))
+        if self.attn is not None:
+            h = self.attn(h)
+        h = self.conv3_1x1(h)
+        return nn.functional.silu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class RelPos(nn.Module):
+    def __init__(self, window, dim_head=16):
+        super().__init__()
+        self.height_rel = nn.Parameter(0.25 * torch.randn(2 * window - 1, dim_head))
+        self.width_rel = nn.Parameter(0.25 * torch.randn(2 * window - 1, dim_head))
+
+
+def _rel_logits(q, rel, queries, keys):
+    """q (..., queries, d) . rel[k - q + keys - 1] -> (..., queries, keys)."""
+    idx = torch.arange(keys)[None, :] - torch.arange(queries)[:, None] + keys - 1
+    return torch.einsum("...qd,qkd->...qk", q, rel[idx])
+
+
+class BotAttn(nn.Module):
+    """BoT: 4 heads, q/k 16, v = mid/4; qkv channels [Q | K | V], head-major; all-to-all on
+    F x F; logits 0.25 q.k + q.Rh[h'-h+F-1] + q.Rw[w'-w+F-1]; AvgPool 2 when strided."""
+
+    def __init__(self, dim, stride, feat):
+        super().__init__()
+        self.dim, self.stride, self.feat = dim, stride, feat
+        self.qkv = nn.Conv2d(dim, 128 + dim, 1, bias=False)
+        self.pos_embed = RelPos(feat)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        assert (h, w) == (self.feat, self.feat)
+        dv = self.dim // 4
+        q, k, v = torch.split(self.qkv(x), [64, 64, self.dim], dim=1)
+        q = q.reshape(b, 4, 16, h, w).permute(0, 1, 3, 4, 2)  # b n h w d
+        k = k.reshape(b, 4, 16, h * w)
+        v = v.reshape(b, 4, dv, h * w)
+        logits = 0.25 * torch.einsum("bnhwd,bndp->bnhwp", q, k).reshape(b, 4, h, w, h, w)
+        qt = q.permute(0, 1, 3, 2, 4)  # b n w h d: h is the query axis
+        rh = _rel_logits(qt, self.pos_embed.height_rel, h, h).permute(0, 1, 3, 2, 4)
+        rw = _rel_logits(q, self.pos_embed.width_rel, w, w)
+        logits = logits + rh[..., :, None] + rw[..., None, :]
+        attn = logits.reshape(b, 4, h * w, h * w).softmax(-1)
+        out = torch.einsum("bnqp,bncp->bncq", attn, v).reshape(b, self.dim, h, w)
+        return nn.functional.avg_pool2d(out, 2) if self.stride == 2 else out
+
+
+class HaloAttnT(nn.Module):
+    """Halo: 8 heads, q/k 16, v = mid/8, block 8, halo 2; q conv strided; kv per head [k|v];
+    12x12 windows of the zero-padded kv (unmasked); local relative indices."""
+
+    def __init__(self, dim, stride):
+        super().__init__()
+        self.dim, self.stride = dim, stride
+        self.q = nn.Conv2d(dim, 128, 1, stride=stride, bias=False)
+        self.kv = nn.Conv2d(dim, 128 + dim, 1, bias=False)
+        self.pos_embed = RelPos(12)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        dv, bq = self.dim // 8, 8 // self.stride
+        q = self.q(x)
+        kv = nn.functional.pad(self.kv(x), (2, 2, 2, 2))
+        out = torch.zeros(b, self.dim, h // self.stride, w // self.stride)
+        for i in range(h // 8):
+            for j in range(w // 8):
+                qb = q[:, :, i * bq : (i + 1) * bq, j * bq : (j + 1) * bq]
+                qb = qb.reshape(b, 8, 16, bq, bq).permute(0, 1, 3, 4, 2)  # b n qh qw d
+                win = kv[:, :, 8 * i : 8 * i + 12, 8 * j : 8 * j + 12].reshape(
+                    b, 8, 16 + dv, 12, 12
+                )
+                kb, vb = win[:, :, :16], win[:, :, 16:]
+                logits = 0.25 * torch.einsum("bnhwd,bndkl->bnhwkl", qb, kb)
+                idx = torch.arange(12)[None, :] - torch.arange(bq)[:, None] + 11
+                th = self.pos_embed.height_rel[idx]  # (bq, 12, d)
+                tw = self.pos_embed.width_rel[idx]
+                logits = logits + torch.einsum("bnhwd,hkd->bnhwk", qb, th)[..., :, None]
+                logits = logits + torch.einsum("bnhwd,wld->bnhwl", qb, tw)[..., None, :]
+                attn = logits.reshape(b, 8, bq, bq, 144).softmax(-1).reshape(logits.shape)
+                o = torch.einsum("bnhwkl,bnckl->bnchw", attn, vb).reshape(b, self.dim, bq, bq)
+                out[:, :, i * bq : (i + 1) * bq, j * bq : (j + 1) * bq] = o
+        return out
+
+
+class ByobSelfAttn(nn.Module):
+    """byoanet's SelfAttnBlock: CNA 1x1, BoT / Halo, post_attn BN + SiLU, conv 1x1 + BN,
+    + shortcut, SiLU."""
+
+    def __init__(self, cin, cout, stride, kind, feat):
+        super().__init__()
+        mid = cout // 4
+        self.conv1_1x1 = CNA(cin, mid, 1, act="silu")
+        self.self_attn = BotAttn(mid, stride, feat) if kind == "bot" else HaloAttnT(mid, stride)
+        self.post_attn = nn.BatchNorm2d(mid)
+        self.conv3_1x1 = CNA(mid, cout, 1, act=None)
+        self.shortcut = CNA(cin, cout, 1, stride, act=None) if stride > 1 or cin != cout else None
+
+    def forward(self, x):
+        h = nn.functional.silu(self.post_attn(self.self_attn(self.conv1_1x1(x))))
+        h = self.conv3_1x1(h)
+        return nn.functional.silu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ByobStem(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.conv1 = CNA(3, 24, 3, 2, act="silu")
+        self.conv2 = CNA(24, 32, 3, act="silu")
+        self.conv3 = CNA(32, 64, 3, 1 if pool else 2, act="silu")
+        self.pool = nn.MaxPool2d(3, 2, 1) if pool else nn.Identity()
+
+    def forward(self, x):
+        return self.pool(self.conv3(self.conv2(self.conv1(x))))
+
+
+class ByobNet(nn.Module):
+    """timm's ECA ByobNets from the facts: tiered stem, bottleneck / self-attention stages,
+    [final_conv], avg pool, fc. Depths and widths as in ``byob.DESIGNS`` (the facts' table)."""
+
+    def __init__(self, name, num_classes=1000, attention="eca"):
+        super().__init__()
+        from eca_flax.models.byob import DESIGNS, SELF_ATTN_BLOCKS
+
+        d = DESIGNS[name]
+        self.stem = ByobStem(d.stem_pool)
+        stages, cin, feat = [], 64, 64
+        for s, (n, cout) in enumerate(zip(d.depths, d.widths)):
+            blocks = []
+            for b in range(n):
+                stride = 2 if s > 0 and b == 0 else 1
+                if d.self_attn and (s, b) in SELF_ATTN_BLOCKS:
+                    blocks.append(ByobSelfAttn(cin, cout, stride, d.self_attn, feat))
+                else:
+                    groups = cout // 4 // d.group_size if d.group_size else 1
+                    blocks.append(ByobBottleneck(cin, cout, stride, groups, attention))
+                feat //= stride
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.final_conv = CNA(cin, d.final_chs, 1, act="silu") if d.final_chs else None
+        self.head = Head(d.final_chs or cin, num_classes)
+
+    def stage_features(self, x):
+        x, out = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        if self.final_conv is not None:
+            out[-1] = self.final_conv(out[-1])
+        return out
+
+    def forward(self, x):
+        return self.head(self.stage_features(x)[-1])
+
+
+FAMILY_REFERENCES = {"vovnet": VoVNet, "byob": ByobNet}
 
 
 def build(
@@ -531,6 +701,8 @@ def residual_scale(name: str) -> float:
     ecaresnet200d / 269d (66 and 89 blocks) 0.1.
     """
     info = model_info(name)
+    if info.family == "byob":
+        return 0.5  # as trained networks' small last BN: ~10 blocks stay well conditioned
     blocks = sum(resnet_layout(name)[1]) if info.family == "resnet" else 0
     return 1.0 if blocks <= 16 else 0.25 if blocks <= 50 else 0.1
 
@@ -558,6 +730,11 @@ def randomize(model: nn.Module, seed: int = 0, residual_scale: float = 1.0) -> n
             elif isinstance(m, nn.Conv1d):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g))
         for m in model.modules():
+            if isinstance(m, ByobBottleneck | ByobSelfAttn):
+                m.conv3_1x1.bn.weight.mul_(residual_scale)
+            if isinstance(m, RelPos):
+                m.height_rel.copy_(0.25 * torch.randn(m.height_rel.shape, generator=g))
+                m.width_rel.copy_(0.25 * torch.randn(m.width_rel.shape, generator=g))
             if isinstance(m, ECABottleneck | ECABasicBlock | TimmBottleneck):
                 (m.bn2 if isinstance(m, ECABasicBlock) else m.bn3).weight.mul_(residual_scale)
     return model

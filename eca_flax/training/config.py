@@ -272,6 +272,11 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     _choice("eval_interpolation", c.eval_interpolation, ("bilinear", "bicubic"))
     if c.eval_image_size <= 0:
         c.eval_image_size = c.image_size
+    for field in ("image_size", "eval_image_size"):
+        try:
+            registry.check_input_size(c.model, c[field])
+        except ValueError as e:
+            raise ConfigError(f"{field}={c[field]}: {e}") from None
     if 0 < c.eval_resize_size < c.eval_image_size:
         raise ConfigError(
             f"eval_resize_size={c.eval_resize_size} is below eval_image_size="

@@ -118,15 +118,13 @@ def is_timm_layout(sd: Mapping[str, Any]) -> bool:
 
 
 def foreign_timm_model(sd: Mapping[str, Any]) -> str | None:
-    """A one-line description of a timm state_dict from outside timm/models/resnet.py (byobnet:
-    ``stem.*`` + ``stages.N.M.*``, e.g. eca_resnet33ts), else None."""
+    """A one-line description of a timm state_dict with ``stem.*`` + ``stages.*`` keys that none
+    of eca_flax's families (``weights.families``) recognised, else None."""
     if any(k.startswith("stages.") for k in sd) and any(k.startswith("stem.") for k in sd):
-        eca = any(re.search(r"\.attn\.conv\.weight$", k) for k in sd)
-        kind = " with ECA (e.g. eca_resnet33ts)" if eca else ""
         return (
-            f"a timm byobnet model{kind} (keys stem.*, stages.N.M.*: {', '.join(sorted(sd)[:2])}"
-            ", ...), outside the family eca_flax converts (timm's ECA-ResNets from "
-            "timm/models/resnet.py, e.g. ecaresnet50t, and the original ECA-Net's)"
+            f"a timm model with keys stem.*, stages.N.* ({', '.join(sorted(sd)[:2])}, ...) "
+            "that is none of eca_flax's timm layouts (the ECA-ResNets of timm/models/resnet.py, "
+            "ECA-VoVNet, the ECA ByobNets, the NF ECA networks)"
         )
     return None
 
