@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.models import byob, mobilenetv2, pruned, resnet, vovnet
+from eca_flax.models import byob, mobilenetv2, nfnet, pruned, resnet, vovnet
 from eca_flax.models.layers import adaptive_kernel_size, attention_choice, timm_kernel_size
 
 KSize = None | str | int | Sequence[int]
@@ -171,7 +171,7 @@ _MODELS.update((m.name, m) for m in _TIMM_MODELS)
 
 # timm's other ECA models (timm_eca_family2_facts.md): their own files, ECA kernels fixed by
 # timm's rule on each layer's channels (no k_size), every layer's key named as timm's.
-OTHER_FAMILIES = {"vovnet": vovnet.VoVNet, "byob": byob.ByobNet}
+OTHER_FAMILIES = {"vovnet": vovnet.VoVNet, "byob": byob.ByobNet, "nfnet": nfnet.NormFreeNet}
 
 
 def _other(
@@ -193,6 +193,16 @@ def _other(
 
 
 _OTHER_MODELS = (
+    _other("eca_nfnet_l0", "nfnet", 24_143_924, 12 * 5,
+           [PretrainedTag("ra2_in1k", 224, 0.9, 288, 1.0, 82.590)], 224, 0.9),
+    _other("eca_nfnet_l1", "nfnet", 41_407_728, 24 * 5,
+           [PretrainedTag("ra2_in1k", 256, 0.9, 320, 1.0, 84.062)], 256, 0.9),
+    _other("eca_nfnet_l2", "nfnet", 56_722_348, 36 * 5,
+           [PretrainedTag("ra3_in1k", 320, 0.9, 384, 1.0, 84.710)], 320, 0.9),
+    _other("eca_nfnet_l3", "nfnet", 72_036_968, 48 * 5, (), 352, 0.9),
+    _other("nf_ecaresnet26", "nfnet", 15_995_220, 6 * 5 + 2 * 7, (), 224, 0.9),
+    _other("nf_ecaresnet50", "nfnet", 25_557_118, 13 * 5 + 3 * 7, (), 224, 0.9),
+    _other("nf_ecaresnet101", "nfnet", 44_549_331, 30 * 5 + 3 * 7, (), 224, 0.9),
     _other("eca_vovnet39b", "vovnet", 22_600_316, 4 * 5),
     _other("eca_resnet33ts", "byob", 19_676_302, 2 * 3 + 8 * 5,
            [PretrainedTag("ra2_in1k", 256, 0.9, 288, 1.0, 80.716)], 256, 0.9),

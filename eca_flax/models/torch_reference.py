@@ -647,7 +647,135 @@ class ByobNet(nn.Module):
         return self.head(self.stage_features(x)[-1])
 
 
-FAMILY_REFERENCES = {"vovnet": VoVNet, "byob": ByobNet}
+class WSConv(nn.Conv2d):
+    """ScaledStdConv2d from the facts: conv(x, gain * gamma * (W - mu) / sqrt(var + 1e-5) /
+    sqrt(N)) + bias, population variance over each output channel's N weights."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, gamma=1.0):
+        pad = ((stride - 1) + (k - 1)) // 2
+        super().__init__(cin, cout, k, stride, pad, groups=groups, bias=True)
+        self.gain = nn.Parameter(torch.ones(cout, 1, 1, 1))
+        self.gamma = gamma
+
+    def forward(self, x):
+        w = self.weight
+        n = w[0].numel()
+        mu = w.mean((1, 2, 3), keepdim=True)
+        var = ((w - mu) ** 2).mean((1, 2, 3), keepdim=True)
+        w = self.gain * self.gamma * (w - mu) / torch.sqrt(var + 1e-5) / math.sqrt(n)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, 1, self.groups)
+
+
+class NfDownsample(nn.Module):
+    def __init__(self, cin, cout, stride, gamma):
+        super().__init__()
+        self.pool = (
+            nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+            if stride > 1
+            else nn.Identity()
+        )
+        self.conv = WSConv(cin, cout, 1, gamma=gamma)
+
+    def forward(self, x):
+        return self.conv(self.pool(x))
+
+
+class NfBlock(nn.Module):
+    """NormFreeBlock from the facts: a = beta * act(x); shortcut = downsample(a) or x;
+    conv1, act, conv2 (stride, groups), [act, conv2b], act, conv3; 2 * ECA; alpha * h + shortcut."""
+
+    def __init__(self, cin, cout, stride, beta, groups, conv2b, act, gamma, attention):
+        super().__init__()
+        mid = cout // 4
+        self.beta, self.act = beta, {"silu": nn.functional.silu, "relu": nn.functional.relu}[act]
+        need = stride > 1 or cin != cout
+        self.downsample = NfDownsample(cin, cout, stride, gamma) if need else None
+        self.conv1 = WSConv(cin, mid, 1, gamma=gamma)
+        self.conv2 = WSConv(mid, mid, 3, stride, groups, gamma)
+        self.conv2b = WSConv(mid, mid, 3, 1, groups, gamma) if conv2b else None
+        self.conv3 = WSConv(mid, cout, 1, gamma=gamma)
+        self.attn_last = _eca(cout, attention)
+
+    def forward(self, x):
+        a = self.act(x) * self.beta
+        shortcut = x if self.downsample is None else self.downsample(a)
+        h = self.conv2(self.act(self.conv1(a)))
+        if self.conv2b is not None:
+            h = self.conv2b(self.act(h))
+        h = self.conv3(self.act(h))
+        if self.attn_last is not None:
+            h = 2.0 * self.attn_last(h)
+        return 0.2 * h + shortcut
+
+
+class NfQuadStem(nn.Module):
+    def __init__(self, gamma):
+        super().__init__()
+        self.conv1 = WSConv(3, 16, 3, 2, gamma=gamma)
+        self.conv2 = WSConv(16, 32, 3, gamma=gamma)
+        self.conv3 = WSConv(32, 64, 3, gamma=gamma)
+        self.conv4 = WSConv(64, 128, 3, 2, gamma=gamma)
+
+    def forward(self, x):
+        f = nn.functional.silu
+        return self.conv4(f(self.conv3(f(self.conv2(f(self.conv1(x)))))))
+
+
+class NfResStem(nn.Module):
+    def __init__(self, gamma):
+        super().__init__()
+        self.conv = WSConv(3, 64, 7, 2, gamma=gamma)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.pool(self.conv(x))
+
+
+class NormFreeNet(nn.Module):
+    """eca_nfnet_l* / nf_ecaresnet* from the facts' table (depths, widths in nfnet.DESIGNS)."""
+
+    def __init__(self, name, num_classes=1000, attention="eca"):
+        super().__init__()
+        from eca_flax.models.nfnet import DESIGNS
+
+        d = DESIGNS[name]
+        gamma = {"silu": 1.7881293296813965, "relu": 1.7139588594436646}[d.act]
+        self.act = {"silu": nn.functional.silu, "relu": nn.functional.relu}[d.act]
+        quad = d.stem == "quad"
+        self.stem = NfQuadStem(gamma) if quad else NfResStem(gamma)
+        cin, var, stages = 128 if quad else 64, 1.0, []
+        for s, (n, cout) in enumerate(zip(d.depths, d.widths)):
+            blocks = []
+            for b in range(n):
+                stride = 2 if s > 0 and b == 0 else 1
+                groups = cout // 4 // d.group_size if d.group_size else 1
+                beta = var**-0.5
+                blocks.append(
+                    NfBlock(cin, cout, stride, beta, groups, d.conv2b, d.act, gamma, attention)
+                )
+                var = 1.0 if b == 0 else var  # the shortcut of block 0 resets the variance
+                var += 0.2**2
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.final_conv = WSConv(cin, d.final_chs, 1, gamma=gamma) if d.final_chs else None
+        self.head = Head(d.final_chs or cin, num_classes)
+
+    def stage_features(self, x):
+        x, out = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        if self.final_conv is not None:
+            out[-1] = self.final_conv(out[-1])
+        out[-1] = self.act(out[-1])
+        return out
+
+    def forward(self, x):
+        return self.head(self.stage_features(x)[-1])
+
+
+FAMILY_REFERENCES = {"vovnet": VoVNet, "byob": ByobNet, "nfnet": NormFreeNet}
 
 
 def build(
@@ -701,7 +829,7 @@ def residual_scale(name: str) -> float:
     ecaresnet200d / 269d (66 and 89 blocks) 0.1.
     """
     info = model_info(name)
-    if info.family == "byob":
+    if info.family in ("byob", "nfnet"):
         return 0.5  # as trained networks' small last BN: ~10 blocks stay well conditioned
     blocks = sum(resnet_layout(name)[1]) if info.family == "resnet" else 0
     return 1.0 if blocks <= 16 else 0.25 if blocks <= 50 else 0.1
@@ -729,12 +857,17 @@ def randomize(model: nn.Module, seed: int = 0, residual_scale: float = 1.0) -> n
                 m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
             elif isinstance(m, nn.Conv1d):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-        for m in model.modules():
-            if isinstance(m, ByobBottleneck | ByobSelfAttn):
-                m.conv3_1x1.bn.weight.mul_(residual_scale)
+            if isinstance(m, WSConv):
+                m.gain.copy_(0.5 + torch.rand(m.gain.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
             if isinstance(m, RelPos):
                 m.height_rel.copy_(0.25 * torch.randn(m.height_rel.shape, generator=g))
                 m.width_rel.copy_(0.25 * torch.randn(m.width_rel.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, ByobBottleneck | ByobSelfAttn):
+                m.conv3_1x1.bn.weight.mul_(residual_scale)
+            if isinstance(m, NfBlock):  # small last gain, as trained residual branches have
+                m.conv3.gain.mul_(residual_scale)
             if isinstance(m, ECABottleneck | ECABasicBlock | TimmBottleneck):
                 (m.bn2 if isinstance(m, ECABasicBlock) else m.bn3).weight.mul_(residual_scale)
     return model
