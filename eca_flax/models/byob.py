@@ -259,7 +259,8 @@ class TieredStem(nnx.Module):
 class ByobNet(nnx.Module):
     """One of timm's ECA ByobNets (``DESIGNS``) for NHWC images; float32 logits.
 
-    ``attention``: "eca" (timm's), "eca_ns" or None (the bottlenecks' ECA layers).
+    ``attention``: "eca" (timm's), "eca_ns" or None (the bottlenecks' ECA layers); ``design``
+    replaces ``arch``'s (a smaller network of the same blocks, say).
     ``num_classes=0`` builds a backbone without ``head`` (``stage_features`` only).
     """
 
@@ -269,11 +270,12 @@ class ByobNet(nnx.Module):
         arch: str,
         num_classes: int = 1000,
         attention: str | None = "eca",
+        design: ByobDesign | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        design = DESIGNS[arch]
+        design = DESIGNS[arch] if design is None else design  # another design: e.g. tests
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.arch, self.dtype, self.k_size = arch, dtype, ()
         self.attention = attention_choice(attention)

@@ -217,7 +217,8 @@ def betas(depths: tuple[int, ...]) -> list[list[float]]:
 class NormFreeNet(nnx.Module):
     """One of timm's NF ECA networks (``DESIGNS``) for NHWC images; float32 logits; any size.
 
-    ``attention``: "eca" (timm's), "eca_ns" or None. ``num_classes=0`` builds a backbone
+    ``attention``: "eca" (timm's), "eca_ns" or None; ``design`` replaces ``arch``'s (a smaller
+    network of the same blocks, say). ``num_classes=0`` builds a backbone
     without ``head`` (``stage_features`` only). No BatchNorm: no batch statistics.
     """
 
@@ -227,11 +228,12 @@ class NormFreeNet(nnx.Module):
         arch: str,
         num_classes: int = 1000,
         attention: str | None = "eca",
+        design: NfDesign | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        design = DESIGNS[arch]
+        design = DESIGNS[arch] if design is None else design  # another design: e.g. tests
         self.arch, self.dtype, self.k_size, self.act = arch, dtype, (), design.act
         self.attention = attention_choice(attention)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -80,8 +80,9 @@ class OsaStage(nnx.Module):
 class VoVNet(nnx.Module):
     """ECA-VoVNet-39b for NHWC images (ImageNet mean/std); float32 logits; any input size.
 
-    ``attention`` is "eca" (timm's), "eca_ns" or None (no attention layers). ``num_classes=0``
-    builds a backbone without ``head`` (``stage_features`` only).
+    ``attention`` is "eca" (timm's), "eca_ns" or None (no attention layers); ``stages``: per
+    stage (conv chs, out chs, blocks), eca_vovnet39b's by default (another: e.g. tests).
+    ``num_classes=0`` builds a backbone without ``head`` (``stage_features`` only).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class VoVNet(nnx.Module):
         arch: str = "eca_vovnet39b",
         num_classes: int = 1000,
         attention: str | None = "eca",
+        stages: tuple[tuple[int, int, int], ...] = STAGES,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -103,8 +105,8 @@ class VoVNet(nnx.Module):
             ConvNormAct(c0, c1, 3, **kw),
             ConvNormAct(c1, c2, 3, stride=2, **kw),
         ])  # fmt: skip
-        stages, in_ch = [], c2
-        for i, (mid, out, n) in enumerate(STAGES):
+        built, in_ch = [], c2
+        for i, (mid, out, n) in enumerate(stages):
             blocks = []
             for b in range(n):
                 last = b == n - 1
@@ -114,8 +116,8 @@ class VoVNet(nnx.Module):
                     )
                 )
                 in_ch = out
-            stages.append(OsaStage(blocks, downsample=i > 0))
-        self.stages = Sequential(stages)
+            built.append(OsaStage(blocks, downsample=i > 0))
+        self.stages = Sequential(built)
         self.num_features = in_ch
         self.head = Head(in_ch, num_classes, **kw) if num_classes else None
 
