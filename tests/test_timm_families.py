@@ -490,3 +490,29 @@ def test_family_trains(family: str) -> None:
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    ("config", "model", "eval_size", "agc"),
+    [
+        ("eca_nfnet_l0", "eca_nfnet_l0", 288, 0.01),
+        ("eca_resnext26ts", "eca_resnext26ts", 288, 0.0),
+        ("eca_vovnet39b", "eca_vovnet39b", 224, 0.0),
+    ],
+)
+def test_family_configs_resolve(config: str, model: str, eval_size: int, agc: float) -> None:
+    """configs/<family>.py: the model, the mirrored tag's test size (bicubic), AGC for NF."""
+    from eca_flax.training import config as cfg
+
+    c = cfg.load_config_file(str(REPO / "configs" / f"{config}.py"))
+    r = cfg.resolve_config(c)
+    assert (r.model, r.eval_image_size, r.eval_interpolation, r.agc_clip) == (
+        model,
+        eval_size,
+        "bicubic",
+        agc,
+    )
+    if config == "eca_resnext26ts":  # BoT in the same file at another size: one line
+        c.model, c.image_size = "eca_botnext26ts_256", 224
+        with pytest.raises(cfg.ConfigError, match="image_size=224: .*256x256 input only"):
+            cfg.resolve_config(c)

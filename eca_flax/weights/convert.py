@@ -375,7 +375,8 @@ def convert_file(
     if spec.attention is None:
         log("note: no ECA layers in this state_dict: converted as the plain model (attention=None)")
     if verify:
-        images, what = verification_images()
+        rule = model_info(spec.arch).size_rule  # BoT / Halo: 256 (the size they take)
+        images, what = verification_images(rule[1] if rule else 224)
         check = verify_backbone_with_torch if detection else verify_with_torch
         result = check(model, spec, checkpoint.state_dict, images)
         log(f"verify ({what}): {result.describe()}")
