@@ -209,9 +209,11 @@ _OTHER_MODELS = (
     _other("eca_resnext26ts", "byob", 10_297_988, 2 * 3 + 6 * 5,
            [PretrainedTag("ch_in1k", 256, 0.9, 288, 1.0, 78.020)], 256, 0.9),
     _other("eca_botnext26ts_256", "byob", 10_593_301, 2 * 3 + 3 * 5,
-           [PretrainedTag("c1_in1k", 256, 0.95, 256, 0.95, 79.262)], 256, 0.95, ("only", 256)),
+           [PretrainedTag("c1_in1k", 256, 0.95, 256, 0.95, 79.262)], 256, 0.95,
+           byob.DESIGNS["eca_botnext26ts_256"].size_rule),
     _other("eca_halonext26ts", "byob", 10_756_885, 2 * 3 + 3 * 5,
-           [PretrainedTag("c1_in1k", 256, 0.94, 256, 0.94, 79.518)], 256, 0.94, ("multiple", 256)),
+           [PretrainedTag("c1_in1k", 256, 0.94, 256, 0.94, 79.518)], 256, 0.94,
+           byob.DESIGNS["eca_halonext26ts"].size_rule),
 )  # fmt: skip
 _MODELS.update((m.name, m) for m in _OTHER_MODELS)
 
