@@ -40,7 +40,8 @@ from eca_flax.data.transforms import (
     normalize,
     override_eval,
 )
-from eca_flax.errors import DataError, PretrainedError
+from eca_flax.errors import ConfigError, DataError, PretrainedError
+from eca_flax.models.registry import check_input_size
 from eca_flax.weights.description import num_classes_of
 from eca_flax.weights.download import resolve
 from eca_flax.weights.pretrained import load_pretrained, read_model_json
@@ -157,6 +158,10 @@ def predict(args: argparse.Namespace) -> int:
             "checkpoint); it has no classes to predict"
         )
     size = eval_size(meta, args.image_size)
+    try:
+        check_input_size(meta["arch"], size[0])
+    except ValueError as e:
+        raise ConfigError(f"--image-size {size[0]}: {e}") from None
     names, images = [], []
     for name in args.images:
         try:

@@ -199,8 +199,12 @@ def case_config(case: str, model: str) -> tuple[str, ml_collections.ConfigDict]:
     if case not in CASES:
         raise ValueError(f"unknown case {case!r}; choices: {', '.join(CASES)}")
     kind, overrides = CASES[case]
+    from eca_flax.models.registry import model_info
+
     config = default_config()
     config.update({"model": model, **overrides})
+    if rule := model_info(model).size_rule:  # BoT / Halo: the config check wants their size
+        config.image_size = rule[1]
     return kind, resolve_config(config)
 
 

@@ -298,3 +298,97 @@ class AvgDown(nnx.Module):
 def timm_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
     """timm's ECA kernel size: the paper's rule (``adaptive_kernel_size``), at least 3."""
     return max(adaptive_kernel_size(channels, gamma, b), 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers of timm's other ECA families (VoVNet, ByobNet, NFNet): conv-BN-act units, the head.
+
+ACTIVATIONS: dict[str | None, Callable[[Array], Array]] = {
+    "relu": nnx.relu,
+    "silu": nnx.silu,
+    None: lambda x: x,
+}
+
+
+class ConvNormAct(nnx.Module):
+    """timm's ConvNormAct: a bias-free conv (symmetric padding ((s-1) + (k-1)) // 2), BN, and
+    ReLU, SiLU or nothing; attributes ``conv`` and ``bn`` as timm's ``<name>.conv.weight``,
+    ``<name>.bn.*`` keys."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        act: str | None = "relu",
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        pad = ((stride - 1) + (kernel - 1)) // 2
+        self.conv = conv2d(in_ch, out_ch, kernel, stride=stride, padding=pad, groups=groups, **kw)
+        self.bn = batch_norm(out_ch, **kw)
+        self.act = act
+
+    def __call__(self, x: Array) -> Array:
+        return ACTIVATIONS[self.act](self.bn(self.conv(x)))
+
+
+class Head(nnx.Module):
+    """timm's ClassifierHead: global average pool (float32), then ``fc`` (``head.fc.*``);
+    returns float32 logits."""
+
+    def __init__(
+        self,
+        features: int,
+        num_classes: int,
+        *,
+        fc_init: Callable[..., Array] | None = None,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.fc = nnx.Linear(
+            features,
+            num_classes,
+            kernel_init=fc_init or torch_default_init(features),
+            bias_init=nnx.initializers.zeros_init(),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: Array) -> Array:
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return self.fc(pooled.astype(self.dtype)).astype(jnp.float32)
+
+
+def max_pool_ceil(x: Array, window: int = 3, stride: int = 2) -> Array:
+    """``MaxPool2d(window, stride, padding=0, ceil_mode=True)``: a last window that hangs past
+    the bottom / right edge sees -inf there (VoVNet's stage pools: 56 -> 28 -> 14 -> 7)."""
+    h, w = x.shape[1:3]
+
+    def extra(n: int) -> int:
+        out = -(-(n - window) // stride) + 1
+        return max((out - 1) * stride + window - n, 0)
+
+    pad = ((0, 0), (0, extra(h)), (0, extra(w)), (0, 0))
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), pad
+    )
+
+
+def timm_eca(
+    channels: int, attention: str | None, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
+) -> ECA | None:
+    """timm's EcaModule on ``channels`` (k by ``timm_kernel_size``): ECA, ECA-NS or None."""
+    attention = attention_choice(attention)
+    if attention == "se":
+        raise ValueError("attention 'se' is built for the ResNets only")
+    k = timm_kernel_size(channels)
+    return make_attention(attention, channels, k, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

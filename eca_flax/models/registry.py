@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.models import mobilenetv2, pruned, resnet
+from eca_flax.models import byob, mobilenetv2, nfnet, pruned, resnet, vovnet
 from eca_flax.models.layers import adaptive_kernel_size, attention_choice, timm_kernel_size
 
 KSize = None | str | int | Sequence[int]
@@ -53,7 +53,7 @@ class ModelInfo:
     """What was released for one architecture."""
 
     name: str
-    family: str  # "resnet" or "mobilenet_v2"
+    family: str  # "resnet", "mobilenet_v2", or one of OTHER_FAMILIES (timm's other ECA models)
     release_k_size: tuple[int, ...]  # per stage (ResNet) or (k for c < 96, k for c >= 96)
     checkpoint: str  # the original's released file ("" for timm's: see ``tags``)
     params: int
@@ -66,6 +66,9 @@ class ModelInfo:
     design: resnet.Design = resnet.Design()
     tags: tuple[PretrainedTag, ...] = ()  # timm's published weights (none: untrained)
     drive_id: str = ""  # the original's released file on Google Drive (the authors' README)
+    default_size: int = 224  # timm's default input size (the first tag's, or the cfg's)
+    default_crop_pct: float = 0.875  # ... and its crop_pct (untrained models: the cfg's)
+    size_rule: tuple[str, int] | None = None  # ("only", 256) or ("multiple", 256)
 
     @property
     def tag_names(self) -> tuple[str, ...]:
@@ -178,9 +181,57 @@ _MODELS.update((m.name, m) for m in _TIMM_MODELS)
 # subject is not the network) run through the same code as ECA-ResNet-18 in a fraction of the
 # compile time. Like timm's test_resnet, it is a model like any other.
 _MODELS["test_eca_resnet"] = ModelInfo(
-    "test_eca_resnet", "resnet", (3, 5, 7, 7), "", 438_468, 22, None, None, source=TEST,
+    "test_eca_resnet", "resnet", (3, 5, 7, 7), "", 438_478, 22, None, None, source=TEST,
     layers=(1, 1, 1, 1), design=resnet.Design(stem_width=16, stage_widths=(16, 32, 64, 128)),
 )  # fmt: skip
+
+# timm's other ECA models (timm_eca_family2_facts.md): their own files, ECA kernels fixed by
+# timm's rule on each layer's channels (no k_size), every layer's key named as timm's.
+OTHER_FAMILIES = {"vovnet": vovnet.VoVNet, "byob": byob.ByobNet, "nfnet": nfnet.NormFreeNet}
+
+
+def _other(
+    name: str,
+    family: str,
+    params: int,
+    eca_params: int,
+    tags=(),
+    size: int = 224,
+    crop: float = 0.875,
+    size_rule: tuple[str, int] | None = None,
+) -> ModelInfo:
+    """An entry of timm's other ECA families: parameters, ECA weights, tags, default size."""
+    best = max((t.top1 for t in tags), default=None)
+    return ModelInfo(
+        name, family, (), "", params, eca_params, best, None, source=TIMM, tags=tuple(tags),
+        default_size=size, default_crop_pct=crop, size_rule=size_rule,
+    )  # fmt: skip
+
+
+_OTHER_MODELS = (
+    _other("eca_nfnet_l0", "nfnet", 24_143_924, 12 * 5,
+           [PretrainedTag("ra2_in1k", 224, 0.9, 288, 1.0, 82.590)], 224, 0.9),
+    _other("eca_nfnet_l1", "nfnet", 41_407_728, 24 * 5,
+           [PretrainedTag("ra2_in1k", 256, 0.9, 320, 1.0, 84.062)], 256, 0.9),
+    _other("eca_nfnet_l2", "nfnet", 56_722_348, 36 * 5,
+           [PretrainedTag("ra3_in1k", 320, 0.9, 384, 1.0, 84.710)], 320, 0.9),
+    _other("eca_nfnet_l3", "nfnet", 72_036_968, 48 * 5, (), 352, 0.9),
+    _other("nf_ecaresnet26", "nfnet", 15_995_220, 6 * 5 + 2 * 7, (), 224, 0.9),
+    _other("nf_ecaresnet50", "nfnet", 25_557_118, 13 * 5 + 3 * 7, (), 224, 0.9),
+    _other("nf_ecaresnet101", "nfnet", 44_549_331, 30 * 5 + 3 * 7, (), 224, 0.9),
+    _other("eca_vovnet39b", "vovnet", 22_600_316, 4 * 5),
+    _other("eca_resnet33ts", "byob", 19_676_302, 2 * 3 + 8 * 5,
+           [PretrainedTag("ra2_in1k", 256, 0.9, 288, 1.0, 80.716)], 256, 0.9),
+    _other("eca_resnext26ts", "byob", 10_297_988, 2 * 3 + 6 * 5,
+           [PretrainedTag("ch_in1k", 256, 0.9, 288, 1.0, 78.020)], 256, 0.9),
+    _other("eca_botnext26ts_256", "byob", 10_593_301, 2 * 3 + 3 * 5,
+           [PretrainedTag("c1_in1k", 256, 0.95, 256, 0.95, 79.262)], 256, 0.95,
+           byob.DESIGNS["eca_botnext26ts_256"].size_rule),
+    _other("eca_halonext26ts", "byob", 10_756_885, 2 * 3 + 3 * 5,
+           [PretrainedTag("c1_in1k", 256, 0.94, 256, 0.94, 79.518)], 256, 0.94,
+           byob.DESIGNS["eca_halonext26ts"].size_rule),
+)  # fmt: skip
+_MODELS.update((m.name, m) for m in _OTHER_MODELS)
 
 
 def list_models(source: str | None = None) -> list[str]:
@@ -236,6 +287,17 @@ def resolve_k_size(name: str, k_size: KSize = None) -> tuple[int, ...]:
     model's rule reads the unpruned widths, as timm's kernels do.
     """
     info = model_info(name)
+    if info.family in OTHER_FAMILIES:
+        if (
+            k_size is None
+            or k_size == "adaptive"
+            or (not isinstance(k_size, str | int) and len(k_size) == 0)
+        ):
+            return ()
+        raise ValueError(
+            f"{name}'s ECA kernel sizes are fixed by timm's rule on each layer's channels; "
+            f"k_size={k_size!r} is not an option (leave it out)"
+        )
     n = 4 if info.family == "resnet" else mobilenetv2.NUM_BLOCKS
     if k_size is None:
         ks: tuple[int, ...] = info.release_k_size
@@ -262,6 +324,13 @@ def resolve_k_size(name: str, k_size: KSize = None) -> tuple[int, ...]:
     return ks
 
 
+def check_input_size(name: str, height: int, width: int | None = None) -> None:
+    """ValueError in one line naming the rule when ``name`` cannot take a height x width input
+    (eca_botnext26ts_256: 256 only; eca_halonext26ts: multiples of 256); others take any."""
+    if model_info(name).family == "byob":
+        byob.check_input_size(name, height, height if width is None else width)
+
+
 def model_attention(name: str, attention: Any) -> str | None:
     """``attention_choice(attention)``, checked against ``name``: SE is built for the ResNets."""
     attention = attention_choice(attention)
@@ -280,7 +349,7 @@ def create_model(
     param_dtype: Any = jnp.float32,
     rngs: nnx.Rngs | None = None,
     **kwargs: Any,
-) -> resnet.ECAResNet | mobilenetv2.ECAMobileNetV2:
+) -> nnx.Module:
     """Build a model by name, initialised as the original for training from scratch.
 
     ``attention`` is "eca" (the paper), "eca_ns" (non-shared ablation), "se" (the SE baseline,
@@ -302,6 +371,8 @@ def create_model(
     )
     if info.family == "mobilenet_v2":
         return mobilenetv2.ECAMobileNetV2(ks, **common)
+    if info.family in OTHER_FAMILIES:
+        return OTHER_FAMILIES[info.family](arch=name, **common)
     block, layers, design = resnet_layout(name)
     return resnet.ECAResNet(block, layers, ks, design=design, arch=name, **common)
 
@@ -310,7 +381,9 @@ def arch_of(model: nnx.Module) -> str:
     """The registry name ``model`` was built as (the inverse of ``create_model``'s name)."""
     if isinstance(model, mobilenetv2.ECAMobileNetV2) and model.width_mult == 1.0:
         return "eca_mobilenet_v2"
-    if isinstance(model, resnet.ECAResNet) and getattr(model, "arch", None) in _MODELS:
+    if isinstance(model, (resnet.ECAResNet, *OTHER_FAMILIES.values())) and (
+        getattr(model, "arch", None) in _MODELS
+    ):
         return model.arch
     if isinstance(model, resnet.ECAResNet) and f"eca_resnet{model.depth}" in _MODELS:
         return f"eca_resnet{model.depth}"

@@ -380,6 +380,404 @@ class ECAMobileNetV2(nn.Module):
         return self.classifier(x.mean([2, 3]))
 
 
+# --------------------------------------------------------------------------------------------
+# timm's other ECA families, written from timm_eca_family2_facts.md (module names = its keys).
+
+
+def _timm_k(channels: int) -> int:
+    """timm's ECA kernel rule: t = int((log2 C + 1) / 2), odd, at least 3."""
+    t = int(abs((math.log2(channels) + 1) / 2))
+    return max(t if t % 2 else t + 1, 3)
+
+
+def _eca(channels: int, attention) -> nn.Module | None:
+    return None if attention is None else _attention(attention, channels, _timm_k(channels))
+
+
+class CNA(nn.Module):
+    """conv (no bias, pad ((s-1) + (k-1)) // 2) -> BN -> act: keys ``conv.weight``, ``bn.*``."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, act="relu"):
+        super().__init__()
+        pad = ((stride - 1) + (k - 1)) // 2
+        self.conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = {"relu": nn.ReLU(), "silu": nn.SiLU(), None: nn.Identity()}[act]
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class Head(nn.Module):
+    def __init__(self, features, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+class OsaBlock(nn.Module):
+    """VoVNet's OSA block: 5 chained 3x3 CNA, concat [x, y1..y5], 1x1 CNA, ECA, + x if residual."""
+
+    def __init__(self, cin, mid, out, residual, attention):
+        super().__init__()
+        chs = [cin] + [mid] * 5
+        self.conv_mid = nn.Sequential(*[CNA(c, mid, 3) for c in chs[:-1]])
+        self.conv_concat = CNA(cin + 5 * mid, out, 1)
+        self.attn = _eca(out, attention)
+        self.residual = residual
+
+    def forward(self, x):
+        outs = [x]
+        for layer in self.conv_mid:
+            outs.append(layer(outs[-1]))
+        y = self.conv_concat(torch.cat(outs, 1))
+        if self.attn is not None:
+            y = self.attn(y)
+        return y + x if self.residual else y
+
+
+class OsaStage(nn.Module):
+    def __init__(self, blocks, downsample):
+        super().__init__()
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(self.pool(x))
+
+
+class VoVNet(nn.Module):
+    """eca_vovnet39b: stem 3 CNA (64 s2, 64, 128 s2), OSA stages, avg pool, fc."""
+
+    def __init__(self, name, num_classes=1000, attention="eca"):
+        super().__init__()
+        self.stem = nn.Sequential(CNA(3, 64, 3, 2), CNA(64, 64, 3), CNA(64, 128, 3, 2))
+        stages, cin = [], 128
+        for i, (mid, out, n) in enumerate(
+            ((128, 256, 1), (160, 512, 1), (192, 768, 2), (224, 1024, 2))
+        ):
+            blocks = []
+            for b in range(n):
+                blocks.append(OsaBlock(cin, mid, out, b > 0, attention if b == n - 1 else None))
+                cin = out
+            stages.append(OsaStage(blocks, i > 0))
+        self.stages = nn.Sequential(*stages)
+        self.head = Head(cin, num_classes)
+
+    def stage_features(self, x):
+        x, out = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+    def forward(self, x):
+        return self.head(self.stage_features(x)[-1])
+
+
+class ByobBottleneck(nn.Module):
+    """byobnet's BottleneckBlock: CNA 1x1, CNA 3x3 (stride, groups), ECA on mid, conv 1x1 + BN,
+    + shortcut (strided 1x1 conv + BN), SiLU."""
+
+    def __init__(self, cin, cout, stride, groups, attention):
+        super().__init__()
+        mid = cout // 4
+        self.conv1_1x1 = CNA(cin, mid, 1, act="silu")
+        self.conv2_kxk = CNA(mid, mid, 3, stride, groups, act="silu")
+        self.attn = _eca(mid, attention)
+        self.conv3_1x1 = CNA(mid, cout, 1, act=None)
+        self.shortcut = CNA(cin, cout, 1, stride, act=None) if stride > 1 or cin != cout else None
+
+    def forward(self, x):
+        h = self.conv2_kxk(self.conv1_1x1(x))
+        if self.attn is not None:
+            h = self.attn(h)
+        h = self.conv3_1x1(h)
+        return nn.functional.silu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class RelPos(nn.Module):
+    def __init__(self, window, dim_head=16):
+        super().__init__()
+        self.height_rel = nn.Parameter(0.25 * torch.randn(2 * window - 1, dim_head))
+        self.width_rel = nn.Parameter(0.25 * torch.randn(2 * window - 1, dim_head))
+
+
+def _rel_logits(q, rel, queries, keys):
+    """q (..., queries, d) . rel[k - q + keys - 1] -> (..., queries, keys)."""
+    idx = torch.arange(keys)[None, :] - torch.arange(queries)[:, None] + keys - 1
+    return torch.einsum("...qd,qkd->...qk", q, rel[idx])
+
+
+class BotAttn(nn.Module):
+    """BoT: 4 heads, q/k 16, v = mid/4; qkv channels [Q | K | V], head-major; all-to-all on
+    F x F; logits 0.25 q.k + q.Rh[h'-h+F-1] + q.Rw[w'-w+F-1]; AvgPool 2 when strided."""
+
+    def __init__(self, dim, stride, feat):
+        super().__init__()
+        self.dim, self.stride, self.feat = dim, stride, feat
+        self.qkv = nn.Conv2d(dim, 128 + dim, 1, bias=False)
+        self.pos_embed = RelPos(feat)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        assert (h, w) == (self.feat, self.feat)
+        dv = self.dim // 4
+        q, k, v = torch.split(self.qkv(x), [64, 64, self.dim], dim=1)
+        q = q.reshape(b, 4, 16, h, w).permute(0, 1, 3, 4, 2)  # b n h w d
+        k = k.reshape(b, 4, 16, h * w)
+        v = v.reshape(b, 4, dv, h * w)
+        logits = 0.25 * torch.einsum("bnhwd,bndp->bnhwp", q, k).reshape(b, 4, h, w, h, w)
+        qt = q.permute(0, 1, 3, 2, 4)  # b n w h d: h is the query axis
+        rh = _rel_logits(qt, self.pos_embed.height_rel, h, h).permute(0, 1, 3, 2, 4)
+        rw = _rel_logits(q, self.pos_embed.width_rel, w, w)
+        logits = logits + rh[..., :, None] + rw[..., None, :]
+        attn = logits.reshape(b, 4, h * w, h * w).softmax(-1)
+        out = torch.einsum("bnqp,bncp->bncq", attn, v).reshape(b, self.dim, h, w)
+        return nn.functional.avg_pool2d(out, 2) if self.stride == 2 else out
+
+
+class HaloAttnT(nn.Module):
+    """Halo: 8 heads, q/k 16, v = mid/8, block 8, halo 2; q conv strided; kv per head [k|v];
+    12x12 windows of the zero-padded kv (unmasked); local relative indices."""
+
+    def __init__(self, dim, stride):
+        super().__init__()
+        self.dim, self.stride = dim, stride
+        self.q = nn.Conv2d(dim, 128, 1, stride=stride, bias=False)
+        self.kv = nn.Conv2d(dim, 128 + dim, 1, bias=False)
+        self.pos_embed = RelPos(12)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        dv, bq = self.dim // 8, 8 // self.stride
+        q = self.q(x)
+        kv = nn.functional.pad(self.kv(x), (2, 2, 2, 2))
+        out = torch.zeros(b, self.dim, h // self.stride, w // self.stride)
+        for i in range(h // 8):
+            for j in range(w // 8):
+                qb = q[:, :, i * bq : (i + 1) * bq, j * bq : (j + 1) * bq]
+                qb = qb.reshape(b, 8, 16, bq, bq).permute(0, 1, 3, 4, 2)  # b n qh qw d
+                win = kv[:, :, 8 * i : 8 * i + 12, 8 * j : 8 * j + 12].reshape(
+                    b, 8, 16 + dv, 12, 12
+                )
+                kb, vb = win[:, :, :16], win[:, :, 16:]
+                logits = 0.25 * torch.einsum("bnhwd,bndkl->bnhwkl", qb, kb)
+                idx = torch.arange(12)[None, :] - torch.arange(bq)[:, None] + 11
+                th = self.pos_embed.height_rel[idx]  # (bq, 12, d)
+                tw = self.pos_embed.width_rel[idx]
+                logits = logits + torch.einsum("bnhwd,hkd->bnhwk", qb, th)[..., :, None]
+                logits = logits + torch.einsum("bnhwd,wld->bnhwl", qb, tw)[..., None, :]
+                attn = logits.reshape(b, 8, bq, bq, 144).softmax(-1).reshape(logits.shape)
+                o = torch.einsum("bnhwkl,bnckl->bnchw", attn, vb).reshape(b, self.dim, bq, bq)
+                out[:, :, i * bq : (i + 1) * bq, j * bq : (j + 1) * bq] = o
+        return out
+
+
+class ByobSelfAttn(nn.Module):
+    """byoanet's SelfAttnBlock: CNA 1x1, BoT / Halo, post_attn BN + SiLU, conv 1x1 + BN,
+    + shortcut, SiLU."""
+
+    def __init__(self, cin, cout, stride, kind, feat):
+        super().__init__()
+        mid = cout // 4
+        self.conv1_1x1 = CNA(cin, mid, 1, act="silu")
+        self.self_attn = BotAttn(mid, stride, feat) if kind == "bot" else HaloAttnT(mid, stride)
+        self.post_attn = nn.BatchNorm2d(mid)
+        self.conv3_1x1 = CNA(mid, cout, 1, act=None)
+        self.shortcut = CNA(cin, cout, 1, stride, act=None) if stride > 1 or cin != cout else None
+
+    def forward(self, x):
+        h = nn.functional.silu(self.post_attn(self.self_attn(self.conv1_1x1(x))))
+        h = self.conv3_1x1(h)
+        return nn.functional.silu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ByobStem(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.conv1 = CNA(3, 24, 3, 2, act="silu")
+        self.conv2 = CNA(24, 32, 3, act="silu")
+        self.conv3 = CNA(32, 64, 3, 1 if pool else 2, act="silu")
+        self.pool = nn.MaxPool2d(3, 2, 1) if pool else nn.Identity()
+
+    def forward(self, x):
+        return self.pool(self.conv3(self.conv2(self.conv1(x))))
+
+
+class ByobNet(nn.Module):
+    """timm's ECA ByobNets from the facts: tiered stem, bottleneck / self-attention stages,
+    [final_conv], avg pool, fc. Depths and widths as in ``byob.DESIGNS`` (the facts' table)."""
+
+    def __init__(self, name, num_classes=1000, attention="eca"):
+        super().__init__()
+        from eca_flax.models.byob import DESIGNS, SELF_ATTN_BLOCKS
+
+        d = DESIGNS[name]
+        self.stem = ByobStem(d.stem_pool)
+        stages, cin, feat = [], 64, 64
+        for s, (n, cout) in enumerate(zip(d.depths, d.widths)):
+            blocks = []
+            for b in range(n):
+                stride = 2 if s > 0 and b == 0 else 1
+                if d.self_attn and (s, b) in SELF_ATTN_BLOCKS:
+                    blocks.append(ByobSelfAttn(cin, cout, stride, d.self_attn, feat))
+                else:
+                    groups = cout // 4 // d.group_size if d.group_size else 1
+                    blocks.append(ByobBottleneck(cin, cout, stride, groups, attention))
+                feat //= stride
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.final_conv = CNA(cin, d.final_chs, 1, act="silu") if d.final_chs else None
+        self.head = Head(d.final_chs or cin, num_classes)
+
+    def stage_features(self, x):
+        x, out = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        if self.final_conv is not None:
+            out[-1] = self.final_conv(out[-1])
+        return out
+
+    def forward(self, x):
+        return self.head(self.stage_features(x)[-1])
+
+
+class WSConv(nn.Conv2d):
+    """ScaledStdConv2d from the facts: conv(x, gain * gamma * (W - mu) / sqrt(var + 1e-5) /
+    sqrt(N)) + bias, population variance over each output channel's N weights."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1, gamma=1.0):
+        pad = ((stride - 1) + (k - 1)) // 2
+        super().__init__(cin, cout, k, stride, pad, groups=groups, bias=True)
+        self.gain = nn.Parameter(torch.ones(cout, 1, 1, 1))
+        self.gamma = gamma
+
+    def forward(self, x):
+        w = self.weight
+        n = w[0].numel()
+        mu = w.mean((1, 2, 3), keepdim=True)
+        var = ((w - mu) ** 2).mean((1, 2, 3), keepdim=True)
+        w = self.gain * self.gamma * (w - mu) / torch.sqrt(var + 1e-5) / math.sqrt(n)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, 1, self.groups)
+
+
+class NfDownsample(nn.Module):
+    def __init__(self, cin, cout, stride, gamma):
+        super().__init__()
+        self.pool = (
+            nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+            if stride > 1
+            else nn.Identity()
+        )
+        self.conv = WSConv(cin, cout, 1, gamma=gamma)
+
+    def forward(self, x):
+        return self.conv(self.pool(x))
+
+
+class NfBlock(nn.Module):
+    """NormFreeBlock from the facts: a = beta * act(x); shortcut = downsample(a) or x;
+    conv1, act, conv2 (stride, groups), [act, conv2b], act, conv3; 2 * ECA; alpha * h + shortcut."""
+
+    def __init__(self, cin, cout, stride, beta, groups, conv2b, act, gamma, attention):
+        super().__init__()
+        mid = cout // 4
+        self.beta, self.act = beta, {"silu": nn.functional.silu, "relu": nn.functional.relu}[act]
+        need = stride > 1 or cin != cout
+        self.downsample = NfDownsample(cin, cout, stride, gamma) if need else None
+        self.conv1 = WSConv(cin, mid, 1, gamma=gamma)
+        self.conv2 = WSConv(mid, mid, 3, stride, groups, gamma)
+        self.conv2b = WSConv(mid, mid, 3, 1, groups, gamma) if conv2b else None
+        self.conv3 = WSConv(mid, cout, 1, gamma=gamma)
+        self.attn_last = _eca(cout, attention)
+
+    def forward(self, x):
+        a = self.act(x) * self.beta
+        shortcut = x if self.downsample is None else self.downsample(a)
+        h = self.conv2(self.act(self.conv1(a)))
+        if self.conv2b is not None:
+            h = self.conv2b(self.act(h))
+        h = self.conv3(self.act(h))
+        if self.attn_last is not None:
+            h = 2.0 * self.attn_last(h)
+        return 0.2 * h + shortcut
+
+
+class NfQuadStem(nn.Module):
+    def __init__(self, gamma):
+        super().__init__()
+        self.conv1 = WSConv(3, 16, 3, 2, gamma=gamma)
+        self.conv2 = WSConv(16, 32, 3, gamma=gamma)
+        self.conv3 = WSConv(32, 64, 3, gamma=gamma)
+        self.conv4 = WSConv(64, 128, 3, 2, gamma=gamma)
+
+    def forward(self, x):
+        f = nn.functional.silu
+        return self.conv4(f(self.conv3(f(self.conv2(f(self.conv1(x)))))))
+
+
+class NfResStem(nn.Module):
+    def __init__(self, gamma):
+        super().__init__()
+        self.conv = WSConv(3, 64, 7, 2, gamma=gamma)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.pool(self.conv(x))
+
+
+class NormFreeNet(nn.Module):
+    """eca_nfnet_l* / nf_ecaresnet* from the facts' table (depths, widths in nfnet.DESIGNS)."""
+
+    def __init__(self, name, num_classes=1000, attention="eca"):
+        super().__init__()
+        from eca_flax.models.nfnet import DESIGNS
+
+        d = DESIGNS[name]
+        gamma = {"silu": 1.7881293296813965, "relu": 1.7139588594436646}[d.act]
+        self.act = {"silu": nn.functional.silu, "relu": nn.functional.relu}[d.act]
+        quad = d.stem == "quad"
+        self.stem = NfQuadStem(gamma) if quad else NfResStem(gamma)
+        cin, var, stages = 128 if quad else 64, 1.0, []
+        for s, (n, cout) in enumerate(zip(d.depths, d.widths)):
+            blocks = []
+            for b in range(n):
+                stride = 2 if s > 0 and b == 0 else 1
+                groups = cout // 4 // d.group_size if d.group_size else 1
+                beta = var**-0.5
+                blocks.append(
+                    NfBlock(cin, cout, stride, beta, groups, d.conv2b, d.act, gamma, attention)
+                )
+                var = 1.0 if b == 0 else var  # the shortcut of block 0 resets the variance
+                var += 0.2**2
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.final_conv = WSConv(cin, d.final_chs, 1, gamma=gamma) if d.final_chs else None
+        self.head = Head(d.final_chs or cin, num_classes)
+
+    def stage_features(self, x):
+        x, out = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        if self.final_conv is not None:
+            out[-1] = self.final_conv(out[-1])
+        out[-1] = self.act(out[-1])
+        return out
+
+    def forward(self, x):
+        return self.head(self.stage_features(x)[-1])
+
+
+FAMILY_REFERENCES = {"vovnet": VoVNet, "byob": ByobNet, "nfnet": NormFreeNet}
+
+
 def build(
     name: str, *, k_size: KSize = None, num_classes: int = 1000, attention: str | None = "eca"
 ) -> nn.Module:
@@ -392,6 +790,8 @@ def build(
     attention = model_attention(name, attention)
     if info.family == "mobilenet_v2":
         return ECAMobileNetV2(num_classes, attention=attention, block_k_sizes=ks)
+    if info.family in FAMILY_REFERENCES:
+        return FAMILY_REFERENCES[info.family](name, num_classes, attention)
     block, layers, design = resnet_layout(name)
     if info.source == TIMM:
         return TimmResNet(layers, design, num_classes, ks, attention)
@@ -429,6 +829,8 @@ def residual_scale(name: str) -> float:
     ecaresnet200d / 269d (66 and 89 blocks) 0.1.
     """
     info = model_info(name)
+    if info.family in ("byob", "nfnet"):
+        return 0.5  # as trained networks' small last BN: ~10 blocks stay well conditioned
     blocks = sum(resnet_layout(name)[1]) if info.family == "resnet" else 0
     return 1.0 if blocks <= 16 else 0.25 if blocks <= 50 else 0.1
 
@@ -455,7 +857,17 @@ def randomize(model: nn.Module, seed: int = 0, residual_scale: float = 1.0) -> n
                 m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
             elif isinstance(m, nn.Conv1d):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+            if isinstance(m, WSConv):
+                m.gain.copy_(0.5 + torch.rand(m.gain.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+            if isinstance(m, RelPos):
+                m.height_rel.copy_(0.25 * torch.randn(m.height_rel.shape, generator=g))
+                m.width_rel.copy_(0.25 * torch.randn(m.width_rel.shape, generator=g))
         for m in model.modules():
+            if isinstance(m, ByobBottleneck | ByobSelfAttn):
+                m.conv3_1x1.bn.weight.mul_(residual_scale)
+            if isinstance(m, NfBlock):  # small last gain, as trained residual branches have
+                m.conv3.gain.mul_(residual_scale)
             if isinstance(m, ECABottleneck | ECABasicBlock | TimmBottleneck):
                 (m.bn2 if isinstance(m, ECABasicBlock) else m.bn3).weight.mul_(residual_scale)
     return model
@@ -485,32 +897,39 @@ def stage_features(model: nn.Module, images) -> list[np.ndarray]:
 
 def hub_config(name: str, model: nn.Module, tag: str | None = None) -> dict:
     """config.json as timm's ``save_for_hf`` writes it for ``name`` (tag: the registry's first),
-    its pretrained_cfg from the registry (timm_eca_facts.md)."""
+    its pretrained_cfg from the registry (timm_eca_facts.md, timm_eca_family2_facts.md)."""
     info = model_info(name)
     t = next((t for t in info.tags if t.tag == tag), info.tags[0] if info.tags else None)
-    input_size, crop = (t.input_size, t.crop_pct) if t else (224, 0.875)
+    input_size, crop = (
+        (t.input_size, t.crop_pct) if t else (info.default_size, info.default_crop_pct)
+    )
     test_size, test_crop = (t.test_size, t.test_crop_pct) if t else (input_size, crop)
+    fc = model.head.fc if hasattr(model, "head") else model.fc
+    if hasattr(model, "head"):
+        first_conv = next(k for k in model.state_dict() if k.endswith("weight")).rsplit(".", 1)[0]
+    else:
+        first_conv = "conv1" if isinstance(model.conv1, nn.Conv2d) else "conv1.0"
     pretrained_cfg = {
         "tag": t.tag if t else "untrained",
         "custom_load": False,
         "input_size": [3, input_size, input_size],
         "test_input_size": [3, test_size, test_size],
-        "fixed_input_size": False,
+        "fixed_input_size": info.size_rule is not None and info.size_rule[0] == "only",
         "interpolation": t.interpolation if t else "bicubic",
         "crop_pct": crop,
         "test_crop_pct": test_crop,
         "crop_mode": "center",
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
-        "num_classes": model.fc.out_features,
+        "num_classes": fc.out_features,
         "pool_size": [input_size // 32, input_size // 32],
-        "first_conv": "conv1" if isinstance(model.conv1, nn.Conv2d) else "conv1.0",
-        "classifier": "fc",
+        "first_conv": first_conv,
+        "classifier": "head.fc" if hasattr(model, "head") else "fc",
     }
     return {
         "architecture": name,
-        "num_classes": model.fc.out_features,
-        "num_features": model.fc.in_features,
+        "num_classes": fc.out_features,
+        "num_features": fc.in_features,
         "global_pool": "avg",
         "pretrained_cfg": pretrained_cfg,
     }

@@ -43,6 +43,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         "nesterov": True,
         "decay_bn_bias": False,
     },
+    # The normalization-free ECA networks (eca_nfnet_l*, nf_ecaresnet*): the modern recipe
+    # with adaptive gradient clipping at 0.01 (Brock et al. 2021's lambda; no BatchNorm to
+    # keep large-batch gradients in check); no weight decay on biases (1-D parameters).
+    "nfnet": {
+        "schedule": "cosine",
+        "warmup_epochs": 5,
+        "label_smoothing": 0.1,
+        "nesterov": True,
+        "decay_bn_bias": False,
+        "agc_clip": 0.01,
+    },
     # "ResNet strikes back" (Wightman, Touvron, Jegou 2021, arXiv:2110.00476), procedure A3
     # (Table 1; ResNet-50 top-1 78.1 at 224): LAMB at 8e-3 per 2048 images, weight decay 0.02
     # (none on BatchNorm and biases), 5 warmup epochs + cosine, binary cross-entropy with targets
@@ -93,6 +104,7 @@ RANGES: dict[str, tuple[float, float, str, str]] = {
     "momentum": (0, 1, "[)", ""),
     "weight_decay": (0, math.inf, "[)", ""),
     "label_smoothing": (0, 1, "[)", ""),
+    "agc_clip": (0, math.inf, "[)", ""),
     "lr_decay_factor": (0, 1, "(]", ""),
     "warmup_epochs": (0, math.inf, "[)", ""),
     "min_crop_area": (0, 1, "(]", ""),
@@ -156,6 +168,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.nesterov = False
     c.weight_decay = 1e-4
     c.decay_bn_bias = True  # The original decays every parameter, BatchNorm and biases too.
+    c.agc_clip = 0.0  # Adaptive gradient clipping (NFNets): clip each gradient unit to this
+    # times its weight's norm, the classifier excepted; 0: off. The "nfnet" recipe: 0.01.
     c.schedule = "step"  # "step": x lr_decay_factor every lr_decay_epochs; "cosine".
     c.lr_decay_epochs = 30
     c.lr_decay_factor = 0.1
@@ -276,6 +290,11 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     _choice("eval_interpolation", c.eval_interpolation, ("bilinear", "bicubic"))
     if c.eval_image_size <= 0:
         c.eval_image_size = c.image_size
+    for field in ("image_size", "eval_image_size"):
+        try:
+            registry.check_input_size(c.model, c[field])
+        except ValueError as e:
+            raise ConfigError(f"{field}={c[field]}: {e}") from None
     if 0 < c.eval_resize_size < c.eval_image_size:
         raise ConfigError(
             f"eval_resize_size={c.eval_resize_size} is below eval_image_size="

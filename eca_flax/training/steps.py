@@ -92,18 +92,38 @@ def _decayed(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+_HEADS = ("head", "fc", "classifier")  # the classifier's top-level names (no AGC there)
+
+
+def _clipped(params: Any) -> Any:
+    """The parameters adaptive gradient clipping applies to: all but the classifier, which
+    NFNets leave unclipped (Brock et al. 2021, section 4.1; timm's exclude_head)."""
+    out = {}
+    for name, subtree in params.items():
+        keep = name not in _HEADS
+        out[name] = jax.tree.map(lambda _, keep=keep: keep, subtree)
+    return out
+
+
 def make_optimizer(
     config: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
     """``optimizer="sgd"``: PyTorch's SGD(momentum, weight_decay), the decay added to the
-    gradient before momentum. ``"lamb"``: ``lamb`` below."""
+    gradient before momentum. ``"lamb"``: ``lamb`` below. ``agc_clip`` > 0 first clips each
+    gradient unit-wise to agc_clip times its weight's norm (``optax.adaptive_grad_clip``, as
+    NFNets are trained), the classifier excepted; 0 adds nothing (the optimizer state stays
+    the same as without the option)."""
     mask = None if config.decay_bn_bias else _decayed
     if config.optimizer == "lamb":
-        return lamb(schedule, config.weight_decay, mask)
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=mask),
-        optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
-    )
+        opt = lamb(schedule, config.weight_decay, mask)
+    else:
+        opt = optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=mask),
+            optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+        )
+    if config.get("agc_clip", 0.0) > 0:
+        opt = optax.chain(optax.masked(optax.adaptive_grad_clip(config.agc_clip), _clipped), opt)
+    return opt
 
 
 LAMB_BETAS = (0.9, 0.999)

@@ -28,6 +28,8 @@ class ArchSpec:
         if self.attention == "se":
             return f"{self.arch} with SE blocks instead of ECA (attention='se'), {classes}"
         ns = " with non-shared ECA (eca_ns)" if self.attention == "eca_ns" else ""
+        if not self.k_size:  # timm's other families: kernels fixed by the channels
+            return f"{self.arch}{ns}, {classes}"
         return f"{self.arch}{ns}, k={format_k_size(self.k_size)}, {classes}"
 
 

@@ -41,7 +41,7 @@ from eca_flax.models.registry import (
     resolve_k_size,
     weight_paths,
 )
-from eca_flax.weights import hub, pth
+from eca_flax.weights import families, hub, pth
 from eca_flax.weights.arch import ArchSpec, eca_kernel, format_k_size, head_classes
 from eca_flax.weights.pretrained import (
     check_destination,
@@ -195,6 +195,8 @@ def infer_arch(state_dict: Mapping[str, np.ndarray]) -> ArchSpec:
     particular not the file's 'arch' entry or config.json) is consulted.
     """
     sd = strip_prefix(state_dict)
+    if spec := families.infer_family_arch(sd):
+        return spec
     if hub.is_timm_layout(sd):
         return hub.infer_timm_arch(sd)
     if foreign := hub.foreign_timm_model(sd):
@@ -373,7 +375,8 @@ def convert_file(
     if spec.attention is None:
         log("note: no ECA layers in this state_dict: converted as the plain model (attention=None)")
     if verify:
-        images, what = verification_images()
+        rule = model_info(spec.arch).size_rule  # BoT / Halo: 256 (the size they take)
+        images, what = verification_images(rule[1] if rule else 224)
         check = verify_backbone_with_torch if detection else verify_with_torch
         result = check(model, spec, checkpoint.state_dict, images)
         log(f"verify ({what}): {result.describe()}")

@@ -43,6 +43,8 @@ def num_classes_of(model: nnx.Module) -> int:
     """The number of logits the model's classifier produces (0: a backbone without one)."""
     if isinstance(model, resnet.ECAResNet) and model.fc is None:
         return 0  # built with num_classes=0: a backbone, e.g. converted from a detector
+    if hasattr(model, "head") and hasattr(model, "stages"):  # timm's other families
+        return 0 if model.head is None else int(model.head.fc.out_features)
     head = getattr(model, "fc", None) or getattr(model, "classifier", [None, None])[1]
     if not isinstance(head, nnx.Linear):
         raise TypeError(f"not an eca_flax model: {type(model).__name__}")

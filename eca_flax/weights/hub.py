@@ -150,15 +150,13 @@ def is_timm_layout(sd: Mapping[str, Any]) -> bool:
 
 
 def foreign_timm_model(sd: Mapping[str, Any]) -> str | None:
-    """A one-line description of a timm state_dict from outside timm/models/resnet.py (byobnet:
-    ``stem.*`` + ``stages.N.M.*``, e.g. eca_resnet33ts), else None."""
+    """A one-line description of a timm state_dict with ``stem.*`` + ``stages.*`` keys that none
+    of eca_flax's families (``weights.families``) recognised, else None."""
     if any(k.startswith("stages.") for k in sd) and any(k.startswith("stem.") for k in sd):
-        eca = any(re.search(r"\.attn\.conv\.weight$", k) for k in sd)
-        kind = " with ECA (e.g. eca_resnet33ts)" if eca else ""
         return (
-            f"a timm byobnet model{kind} (keys stem.*, stages.N.M.*: {', '.join(sorted(sd)[:2])}"
-            ", ...), outside the family eca_flax converts (timm's ECA-ResNets from "
-            "timm/models/resnet.py, e.g. ecaresnet50t, and the original ECA-Net's)"
+            f"a timm model with keys stem.*, stages.N.* ({', '.join(sorted(sd)[:2])}, ...) "
+            "that is none of eca_flax's timm layouts (the ECA-ResNets of timm/models/resnet.py, "
+            "ECA-VoVNet, the ECA ByobNets, the NF ECA networks)"
         )
     return None
 
@@ -292,8 +290,8 @@ def eval_preprocessing(arch: str, config: Mapping | None) -> dict:
         t = info.tags[0] if info.tags else None
         tag = t.tag if t else None
         origin = f"eca_flax's registry ({arch}.{tag})" if t else "timm's defaults"
-        input_size = t.input_size if t else DEFAULT_EVAL["input_size"]
-        crop = t.crop_pct if t else DEFAULT_EVAL["crop_pct"]
+        input_size = t.input_size if t else info.default_size  # timm's cfg (224 by default)
+        crop = t.crop_pct if t else info.default_crop_pct
         test_size, test_crop = (t.test_size, t.test_crop_pct) if t else (input_size, crop)
         interpolation = t.interpolation if t else DEFAULT_EVAL["interpolation"]
         mean, std = EVAL_MEAN_STD
