@@ -3,6 +3,7 @@ baseline's formula, and kernel-size parsing."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 from test_models import PLAIN_PARAMS, TABLE, deep
@@ -84,3 +85,27 @@ def test_kernel_size_parsing():
         eca_flax.create_model("eca_resnet18", attention="sk")
     with pytest.raises(ValueError, match="attention 'se' .* ResNets, not eca_mobilenet_v2"):
         eca_flax.create_model("eca_mobilenet_v2", attention="se")
+
+
+def test_the_test_model_is_the_smallest_eca_resnet():
+    """test_eca_resnet, the trainer tests' model: one BasicBlock per stage at 16, 32, 64, 128
+    channels (a 16-channel stem), ECA kernel sizes 3, 5, 7, 7; its parameter count is what
+    those widths give (counted below), its stages have strides 4 to 32 like every ResNet's."""
+    model = eca_flax.create_model("test_eca_resnet")
+    info = eca_flax.model_info("test_eca_resnet")
+    assert (info.source, info.layers, model.k_size) == ("test", (1, 1, 1, 1), (3, 5, 7, 7))
+
+    def conv_bn(cin: int, cout: int, k: int) -> int:
+        return cin * cout * k * k + 2 * cout
+
+    blocks = [(16, 16, 1), (16, 32, 2), (32, 64, 2), (64, 128, 2)]
+    body = sum(
+        conv_bn(cin, cout, 3) + conv_bn(cout, cout, 3) + (conv_bn(cin, cout, 1) if s > 1 else 0)
+        for cin, cout, s in blocks
+    )
+    params = conv_bn(3, 16, 7) + body + (3 + 5 + 7 + 7) + 128 * 1000 + 1000
+    assert eca_flax.count_params(model) == info.params == params == 438_478
+    shapes = [f.shape for f in model.stage_features(jnp.zeros((1, 32, 32, 3)))]
+    assert shapes == [(1, 8, 8, 16), (1, 4, 4, 32), (1, 2, 2, 64), (1, 1, 1, 128)]
+    assert "test_eca_resnet" in eca_flax.list_models("test")
+    assert "test_eca_resnet" not in eca_flax.list_models("ECA-Net") + eca_flax.list_models("timm")
