@@ -144,6 +144,9 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path) -> None:
         ("warmup_epochs", -1, "warmup_epochs must be >= 0, got -1"),
         ("mixup_alpha", float("nan"), "mixup_alpha must be >= 0 and finite (0: off), got nan"),
         ("bce_target_thresh", float("nan"), "bce_target_thresh=nan must be < 1 (-1: off)"),
+        # Issue 31, finding 6: 0 trained the whole schedule (only -1 means no cap).
+        ("num_train_steps", 0, "num_train_steps must be positive (the step the run stops at)"),
+        ("num_train_steps", -2, "num_train_steps must be positive (the step the run stops at)"),
     ],
 )
 def test_numeric_fields_are_checked_before_anything_runs(field, value, message) -> None:
