@@ -256,7 +256,7 @@ def test_resume_refuses_another_schedule(kind: str, fields: dict, message: str) 
     one line naming both values, as another batch size is."""
     saved = schedule_record(kind, num_train_steps=22)
     with pytest.raises(errors.ConfigError) as e:
-        checkpoints.check_resume("w/checkpoints/22", saved, schedule_record(kind, **fields))
+        checkpoints.check_resume("w/checkpoints/22", 22, saved, schedule_record(kind, **fields))
     assert len(str(e.value).splitlines()) == 1
     assert str(e.value).startswith(
         f"w/checkpoints/22 was trained with another configuration: {message}; "
@@ -269,5 +269,23 @@ def test_resume_takes_another_num_train_steps() -> None:
     does a field the schedule kind ignores."""
     saved = schedule_record("cosine", num_train_steps=22)
     for fields in (dict(num_train_steps=25), dict(num_train_steps=-1), dict(lr_decay_epochs=3)):
-        checkpoints.check_resume("w/checkpoints/22", saved, schedule_record("cosine", **fields))
+        checkpoints.check_resume("w/checkpoints/22", 22, saved, schedule_record("cosine", **fields))
     assert set(saved) == set(steps.SCHEDULE_KEYS) <= set(checkpoints.RESUME_KEYS)
+
+
+def test_resume_mid_epoch_refuses_another_seed() -> None:
+    """Issue 31, finding 7: another seed orders an epoch's images otherwise, so resuming inside
+    an epoch with it would train some twice and skip others: refused in one line naming both
+    seeds; at an epoch boundary (22 steps per epoch here) the new seed takes over."""
+    saved = {**schedule_record("cosine"), "seed": 0}
+    other = {**schedule_record("cosine"), "seed": 1}
+    with pytest.raises(errors.ConfigError) as e:
+        checkpoints.check_resume("w/checkpoints/23", 23, saved, other)
+    assert str(e.value).startswith(
+        "w/checkpoints/23 was trained with seed 0 (checkpoint) vs 1 (config), and step 23 is "
+        "inside epoch 2 (22 steps each): "
+    )
+    assert "--config.seed=0" in str(e.value) and "\n" not in str(e.value)
+    for step in (22, 44):
+        checkpoints.check_resume(f"w/checkpoints/{step}", step, saved, other)
+    checkpoints.check_resume("w/checkpoints/23", 23, saved, {**other, "seed": 0})

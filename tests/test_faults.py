@@ -232,6 +232,13 @@ def test_resume_with_another_cap_continues_on_the_schedule(trained, tiny, tmp_pa
     want = [float(schedule(t)) for t in (10, 11, 12)]
     np.testing.assert_allclose([h["lr"] for h in resumed.history], want, rtol=1e-6)
 
+    # Issue 31, finding 7: step 13 is inside epoch 7; another seed there is refused, nothing
+    # written (the checkpoint records its seed).
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    with pytest.raises(errors.ConfigError, match=r"seed 0 \(checkpoint\) vs 1 \(config\)"):
+        train(config(tiny, num_train_steps=14, seed=1), work)
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+
 
 @pytest.mark.slow
 def test_workdir_lock(tiny, tmp_path, capfd):
