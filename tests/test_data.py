@@ -467,6 +467,38 @@ def test_folder_dataset_classes_counts_and_eval(tmp_path: pathlib.Path) -> None:
     assert b["image"].shape == (4, 16, 16, 3) and set(b["label"]) <= {0, 1, 2}
 
 
+# torchvision's IMG_EXTENSIONS (torchvision/datasets/folder.py) and the PIL format of each.
+IMAGE_FORMATS = {
+    "jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "ppm": "PPM", "bmp": "BMP", "pgm": "PPM",
+    "tif": "TIFF", "tiff": "TIFF", "webp": "WEBP",
+}  # fmt: skip
+
+
+def test_folder_reads_the_files_imagefolder_reads(tmp_path: pathlib.Path) -> None:
+    """Issue 31, finding 2: .bmp, .webp, .tif, ... were left out silently; every extension of
+    torchvision's ImageFolder is listed (any case) and decodes, other files are not."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        d = tmp_path / "ds" / split / "a"
+        d.mkdir(parents=True)
+        for i, (ext, fmt) in enumerate(IMAGE_FORMATS.items()):
+            pixels = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+            image = Image.fromarray(pixels).convert("L" if ext == "pgm" else "RGB")
+            name = f"img{i}.{ext.upper() if i % 2 else ext}"
+            (d / name).write_bytes(encode(image, fmt))
+        (d / "notes.txt").write_text("not an image")
+        (d / "anim.gif").write_bytes(encode(Image.fromarray(pixels), "GIF"))  # not ImageFolder's
+    info = data.dataset_info(f"folder:{tmp_path / 'ds'}", None)
+    assert (info.num_train, info.num_eval) == (9, 9)
+    batches = collect(
+        data.eval_iterator(
+            f"folder:{tmp_path / 'ds'}", None, global_batch_size=9, image_size=8,
+            process_index=0, process_count=1,
+        )
+    )  # fmt: skip
+    assert len(batches) == 1 and batches[0]["mask"].sum() == 9 and not batches[0]["damaged"].any()
+
+
 def test_folder_two_processes_split_epoch(tmp_path: pathlib.Path) -> None:
     # One image per class, so labels identify images.
     spec = {"train": {f"c{i}": 1 for i in range(9)}, "val": {f"c{i}": 1 for i in range(9)}}
