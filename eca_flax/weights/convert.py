@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eca_flax import files
 from eca_flax.errors import ConversionError
 from eca_flax.models import mobilenetv2
 from eca_flax.models.registry import (
@@ -353,6 +354,7 @@ def convert_file(
     PretrainedError with a one-line message).
     """
     check_destination(dst, overwrite)  # fail before reading a large file
+    files.check_apart(src, dst, ConversionError)
     checkpoint, config = hub.read_source(src, allow_unsafe_pickle=allow_unsafe_pickle)
     detection = checkpoint.detection  # an mmdetection file: its backbone, num_classes 0
     spec = backbone_arch(checkpoint) if detection else infer_arch(checkpoint.state_dict)
@@ -439,6 +441,7 @@ def export_torch(
     """
     out = Path(out).expanduser()
     pth.check_output(out, overwrite)
+    files.check_apart(src, out, ConversionError)
     backbone = read_model_json(src).get("backbone") or {}
     prefix = backbone.get("prefix", "") if isinstance(backbone, dict) else ""
     tensors = state_dict(load_pretrained(src), prefix=prefix)
