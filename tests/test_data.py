@@ -180,6 +180,26 @@ def test_png_decodes() -> None:
     assert err <= 0.01, err
 
 
+def test_16_bit_png_is_scaled_to_8_bits(tmp_path: pathlib.Path) -> None:
+    """Issue 31, finding 4: a 16-bit grayscale PNG read through convert("RGB") was clipped at
+    255 (almost white); it is scaled by 255/65535, in the pipelines and in predict."""
+    from eca_flax import predict
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 65536, (16, 16), dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(wide).save(path)
+    with Image.open(path) as check:
+        assert check.mode == "I;16"
+    want = np.repeat(np.round(wide / 257).astype(np.uint8)[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(transforms.eval_transform(path.read_bytes(), 16, 16), want)
+    np.testing.assert_array_equal(predict.load_image(str(path), 16, 16), want)
+    # PIL's "I" mode (32-bit; some 16-bit PNGs and TIFFs read so) is taken as 16-bit too.
+    tiff = tmp_path / "deep.tif"
+    Image.fromarray(wide.astype(np.int32), "I").save(tiff)
+    np.testing.assert_array_equal(transforms.eval_transform(tiff.read_bytes(), 16, 16), want)
+
+
 # ------------------------------------------------------------------------------------------
 # Train transform.
 

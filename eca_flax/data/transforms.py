@@ -37,14 +37,24 @@ DECODE_ERRORS = (
 
 
 def decode(data: bytes) -> Image.Image:
-    """An encoded image (JPEG, PNG, ...; grayscale, CMYK, palette) as an RGB PIL image.
+    """An encoded image (JPEG, PNG, ...; grayscale, CMYK, palette, 16-bit) as an RGB PIL image.
 
     Raises one of DECODE_ERRORS for data PIL cannot decode completely.
     """
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # decode now: a truncated file raises here, not later
+        if image.mode.startswith("I"):
+            image = to_8_bits(image)
         # convert() of an RGB image is a full copy (PIL's): RGB JPEGs are returned as decoded.
         return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PIL's "I;16*" modes, or "I" as PIL reads some 16-bit PNGs and
+    TIFFs) as 8-bit "L", scaled by 255/65535 (0 -> 0, 65535 -> 255): PIL's convert() clips the
+    values at 255 instead, which turned such images almost white."""
+    x = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.round(np.clip(x, 0, 65535) / 257).astype(np.uint8), "L")
 
 
 def interpolation_filter(name: str) -> int:
