@@ -7,9 +7,11 @@ image) is one line ``error: FILE: reason`` on stderr, and the exit status is the
 
 DST is a pretrained directory (``convert_torch_weights.py SRC DST`` or a training workdir's
 ``pretrained/``) or .safetensors file (``convert_torch_weights.py SRC DST.safetensors``).
-Images go through the model's own eval preprocessing, as its model.json records it (released
-models: shorter side to 256 bilinear with antialiasing, center crop 224, ImageNet mean/std;
-timm's: their test size, floor(size / crop_pct), bicubic; ``eca_flax.data.preprocess_for_eval``).
+Images are turned as their EXIF orientation tag says (a phone photo taken upright is classified
+upright), then go through the model's own eval preprocessing, as its model.json records it
+(released models: shorter side to 256 bilinear with antialiasing, center crop 224, ImageNet
+mean/std; timm's: their test size, floor(size / crop_pct), bicubic;
+``eca_flax.data.preprocess_for_eval``).
 The 1000 ImageNet class names ship with the package (``imagenet_classes.txt``: synset id and
 name, in class-index order), so this works offline.
 """
@@ -89,7 +91,8 @@ def load_image(
     except OSError as e:  # no permission, an I/O error
         raise DataError(f"{name}: cannot be read ({e.strerror or e})") from None
     try:
-        return eval_transform(data, image_size, resize_size, interpolation)
+        # Turned as its EXIF orientation says: a phone photo as its owner sees it.
+        return eval_transform(data, image_size, resize_size, interpolation, exif_orientation=True)
     except UnidentifiedImageError:
         raise DataError(f"{name}: not an image (unknown format)") from None
     except DECODE_ERRORS as e:  # truncated or corrupt image data

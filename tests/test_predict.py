@@ -205,3 +205,24 @@ def test_bad_files_do_not_stop_the_others(converted, tmp_path, capsys):
     rc, out, err = run(capsys, "--weights", tmp_path / "nowhere", missing, PHOTOS[0])
     assert (rc, out) == (1, "") and len(err.splitlines()) == 1
     assert err.startswith(f"error: {tmp_path / 'nowhere'}") and "missing.jpg" not in err, err
+
+
+def test_exif_orientation_is_applied_in_predict_only(tmp_path):
+    """Issue 31, finding 5: a phone photo stored sideways with EXIF Orientation 6 ("rotate 90
+    clockwise to view") is classified as it is viewed, upright; the datasets keep the stored
+    pixels, as torchvision's ImageFolder loader reads them (the original's training)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 256, (24, 16, 3), dtype=np.uint8))  # 16 x 24
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote: 24 x 16
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to view
+    path = tmp_path / "phone.png"  # lossless, so the pixels compare exactly
+    stored.save(path, exif=exif)
+    want = np.asarray(upright.resize((16, 24)).crop((0, 4, 16, 20)))  # shorter side 16, crop
+    np.testing.assert_array_equal(predict.load_image(str(path), 16, 16), want)
+    as_stored = np.asarray(stored.crop((4, 0, 20, 16)))
+    np.testing.assert_array_equal(
+        data.transforms.eval_transform(path.read_bytes(), 16, 16), as_stored
+    )

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from eca_flax.data import randaugment as ra
 from eca_flax.weights.description import default_resize_size
@@ -36,13 +36,18 @@ DECODE_ERRORS = (
 )
 
 
-def decode(data: bytes) -> Image.Image:
+def decode(data: bytes, exif_orientation: bool = False) -> Image.Image:
     """An encoded image (JPEG, PNG, ...; grayscale, CMYK, palette, 16-bit) as an RGB PIL image.
 
+    ``exif_orientation``: turned as its EXIF Orientation tag says (a phone's "rotate 90"), as
+    photo viewers and transformers' image loading show it; predict does. The datasets keep the
+    stored pixels, as torchvision's ImageFolder loader reads them (the original's training).
     Raises one of DECODE_ERRORS for data PIL cannot decode completely.
     """
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # decode now: a truncated file raises here, not later
+        if exif_orientation:
+            image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I"):
             image = to_8_bits(image)
         # convert() of an RGB image is a full copy (PIL's): RGB JPEGs are returned as decoded.
@@ -89,12 +94,14 @@ def eval_transform(
     image_size: int,
     resize_size: int | None = None,
     interpolation: str = "bilinear",
+    exif_orientation: bool = False,
 ) -> np.ndarray:
-    """Decode, Resize(resize_size) + CenterCrop(image_size): uint8 (S, S, 3), exactly PIL's."""
+    """Decode (``decode``: ``exif_orientation`` turns the image as its EXIF tag says),
+    Resize(resize_size) + CenterCrop(image_size): uint8 (S, S, 3), exactly PIL's."""
     resize_size = default_resize_size(image_size) if resize_size is None else resize_size
     if resize_size < image_size:
         raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}")
-    resized = resize_shorter(decode(data), resize_size, interpolation)
+    resized = resize_shorter(decode(data, exif_orientation), resize_size, interpolation)
     return np.asarray(center_crop(resized, image_size))
 
 
