@@ -153,10 +153,7 @@ def _read(records: sources.FolderRecords | sources.TfdsRecords, index: int, tran
     try:
         return transform(data), label
     except transforms.DECODE_ERRORS as e:
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
-        if isinstance(e, transforms.UnidentifiedImageError):  # its message is a BytesIO repr
-            reason = "not an image, or a format PIL does not know" if len(data) else "empty file"
-        raise DataError(f"{name}: not a decodable image ({reason})") from None
+        raise DataError(f"{name}: {transforms.decode_problem(e, data)}") from None
 
 
 _SKIP_HINT = "; --config.skip_damaged_images=True skips such files"

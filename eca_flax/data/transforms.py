@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +35,20 @@ DECODE_ERRORS = (
     ValueError,
     Image.DecompressionBombError,
 )
+
+
+def decode_problem(error: BaseException, data: bytes) -> str:
+    """What one of DECODE_ERRORS says of an image, for the one line naming its file."""
+    if isinstance(error, Image.DecompressionBombError):
+        sizes = re.findall(r"\d+", str(error))
+        pixels = f"{int(sizes[0]):,} pixels, " if len(sizes) >= 2 else ""
+        limit = f" of {int(sizes[1]):,}" if len(sizes) >= 2 else ""
+        return f"too large ({pixels}over PIL's limit{limit} against decompression bombs)"
+    if isinstance(error, UnidentifiedImageError):  # its message is a BytesIO repr
+        reason = "not an image, or a format PIL does not know" if len(data) else "empty file"
+    else:
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+    return f"not a decodable image ({reason})"
 
 
 def decode(data: bytes, exif_orientation: bool = False) -> Image.Image:
