@@ -507,7 +507,8 @@ def test_export_errors(small, tmp_path, capsys):
         (("--to-torch", link, converted / "x.safetensors"), ("is inside the source", apart)),
         (("--to-torch", converted / "model.json", converted), ("is a directory",)),
         ((out, tmp_path / "x.safetensors"), None),  # apart: converted back
-        ((tmp_path / "x.safetensors", tmp_path / "x.safetensors"), ("is the source", apart)),
+        (("--to-torch", converted, tmp_path / "t.safetensors"), None),  # torch's keys
+        ((tmp_path / "t.safetensors", tmp_path / "t.safetensors"), ("is the source", apart)),
         ((holder / "src.pth", holder), ("holds the source", apart)),
     ]:
         rc, err = run(capsys, *args, "--overwrite")[::2]

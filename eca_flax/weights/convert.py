@@ -354,8 +354,8 @@ def convert_file(
     PretrainedError with a one-line message).
     """
     check_destination(dst, overwrite)  # fail before reading a large file
-    files.check_apart(src, dst, ConversionError)
     checkpoint, config = hub.read_source(src, allow_unsafe_pickle=allow_unsafe_pickle)
+    files.check_apart(src, dst, ConversionError)  # a source that reads: not to be replaced
     detection = checkpoint.detection  # an mmdetection file: its backbone, num_classes 0
     spec = backbone_arch(checkpoint) if detection else infer_arch(checkpoint.state_dict)
     hub.confirm_config(spec, config, str(src))
