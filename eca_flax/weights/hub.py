@@ -26,6 +26,7 @@ from eca_flax.models import resnet
 from eca_flax.models.registry import EVAL_MEAN_STD, TIMM, list_models, model_info
 from eca_flax.weights import pth
 from eca_flax.weights.arch import ArchSpec, eca_kernel, head_classes
+from eca_flax.weights.description import is_safetensors
 
 CONFIG = "config.json"
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's save_for_hf writes
@@ -62,23 +63,9 @@ def read_source(
     return read_weights_file(weights, allow_unsafe_pickle=allow_unsafe_pickle), config
 
 
-def is_safetensors_file(path: Path) -> bool:
-    """Whether ``path`` is named *.safetensors or starts like one (a little-endian 8-byte header
-    length, then its JSON header), whatever its name: --to-torch's output renamed, say."""
-    if path.suffix.lower() == ".safetensors":
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        size = path.stat().st_size
-    except OSError:
-        return False  # read_checkpoint names the problem
-    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
-
-
 def read_weights_file(path: Path, *, allow_unsafe_pickle: bool = False) -> pth.Checkpoint:
     """A state_dict from a safetensors file (numpy, no torch) or a torch.save file."""
-    if not is_safetensors_file(path):
+    if not is_safetensors(path):
         return pth.read_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
     from safetensors import safe_open
 
