@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import warnings
 
 import imagenet_fixture
 import numpy as np
@@ -198,6 +199,23 @@ def test_16_bit_png_is_scaled_to_8_bits(tmp_path: pathlib.Path) -> None:
     tiff = tmp_path / "deep.tif"
     Image.fromarray(wide.astype(np.int32), "I").save(tiff)
     np.testing.assert_array_equal(transforms.eval_transform(tiff.read_bytes(), 16, 16), want)
+
+
+def test_palette_with_transparency_decodes_without_a_warning() -> None:
+    """Issue 31, finding 16: PIL's "Palette images with Transparency expressed in bytes should
+    be converted to RGBA images" warning reached stderr for such PNGs; decoded to the same RGB
+    as convert("RGB"), without it."""
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = Image.fromarray(pixels).convert("P")
+    buf = io.BytesIO()
+    image.save(buf, "PNG", transparency=bytes([0] * 8 + [255] * 248))
+    with Image.open(io.BytesIO(buf.getvalue())) as original, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = np.asarray(original.convert("RGB"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = transforms.eval_transform(buf.getvalue(), 16, 16)
+    np.testing.assert_array_equal(got, want)
 
 
 # ------------------------------------------------------------------------------------------

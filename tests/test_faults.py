@@ -836,6 +836,19 @@ def test_orbax_echoes_are_dropped_and_the_rest_passed_on(monkeypatch):
     assert [a.exc_value for a in seen] == [other]
 
 
+def test_orbax_preemption_sync_point_warning_is_dropped(caplog):
+    """Issue 31, finding 16: Orbax's "Reached preemption sync point" warning (logged by Orbax
+    itself here) is dropped by the command lines' absl filter; other warnings pass."""
+    from orbax.checkpoint._src.multihost import multihost
+
+    with caplog.at_level(logging.WARNING):
+        multihost._maybe_log_reached_preemption(7, True)
+    [record] = [r for r in caplog.records if "preemption" in r.getMessage()]
+    assert not unraisable._quiet_orbax(record)
+    other = logging.LogRecord("absl", logging.WARNING, __file__, 1, "a warning", None, None)
+    assert unraisable._quiet_orbax(other)
+
+
 def test_asyncio_echo_of_a_failed_orbax_write_is_dropped():
     """asyncio's "Future exception was never retrieved" for TensorStore's failed write into an
     Orbax checkpoint (a future set from C++: no Python frames, as under a full disk) is an echo

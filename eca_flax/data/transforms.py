@@ -65,6 +65,10 @@ def decode(data: bytes, exif_orientation: bool = False) -> Image.Image:
             image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I"):
             image = to_8_bits(image)
+        elif image.mode == "P" and "transparency" in image.info:
+            # The same RGB as convert("RGB"), without PIL's warning that such palette images
+            # "should be converted to RGBA images" on stderr.
+            image = image.convert("RGBA")
         # convert() of an RGB image is a full copy (PIL's): RGB JPEGs are returned as decoded.
         return image if image.mode == "RGB" else image.convert("RGB")
 
