@@ -2,7 +2,8 @@
 
 ``eca_flax.create_model("eca_resnet50")`` builds a model with the released ECA kernel sizes;
 ``model.eval()`` then ``model(images)`` maps ImageNet-normalized NHWC images to logits.
-``eca_flax.load_pretrained(DIR)`` loads weights converted by ``convert_torch_weights.py``.
+``eca_flax.load_pretrained(DIR)`` loads weights converted by ``convert_torch_weights.py`` or
+trained by ``train.py``; ``eca_flax.save_pretrained(model, DIR, ...)`` writes them.
 
 The names below are loaded on first use, so that ``import eca_flax.cli.shell`` (what a command
 line imports first, to install its hooks before JAX starts) or ``eca_flax.errors`` costs no JAX
@@ -29,6 +30,7 @@ _HOMES = {
     "model_info": "eca_flax.models.registry",
     "resolve_k_size": "eca_flax.models.registry",
     "load_pretrained": "eca_flax.weights.pretrained",
+    "save_pretrained": "eca_flax.weights.pretrained",
 }
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
         resolve_k_size,
     )
     from eca_flax.models.resnet import ECAResNet
-    from eca_flax.weights.pretrained import load_pretrained
+    from eca_flax.weights.pretrained import load_pretrained, save_pretrained
 
 
 def __getattr__(name: str) -> Any:
@@ -73,4 +75,5 @@ __all__ = [
     "load_pretrained",
     "model_info",
     "resolve_k_size",
+    "save_pretrained",
 ]

@@ -221,6 +221,15 @@ def test_resume_with_another_cap_continues_on_the_schedule(trained, tiny, tmp_pa
 
     out = capfd.readouterr().out
     assert f"resuming from {work}/checkpoints/10 (step 10)" in out
+    # Issue 31, finding 17: the last line says where the weights are and how to use them.
+    assert (
+        out.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"final: the trained weights are in {work}/pretrained (python -m eca_flax.predict "
+            "--weights DIR IMAGE, or eca_flax.load_pretrained(DIR))"
+        )
+    ), out
     assert "num_train_steps stops it at step 13 of the schedule's 16 (8 epochs)" in out
     assert [h["step"] for h in resumed.history] == [11, 12, 13] and resumed.step == 13
     uncapped = cfg.resolve_config(config(tiny))

@@ -558,8 +558,13 @@ def test_quickstart_reaches_97_percent(tmp_path: pathlib.Path, cli_cache) -> Non
         timeout=900,
     )
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-    last = proc.stdout.strip().splitlines()[-1]
+    *_, last, weights = proc.stdout.strip().splitlines()
     assert " final step=176 " in last
+    # Issue 31, finding 17: the last line says where the weights are and how to use them.
+    assert weights.endswith(
+        f" final: the trained weights are in {tmp_path / 'qs' / 'pretrained'} (python -m "
+        "eca_flax.predict --weights DIR IMAGE, or eca_flax.load_pretrained(DIR))"
+    ), proc.stdout
     top1, _, images = SUMMARY.search(last).groups()
     assert int(images) == 360
     assert float(top1) >= 0.97, proc.stdout

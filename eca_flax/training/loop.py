@@ -166,18 +166,19 @@ def _best_top1(path: str, weights: str) -> float:
     return float(meta.get("top1", -1)) if meta.get("weights", "raw") == weights else -1.0
 
 
-def _exported_line(workdir: str, evals: Evaluation) -> str:
-    """The last line of a run with an EMA: which directory holds which weights, which is better."""
+def _exported_line(workdir: str, evals: Evaluation) -> str | None:
+    """The last line of a run: where its weights are and how to use them (with an EMA, which
+    weights evaluate better); None where nothing was exported (several processes)."""
+    raw_dir, ema_dir = (export_dir(workdir, PRETRAINED, w) for w in ("raw", "ema"))
+    use = "python -m eca_flax.predict --weights DIR IMAGE, or eca_flax.load_pretrained(DIR)"
+    exported = jax.process_count() == 1
+    if evals.ema is None:
+        return f"final: the trained weights are in {raw_dir} ({use})" if exported else None
     raw, ema = 100 * evals.raw.top1, 100 * evals.ema.top1
     better = "the raw weights evaluate better" if raw > ema else "the EMA evaluates better"
     if raw == ema:
         better = "both evaluate the same"
-    where = ""
-    if jax.process_count() == 1:
-        where = (
-            f"; the raw weights are in {export_dir(workdir, PRETRAINED, 'raw')}, "
-            f"the EMA in {export_dir(workdir, PRETRAINED, 'ema')}"
-        )
+    where = f"; the raw weights are in {raw_dir}, the EMA in {ema_dir} ({use})" if exported else ""
     return f"final: {better} (top-1 {raw:.2f}% raw, {ema:.2f}% EMA){where}"
 
 
@@ -433,8 +434,8 @@ class _Run:
             path = export_dir(self.workdir, PRETRAINED, weights)
             export_pretrained(self.model, state, self.config, self.plan, path, evals, weights)
         evals.log(f"final step={step}")
-        if evals.ema is not None:
-            logger.info(_exported_line(self.workdir, evals))
+        if line := _exported_line(self.workdir, evals):
+            logger.info(line)
         return RunResult(step, evals.raw, history=self.history, eval_ema=evals.ema)
 
     def close(self) -> None:
