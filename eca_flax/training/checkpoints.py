@@ -132,6 +132,7 @@ class Checkpoints:
         )
         self.manager = ocp.CheckpointManager(self.root, options=options)
         self.pending: int | None = None  # the step of the save in flight
+        self.abandoned = False  # abandon(): close() leaves a save in flight as it is
 
     def last_good(self) -> str:
         return last_good(self.root)
@@ -231,9 +232,19 @@ class Checkpoints:
         )
         self.manager.reload()
 
+    def abandon(self) -> str:
+        """A second Ctrl-C: the save in flight, if any, is not waited for (its temporary
+        directory is never a good checkpoint; the next start removes what is left of it);
+        returns the last good checkpoint, as the line names it."""
+        self.abandoned = True
+        return self.last_good()
+
     def close(self) -> None:
         """Waits for a pending save and closes the manager; errors were reported by ``wait``. A
-        checkpoints/ this run created and saved nothing into (a failed start) is removed."""
+        checkpoints/ this run created and saved nothing into (a failed start) is removed.
+        After ``abandon``: nothing waited for (Orbax's threads end with the process)."""
+        if self.abandoned:
+            return
         with contextlib.suppress(Exception):
             self.manager.wait_until_finished()
         with contextlib.suppress(Exception):

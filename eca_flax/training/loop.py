@@ -296,6 +296,10 @@ def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunRes
                 last = step == plan.total_steps
                 do_eval = last or (into_epoch == 0 and epoch % config.eval_every_epochs == 0)
                 do_save = last or into_epoch == 0 or step % config.checkpoint_every_steps == 0
+                # The step is done before asking: a signal that came during it is acted on
+                # at this step (Python runs a handler only once the main thread is back from
+                # JAX's wait; asked before, the step dispatched next was the one stopped at).
+                jax.block_until_ready(step_metrics)
                 stop = preemption.requested(step)
                 run.log(step, force=do_eval or do_save or stop, epoch_end=into_epoch == 0)
                 if do_save or stop:  # first: a failing evaluation cannot cost the epoch
@@ -310,9 +314,8 @@ def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunRes
         raise e.stopped(ckpt.last_good()) from None
     except Interrupted:
         raise
-    except KeyboardInterrupt:  # the second Ctrl-C
-        ckpt.close()
-        last_good = ckpt.last_good()
+    except KeyboardInterrupt:  # the second Ctrl-C: at once, a save in flight left unfinished
+        last_good = ckpt.abandon()
         raise Interrupted(
             f"stopped at step {step}; the last good checkpoint is {last_good}",
             step=step,
