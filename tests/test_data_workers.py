@@ -5,7 +5,10 @@ import os
 import pathlib
 import queue
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,6 +20,8 @@ from test_train import cli_env, train_cli
 
 from eca_flax.data import pipeline
 from eca_flax.training import config as cfg
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_auto_follows_the_measured_gil_share():
@@ -174,3 +179,58 @@ def test_batches_are_the_same_for_any_workers_threads_processes_and_resume(one_i
                 continue
             assert got[0].tolist() == want[0].tolist(), f"{name}: step {step}"
             np.testing.assert_array_equal(got[1], want[1], err_msg=f"{name}: step {step}")
+
+
+# What a trainer does with its batches (training.loop): it holds some (the transfers in flight)
+# when it ends, normally or by a damaged image, and closes the iterator.
+HOLD_AND_EXIT = """
+import sys
+from eca_flax import errors
+from eca_flax.data import pipeline
+
+
+def read(dataset, steps, held):
+    it = pipeline.train_iterator(
+        dataset, None, global_batch_size=4, image_size=8, seed=0, process_index=0,
+        process_count=1, workers=2, threads=1,
+    )
+    try:
+        for _ in range(steps):
+            held.append(next(it))
+    finally:
+        it.close()
+
+
+def main(clean, damaged):
+    held = []  # held to the end, as a trainer holds its batches in flight
+    read(clean, 5, held)  # ends normally
+    try:
+        read(damaged, 20, held)  # meets the damaged image
+    except errors.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_worker_batches_leave_nothing_behind(one_image_per_class, tmp_path):
+    """Issue 31, finding 10: a run with grain workers that ended (normally, or with a damaged
+    image's one line) left "There appear to be N leaked shared_memory objects" warnings: the
+    shared memory of the batches held at exit, which grain frees in a thread the exit cuts
+    short. A pipeline read to its end, then one that meets a damaged image, as a trainer reads
+    them: stderr is that image's one line."""
+    root = pathlib.Path(one_image_per_class.removeprefix("folder:"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(root, damaged)
+    (damaged / "train" / "c05" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    proc = subprocess.run(
+        [sys.executable, "-c", HOLD_AND_EXIT, one_image_per_class, f"folder:{damaged}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {damaged}/train/c05/a.png: not a decodable image")

@@ -115,7 +115,24 @@ def _batches(
             flags.FLAGS.mark_as_parsed()
         options = grain.MultiprocessingOptions(num_workers=workers)
         it = it.mp_prefetch(options, worker_init_fn=_end_with_the_trainer)
+        it = it.map(_release_shared_names)
     return iter(it)
+
+
+def _release_shared_names(batch: Batch) -> Batch:
+    """``batch`` with the names of its shared memory unlinked as it arrives from a worker.
+
+    grain unlinks them when the arrays are freed, in a thread pool that the interpreter's exit
+    cuts short: the batches still held then (the transfers in flight, those of a failed step)
+    were "There appear to be N leaked shared_memory objects" at every exit, from the resource
+    tracker the workers registered them with. Unlinked here (which unregisters them), the
+    memory stays mapped while the arrays live and goes with them, or with the process.
+    """
+    for array in batch.values():
+        if getattr(array, "_unlink_on_del", False):  # grain's SharedMemoryArray, its owner
+            array._unlink_on_del = False
+            array.shm.unlink()
+    return batch
 
 
 def _end_with_the_trainer(index: int, count: int) -> None:

@@ -281,7 +281,7 @@ def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunRes
     """The training loop, in a locked workdir: step, log, save, evaluate; then export."""
     model, source = start.build_model(config, plan.num_classes)  # before anything is written
     ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-    run, step, evals = None, 0, None
+    run, step, evals, batches = None, 0, None, None
     try:
         run, step, state = _Run.resume(config, workdir, plan, mesh, ckpt, model, source)
         batches = _train_batches(config, plan, step, mesh)
@@ -322,6 +322,8 @@ def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunRes
             last_good=last_good,
         ) from None
     finally:
+        if batches is not None:  # grain's workers end now, not at the interpreter's exit
+            batches.close()
         run.close() if run is not None else ckpt.close()
 
 
