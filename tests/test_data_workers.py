@@ -153,6 +153,7 @@ def step_batches(dataset: str, steps: range, *, workers=0, threads=1, processes=
     ]
 
 
+@pytest.mark.slow  # it starts grain's worker processes
 def test_batches_are_the_same_for_any_workers_threads_processes_and_resume(one_image_per_class):
     """Two epochs (6 steps) read with 0 workers and 1 thread, against 2 threads, 1 and 2 worker
     processes, two processes (1 worker each) resumed at step 1, and a resume at step 4: the
