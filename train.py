@@ -118,7 +118,11 @@ def main(argv: list[str]) -> int:
         mesh.initialize_distributed(config)
         stop = preemption.Preemption()
         with stop.outside_the_loop():  # SIGTERM writing digits:N: as Ctrl-C, nothing left
-            loop.train_and_evaluate(config, workdir, stop=stop)
+            try:
+                loop.train_and_evaluate(config, workdir, stop=stop)
+            except errors.Interrupted:
+                stop.leave_together()  # exit 130 below skips the interpreter's own shutdown
+                raise
 
     body = supervise.guarded(train) if supervise.is_child() else train
     code = shell.run(body, interrupted=f"interrupted: {BEFORE_START}", where=workdir)

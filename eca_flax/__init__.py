@@ -5,7 +5,8 @@
 ``eca_flax.create_model("ecaresnet50t.ra2_in1k", pretrained=True)`` (or ``eca_resnet50``,
 ``hf-hub:ORG/NAME``) downloads, checks, converts and caches released weights in one call;
 ``eca_flax.load_pretrained(SOURCE)`` takes the same names or a directory converted by
-``convert_torch_weights.py``.
+``convert_torch_weights.py`` or trained by ``train.py``; ``eca_flax.save_pretrained(model, DIR,
+...)`` writes one.
 
 The names below are loaded on first use, so that ``import eca_flax.cli.shell`` (what a command
 line imports first, to install its hooks before JAX starts) or ``eca_flax.errors`` costs no JAX
@@ -32,6 +33,7 @@ _HOMES = {
     "model_info": "eca_flax.models.registry",
     "resolve_k_size": "eca_flax.models.registry",
     "load_pretrained": "eca_flax.weights.download",
+    "save_pretrained": "eca_flax.weights.pretrained",
 }
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     )
     from eca_flax.models.resnet import ECAResNet
     from eca_flax.weights.download import create_model, load_pretrained
+    from eca_flax.weights.pretrained import save_pretrained
 
 
 def __getattr__(name: str) -> Any:
@@ -75,4 +78,5 @@ __all__ = [
     "load_pretrained",
     "model_info",
     "resolve_k_size",
+    "save_pretrained",
 ]

@@ -28,6 +28,24 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
+def check_apart(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], error: type[Exception]
+) -> None:
+    """``error`` unless ``dst`` and ``src`` are apart: replacing a ``dst`` that is ``src``, lies
+    inside it (a directory) or holds it would destroy the source being read (real paths: links
+    followed)."""
+    a, b = os.path.realpath(os.path.expanduser(src)), os.path.realpath(os.path.expanduser(dst))
+    if a == b:
+        where = "is the source"
+    elif b.startswith(a.rstrip(os.sep) + os.sep):
+        where = "is inside the source"
+    elif a.startswith(b.rstrip(os.sep) + os.sep):
+        where = "holds the source"
+    else:
+        return
+    raise error(f"{dst}: the destination {where} {src}; write it elsewhere (nothing written)")
+
+
 def remove_unfinished(path: str | os.PathLike[str], settle: float = 0.5) -> None:
     """Removes what a failed Orbax save left: TensorStore writes still in flight may land after
     a first removal, so it is removed again until the directory stays gone for ``settle`` s."""

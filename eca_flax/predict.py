@@ -9,9 +9,11 @@ DST is a pretrained directory (``convert_torch_weights.py SRC DST`` or a trainin
 ``pretrained/``) or .safetensors file (``convert_torch_weights.py SRC DST.safetensors``), or a
 released model's name (``ecaresnet50t.ra2_in1k``, ``eca_resnet50``, ``hf-hub:ORG/NAME``:
 downloaded, converted and cached on first use, ``eca_flax.weights.download``).
-Images go through the model's own eval preprocessing, as its model.json records it (released
-models: shorter side to 256 bilinear with antialiasing, center crop 224, ImageNet mean/std;
-timm's: their test size, floor(size / crop_pct), bicubic; ``eca_flax.data.preprocess_for_eval``).
+Images are turned as their EXIF orientation tag says (a phone photo taken upright is classified
+upright), then go through the model's own eval preprocessing, as its model.json records it
+(released models: shorter side to 256 bilinear with antialiasing, center crop 224, ImageNet
+mean/std; timm's: their test size, floor(size / crop_pct), bicubic;
+``eca_flax.data.preprocess_for_eval``).
 The 1000 ImageNet class names ship with the package (``imagenet_classes.txt``: synset id and
 name, in class-index order), so this works offline.
 """
@@ -19,8 +21,11 @@ name, in class-index order), so this works offline.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import logging
+import os
+import stat
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -30,11 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import UnidentifiedImageError
+from PIL import Image
+from PIL.Image import DecompressionBombError
 
 from eca_flax.cli import shell, xla_flags
 from eca_flax.data.transforms import (
     DECODE_ERRORS,
+    decode_problem,
     eval_settings,
     eval_transform,
     normalize,
@@ -84,21 +91,45 @@ def load_image(
     """One image through the eval preprocessing (uint8); a missing, unreadable or undecodable
     file is a one-line DataError naming it."""
     path = Path(name)
-    if path.is_dir():
-        raise DataError(f"{name}: is a directory, not an image file")
-    if not path.is_file():
-        raise DataError(f"{name}: no such file")
+    if problem := not_a_file(path):
+        raise DataError(f"{name}: {problem}")
     try:
         data = path.read_bytes()
     except OSError as e:  # no permission, an I/O error
         raise DataError(f"{name}: cannot be read ({e.strerror or e})") from None
     try:
-        return eval_transform(data, image_size, resize_size, interpolation)
-    except UnidentifiedImageError:
-        raise DataError(f"{name}: not an image (unknown format)") from None
-    except DECODE_ERRORS as e:  # truncated or corrupt image data
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise DataError(f"{name}: not a decodable image ({reason})") from None
+        # Turned as its EXIF orientation says: a phone photo as its owner sees it.
+        return eval_transform(data, image_size, resize_size, interpolation, exif_orientation=True)
+    except DECODE_ERRORS as e:  # not an image, truncated or corrupt, too large
+        hint = "; --allow-large-images reads it" if isinstance(e, DecompressionBombError) else ""
+        raise DataError(f"{name}: {decode_problem(e, data)}{hint}") from None
+
+
+KINDS = {  # what a path that is not a regular file is, for the line naming it
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` is no image file to read (missing, a broken symlink or a symlink loop, a
+    directory, FIFO or device, which would block or never end), or None for a regular file."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"a broken symlink (to {os.readlink(path)}), no image file"
+        return "no such file"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop, no image file"
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    return f"is {KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not an image file"
 
 
 def load_images(
@@ -139,7 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="center crop size (default: the size the model was evaluated at, from model.json)",
     )
+    parser.add_argument(
+        "--allow-large-images",
+        action="store_true",
+        help="read images over PIL's limit against decompression bombs (178,956,970 pixels)",
+    )
     args = parser.parse_args(argv)
+    if args.allow_large_images:  # PIL's limit is process-wide: the command line's to lift
+        Image.MAX_IMAGE_PIXELS = None
     if args.top < 1 or (args.image_size is not None and args.image_size < 1):
         parser.error("--top and --image-size must be positive")
     logging.getLogger("absl").setLevel(logging.ERROR)

@@ -144,6 +144,9 @@ def test_config_file_faults_are_one_line_naming_the_file(tmp_path) -> None:
         ("warmup_epochs", -1, "warmup_epochs must be >= 0, got -1"),
         ("mixup_alpha", float("nan"), "mixup_alpha must be >= 0 and finite (0: off), got nan"),
         ("bce_target_thresh", float("nan"), "bce_target_thresh=nan must be < 1 (-1: off)"),
+        # Issue 31, finding 6: 0 trained the whole schedule (only -1 means no cap).
+        ("num_train_steps", 0, "num_train_steps must be positive (the step the run stops at)"),
+        ("num_train_steps", -2, "num_train_steps must be positive (the step the run stops at)"),
     ],
 )
 def test_numeric_fields_are_checked_before_anything_runs(field, value, message) -> None:
@@ -253,7 +256,7 @@ def test_resume_refuses_another_schedule(kind: str, fields: dict, message: str) 
     one line naming both values, as another batch size is."""
     saved = schedule_record(kind, num_train_steps=22)
     with pytest.raises(errors.ConfigError) as e:
-        checkpoints.check_resume("w/checkpoints/22", saved, schedule_record(kind, **fields))
+        checkpoints.check_resume("w/checkpoints/22", 22, saved, schedule_record(kind, **fields))
     assert len(str(e.value).splitlines()) == 1
     assert str(e.value).startswith(
         f"w/checkpoints/22 was trained with another configuration: {message}; "
@@ -266,5 +269,23 @@ def test_resume_takes_another_num_train_steps() -> None:
     does a field the schedule kind ignores."""
     saved = schedule_record("cosine", num_train_steps=22)
     for fields in (dict(num_train_steps=25), dict(num_train_steps=-1), dict(lr_decay_epochs=3)):
-        checkpoints.check_resume("w/checkpoints/22", saved, schedule_record("cosine", **fields))
+        checkpoints.check_resume("w/checkpoints/22", 22, saved, schedule_record("cosine", **fields))
     assert set(saved) == set(steps.SCHEDULE_KEYS) <= set(checkpoints.RESUME_KEYS)
+
+
+def test_resume_mid_epoch_refuses_another_seed() -> None:
+    """Issue 31, finding 7: another seed orders an epoch's images otherwise, so resuming inside
+    an epoch with it would train some twice and skip others: refused in one line naming both
+    seeds; at an epoch boundary (22 steps per epoch here) the new seed takes over."""
+    saved = {**schedule_record("cosine"), "seed": 0}
+    other = {**schedule_record("cosine"), "seed": 1}
+    with pytest.raises(errors.ConfigError) as e:
+        checkpoints.check_resume("w/checkpoints/23", 23, saved, other)
+    assert str(e.value).startswith(
+        "w/checkpoints/23 was trained with seed 0 (checkpoint) vs 1 (config), and step 23 is "
+        "inside epoch 2 (22 steps each): "
+    )
+    assert "--config.seed=0" in str(e.value) and "\n" not in str(e.value)
+    for step in (22, 44):
+        checkpoints.check_resume(f"w/checkpoints/{step}", step, saved, other)
+    checkpoints.check_resume("w/checkpoints/23", 23, saved, {**other, "seed": 0})

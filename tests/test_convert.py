@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import pickletools
+import shutil
 import signal
 import subprocess
 import sys
@@ -492,6 +493,31 @@ def test_export_errors(small, tmp_path, capsys):
     assert_error(*run(capsys, "--to-torch", converted, tmp_path)[::2], "is a directory")
     assert run(capsys, "--to-torch", converted, out, "--overwrite")[0] == 0
     assert len(torch.load(out, weights_only=True)) == len(small[1])
+    # Issue 31, finding 3: a destination that is the source, lies inside it or holds it is
+    # refused even with --overwrite (it replaced model.json with a torch zip); nothing changes.
+    before = {p: p.read_bytes() for p in converted.rglob("*") if p.is_file()}
+    link = tmp_path / "link"
+    link.symlink_to(converted)
+    holder = tmp_path / "holder"  # a converter output holding the file to convert
+    shutil.copytree(converted, holder)
+    shutil.copy(out, holder / "src.pth")
+    apart = "write it elsewhere (nothing written)"
+    for args, fragments in [
+        (("--to-torch", converted, converted / "model.json"), ("is inside the source", apart)),
+        (("--to-torch", link, converted / "x.safetensors"), ("is inside the source", apart)),
+        (("--to-torch", converted / "model.json", converted), ("is a directory",)),
+        ((out, tmp_path / "x.safetensors"), None),  # apart: converted back
+        (("--to-torch", converted, tmp_path / "t.safetensors"), None),  # torch's keys
+        ((tmp_path / "t.safetensors", tmp_path / "t.safetensors"), ("is the source", apart)),
+        ((holder / "src.pth", holder), ("holds the source", apart)),
+    ]:
+        rc, err = run(capsys, *args, "--overwrite")[::2]
+        if fragments:
+            assert_error(rc, err, *fragments)
+        else:
+            assert rc == 0, err
+    assert {p: p.read_bytes() for p in converted.rglob("*") if p.is_file()} == before
+    assert (holder / "src.pth").read_bytes() == out.read_bytes()
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import warnings
 
 import imagenet_fixture
 import numpy as np
@@ -178,6 +179,43 @@ def test_png_decodes() -> None:
     out = data.preprocess_for_eval(image_bytes, 96)
     err = float(np.abs(out - pil_eval_reference(image_bytes, 96, 110)).mean())
     assert err <= 0.01, err
+
+
+def test_16_bit_png_is_scaled_to_8_bits(tmp_path: pathlib.Path) -> None:
+    """Issue 31, finding 4: a 16-bit grayscale PNG read through convert("RGB") was clipped at
+    255 (almost white); it is scaled by 255/65535, in the pipelines and in predict."""
+    from eca_flax import predict
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 65536, (16, 16), dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(wide).save(path)
+    with Image.open(path) as check:
+        assert check.mode == "I;16"
+    want = np.repeat(np.round(wide / 257).astype(np.uint8)[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(transforms.eval_transform(path.read_bytes(), 16, 16), want)
+    np.testing.assert_array_equal(predict.load_image(str(path), 16, 16), want)
+    # PIL's "I" mode (32-bit; some 16-bit PNGs and TIFFs read so) is taken as 16-bit too.
+    tiff = tmp_path / "deep.tif"
+    Image.fromarray(wide.astype(np.int32), "I").save(tiff)
+    np.testing.assert_array_equal(transforms.eval_transform(tiff.read_bytes(), 16, 16), want)
+
+
+def test_palette_with_transparency_decodes_without_a_warning() -> None:
+    """Issue 31, finding 16: PIL's "Palette images with Transparency expressed in bytes should
+    be converted to RGBA images" warning reached stderr for such PNGs; decoded to the same RGB
+    as convert("RGB"), without it."""
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = Image.fromarray(pixels).convert("P")
+    buf = io.BytesIO()
+    image.save(buf, "PNG", transparency=bytes([0] * 8 + [255] * 248))
+    with Image.open(io.BytesIO(buf.getvalue())) as original, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = np.asarray(original.convert("RGB"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = transforms.eval_transform(buf.getvalue(), 16, 16)
+    np.testing.assert_array_equal(got, want)
 
 
 # ------------------------------------------------------------------------------------------
@@ -465,6 +503,38 @@ def test_folder_dataset_classes_counts_and_eval(tmp_path: pathlib.Path) -> None:
     )  # fmt: skip
     b = next(it)
     assert b["image"].shape == (4, 16, 16, 3) and set(b["label"]) <= {0, 1, 2}
+
+
+# torchvision's IMG_EXTENSIONS (torchvision/datasets/folder.py) and the PIL format of each.
+IMAGE_FORMATS = {
+    "jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "ppm": "PPM", "bmp": "BMP", "pgm": "PPM",
+    "tif": "TIFF", "tiff": "TIFF", "webp": "WEBP",
+}  # fmt: skip
+
+
+def test_folder_reads_the_files_imagefolder_reads(tmp_path: pathlib.Path) -> None:
+    """Issue 31, finding 2: .bmp, .webp, .tif, ... were left out silently; every extension of
+    torchvision's ImageFolder is listed (any case) and decodes, other files are not."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        d = tmp_path / "ds" / split / "a"
+        d.mkdir(parents=True)
+        for i, (ext, fmt) in enumerate(IMAGE_FORMATS.items()):
+            pixels = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+            image = Image.fromarray(pixels).convert("L" if ext == "pgm" else "RGB")
+            name = f"img{i}.{ext.upper() if i % 2 else ext}"
+            (d / name).write_bytes(encode(image, fmt))
+        (d / "notes.txt").write_text("not an image")
+        (d / "anim.gif").write_bytes(encode(Image.fromarray(pixels), "GIF"))  # not ImageFolder's
+    info = data.dataset_info(f"folder:{tmp_path / 'ds'}", None)
+    assert (info.num_train, info.num_eval) == (9, 9)
+    batches = collect(
+        data.eval_iterator(
+            f"folder:{tmp_path / 'ds'}", None, global_batch_size=9, image_size=8,
+            process_index=0, process_count=1,
+        )
+    )  # fmt: skip
+    assert len(batches) == 1 and batches[0]["mask"].sum() == 9 and not batches[0]["damaged"].any()
 
 
 def test_folder_two_processes_split_epoch(tmp_path: pathlib.Path) -> None:

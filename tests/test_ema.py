@@ -272,6 +272,7 @@ def test_a_run_with_ema_exports_both_and_says_which_is_better(tiny, tmp_path, ca
     )  # fmt: skip
     assert last.endswith(
         f" final: {better} (top-1 {raw_top1:.2f}% raw, {ema_top1:.2f}% EMA); the raw weights "
-        f"are in {workdir}/pretrained, the EMA in {workdir}/pretrained_ema"
+        f"are in {workdir}/pretrained, the EMA in {workdir}/pretrained_ema (python -m "
+        "eca_flax.predict --weights DIR IMAGE, or eca_flax.load_pretrained(DIR))"
     ), out
     assert "Traceback" not in err

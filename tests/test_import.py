@@ -49,9 +49,7 @@ model = eca_flax.create_model("eca_resnet18", num_classes=3, rngs=nnx.Rngs(0))
 sd = eca_flax.weights.convert.state_dict(model)  # the PyTorch layout
 target = eca_flax.create_model("eca_resnet18", num_classes=3, rngs=nnx.Rngs(1))
 eca_flax.weights.convert.load_state_dict(target, sd)
-eca_flax.weights.pretrained.save_pretrained(
-    target, sys.argv[1], arch="eca_resnet18", attention="eca"
-)
+eca_flax.save_pretrained(target, sys.argv[1], arch="eca_resnet18", attention="eca")
 loaded = eca_flax.load_pretrained(sys.argv[1])
 logits = nnx.jit(lambda m, x: m(x))(loaded, np.zeros((1, 32, 32, 3), np.float32))
 assert logits.shape == (1, 3), logits.shape
@@ -164,3 +162,12 @@ def test_imports_run_one_way():
     edges = module_imports()
     assert "eca_flax.weights.description" in edges["eca_flax.weights.orbax_io"]  # it sees them
     assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_save_pretrained_is_public_beside_load_pretrained() -> None:
+    """Issue 31, finding 17: eca_flax.load_pretrained was top-level, save_pretrained not."""
+    import eca_flax
+    from eca_flax.weights import pretrained
+
+    assert eca_flax.save_pretrained is pretrained.save_pretrained
+    assert {"load_pretrained", "save_pretrained"} <= set(eca_flax.__all__) & set(dir(eca_flax))

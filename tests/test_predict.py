@@ -199,9 +199,75 @@ def test_bad_files_do_not_stop_the_others(converted, tmp_path, capsys):
     assert (rc, out) == (1, "")
     assert err.splitlines() == [
         f"error: {missing}: no such file",
-        f"error: {ROOT / 'pyproject.toml'}: not an image (unknown format)",
+        f"error: {ROOT / 'pyproject.toml'}: not a decodable image (not an image, or a format "
+        "PIL does not know)",
     ]
     # A wrong --weights still fails first, before any image is read: its line only.
     rc, out, err = run(capsys, "--weights", tmp_path / "nowhere", missing, PHOTOS[0])
     assert (rc, out) == (1, "") and len(err.splitlines()) == 1
     assert err.startswith(f"error: {tmp_path / 'nowhere'}") and "missing.jpg" not in err, err
+
+
+def test_exif_orientation_is_applied_in_predict_only(tmp_path):
+    """Issue 31, finding 5: a phone photo stored sideways with EXIF Orientation 6 ("rotate 90
+    clockwise to view") is classified as it is viewed, upright; the datasets keep the stored
+    pixels, as torchvision's ImageFolder loader reads them (the original's training)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 256, (24, 16, 3), dtype=np.uint8))  # 16 x 24
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote: 24 x 16
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to view
+    path = tmp_path / "phone.png"  # lossless, so the pixels compare exactly
+    stored.save(path, exif=exif)
+    want = np.asarray(upright.resize((16, 24)).crop((0, 4, 16, 20)))  # shorter side 16, crop
+    np.testing.assert_array_equal(predict.load_image(str(path), 16, 16), want)
+    as_stored = np.asarray(stored.crop((4, 0, 20, 16)))
+    np.testing.assert_array_equal(
+        data.transforms.eval_transform(path.read_bytes(), 16, 16), as_stored
+    )
+
+
+def test_files_that_are_no_images_say_what_they_are(converted, tmp_path, capsys):
+    """Issue 31, finding 14: a FIFO, a symlink loop, /dev/zero or /dev/null was "no such file"
+    (reading a FIFO or /dev/zero would block or never end); each is named for what it is."""
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    broken = tmp_path / "broken.jpg"
+    broken.symlink_to(tmp_path / "gone.jpg")
+    want = {
+        fifo: "is a FIFO (named pipe), not an image file",
+        loop: "a symlink loop, no image file",
+        broken: f"a broken symlink (to {tmp_path / 'gone.jpg'}), no image file",
+        "/dev/zero": "is a character device, not an image file",
+        "/dev/null": "is a character device, not an image file",
+        tmp_path / "missing.jpg": "no such file",
+    }
+    rc, out, err = run(capsys, "--weights", converted[0], *want)
+    assert (rc, out) == (1, "")
+    assert err.splitlines() == [f"error: {name}: {line}" for name, line in want.items()]
+
+
+def test_too_large_images_say_so_and_a_flag_reads_them(converted, tmp_path, capsys, monkeypatch):
+    """Issue 31, finding 13: an image over PIL's limit against decompression bombs (178,956,970
+    pixels) was "not a decodable image"; the line says it is too large and names the flag that
+    lifts the limit. Here a PNG of 20000 x 10000 (1-bit) cut after its header: with the flag
+    PIL reads on, and finds it truncated."""
+    from PIL import Image
+
+    path = tmp_path / "huge.png"
+    Image.new("1", (20000, 10000)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the flag sets it
+    rc, _, err = run(capsys, "--weights", converted[0], path)
+    assert rc == 1 and err.splitlines() == [
+        f"error: {path}: too large (200,000,000 pixels, over PIL's limit of 178,956,970 against "
+        "decompression bombs); --allow-large-images reads it"
+    ]
+    rc, _, err = run(capsys, "--weights", converted[0], path, "--allow-large-images")
+    assert rc == 1 and err.splitlines() == [
+        f"error: {path}: not a decodable image (image file is truncated)"
+    ]

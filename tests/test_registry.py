@@ -4,11 +4,13 @@ baseline's formula, and kernel-size parsing."""
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from test_models import PLAIN_PARAMS, TABLE, deep
 
 import eca_flax
+from eca_flax.models import registry
 from eca_flax.models import torch_reference as tr
 from eca_flax.weights import convert
 
@@ -109,3 +111,55 @@ def test_the_test_model_is_the_smallest_eca_resnet():
     assert shapes == [(1, 8, 8, 16), (1, 4, 4, 32), (1, 2, 2, 64), (1, 1, 1, 128)]
     assert "test_eca_resnet" in eca_flax.list_models("test")
     assert "test_eca_resnet" not in eca_flax.list_models("ECA-Net") + eca_flax.list_models("timm")
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> nnx.Module:
+    """An abstract eca_resnet18 (no weights: the checks come before any computation)."""
+    return registry.abstract_model("eca_resnet18", (3, 5, 7, 7), 10, "eca", "float32")
+
+
+MISUSE = {  # issue 31, findings 8 and 11: what a user may pass, and what the error names
+    "k_size=True": (dict(k_size=True), TypeError, "k_size must be None, 'adaptive', a digit"),
+    "k_size=3.5": (dict(k_size=3.5), TypeError, "k_size must be None, 'adaptive', a digit"),
+    "k_size with a bool": (dict(k_size=[3, 5, False, 7]), TypeError, r"k_size must be an int"),
+    "num_classes=-1": (dict(num_classes=-1), ValueError, "num_classes must be an int >= "),
+    "num_classes=10.0": (dict(num_classes=10.0), TypeError, "num_classes must be an int >= "),
+    "dtype=int32": (dict(dtype=jnp.int32), TypeError, "dtype must be a floating-point dtype"),
+    "param_dtype='x'": (dict(param_dtype="x"), TypeError, "param_dtype must be a floating"),
+}
+
+
+@pytest.mark.parametrize("name", ["eca_resnet18", "eca_mobilenet_v2"])
+@pytest.mark.parametrize("case", sorted(MISUSE))
+def test_create_model_names_the_bad_argument(name: str, case: str) -> None:
+    """Issue 31, findings 8 and 11: k_size=True built k=1 everywhere, the others failed later
+    inside JAX (an MLIRError, "'float' object is not iterable") or at the first call."""
+    fields, kind, message = MISUSE[case]
+    with pytest.raises(kind, match=message):
+        eca_flax.create_model(name, **fields)
+
+
+@pytest.mark.parametrize(
+    ("x", "kind", "message"),
+    [
+        (np.zeros((1, 3, 16, 16), np.float32), ValueError, r"\(1, 3, 16, 16\): NCHW\? x.transp"),
+        (np.zeros((1, 16, 16, 1), np.float32), ValueError, "1 channels, the networks take RGB"),
+        (np.zeros((1, 16, 16, 4), np.float32), ValueError, "4 channels, the networks take RGB"),
+        (np.zeros((16, 16, 3), np.float32), ValueError, "one image\\? x\\[None\\] makes a batch"),
+        ([[[[0.0] * 3] * 16] * 16], TypeError, "got a list \\(np.asarray\\(x\\) makes one\\)"),
+    ],
+    ids=["NCHW", "1 channel", "4 channels", "3-D", "list"],
+)
+def test_model_input_must_be_nhwc_rgb(resnet18, x, kind, message) -> None:
+    """Issue 31, finding 11: wrong inputs are named before JAX's convolution or pool fails on
+    them (its errors say nothing of NHWC); __call__ and stage_features alike."""
+    for call in (resnet18, resnet18.stage_features):
+        with pytest.raises(kind, match=f"the input must be .*{message}"):
+            call(x)
+
+
+def test_count_params_needs_a_model() -> None:
+    """Issue 31, finding 11: count_params(None) returned 0."""
+    with pytest.raises(TypeError, match="count_params takes an nnx.Module"):
+        eca_flax.count_params(None)

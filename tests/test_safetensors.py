@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from sklearn.datasets import load_sample_images
 from test_convert import CLI, assert_error, images, run, torch_logits
 
 import eca_flax
-from eca_flax import errors
+from eca_flax import errors, predict
 from eca_flax.models import torch_reference as tr
 from eca_flax.weights import pretrained, safetensors_io, verify
 
@@ -305,3 +306,23 @@ def test_load_and_predict_without_orbax_or_torch(small, tmp_path):
     assert sorted(stored.files) == sorted(want)
     for key, value in want.items():
         assert np.array_equal(stored[key], value), key
+
+
+def test_a_renamed_model_file_is_recognised_by_its_header(small, tmp_path, capsys):
+    """Issue 31, finding 15: a converted model file renamed (model.st) was "not a pretrained
+    model directory" for predict's --weights (read_model_json, then load_pretrained), while
+    the converter told safetensors files by their header; every reader now does
+    (description.is_safetensors)."""
+    renamed = tmp_path / "model.st"
+    shutil.copy(small[2], renamed)
+    assert_same_weights(
+        weights(eca_flax.load_pretrained(renamed)), weights(eca_flax.load_pretrained(small[2]))
+    )
+    # predict --weights reads it through the same two calls (read_model_json, load_pretrained).
+    assert predict.read_model_json(renamed)["arch"] == "eca_resnet18"
+    back = tmp_path / "back.pth"
+    assert run(capsys, "--to-torch", renamed, back)[0] == 0
+    text = tmp_path / "notes.st"  # not a safetensors header: still a clear line
+    text.write_text("hello")
+    with pytest.raises(errors.PretrainedError, match="notes.st: not a pretrained model directory"):
+        eca_flax.load_pretrained(text)

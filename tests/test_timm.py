@@ -356,6 +356,35 @@ def test_config_json_contradicting_the_tensors(hub26t, tmp_path, capsys) -> None
     one_line_error(rc, err, "config.json says num_classes 10")
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("crop_pct", 0, "pretrained_cfg.crop_pct must be a number in (0, 1], got 0"),
+        ("test_crop_pct", -0.5, "pretrained_cfg.test_crop_pct must be a number in (0, 1]"),
+        ("input_size", [3, 0, 0], "pretrained_cfg.input_size must be a positive size"),
+        (
+            "interpolation",
+            "lanczos",
+            "pretrained_cfg.interpolation must be 'bilinear' or 'bicubic'",
+        ),
+        ("std", [0.2, 0, 0.2], "pretrained_cfg.std must be 3 numbers > 0, got [0.2, 0, 0.2]"),
+    ],
+)
+def test_config_json_values_it_cannot_use(hub26t, tmp_path, capsys, key, value, message):
+    """Issue 31, finding 9: crop_pct 0 in config.json was a ZeroDivisionError traceback; each
+    value the converter cannot use is one line naming the file, the key and the value, before
+    the weights are read, nothing written."""
+    src = tmp_path / "hub"
+    src.mkdir()
+    (src / "model.safetensors").symlink_to(hub26t[0] / "model.safetensors")
+    config = json.loads((hub26t[0] / "config.json").read_text())
+    config["pretrained_cfg"][key] = value
+    (src / "config.json").write_text(json.dumps(config))
+    rc, _, err = run(capsys, src, tmp_path / "dst")
+    one_line_error(rc, err, f"{src / 'config.json'}: {message}")
+    assert not (tmp_path / "dst").exists()
+
+
 def test_unknown_architecture(tmp_path: Path, capsys) -> None:
     """timm's resnet26d layout (deep stem, avg-down, no ECA), and a timm-layout ResNet-50-T
     whose stem is neither deep nor tiered: no such ECA model."""

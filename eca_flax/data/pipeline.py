@@ -6,8 +6,9 @@ permutation seeded by (seed, e); global batch s is positions [s * G, (s + 1) * G
 takes its contiguous 1/count of it, so every process count sees the same global batches in
 the same order. Each example's augmentation is seeded by (seed, epoch, index), so starting at
 ``start_step`` reproduces exactly the batches an uninterrupted run sees, at no cost (random
-access). Validation reads each process's contiguous shard once, padded to the same number of
-full batches on every process (``mask`` 0 on padding).
+access). Threads and grain worker processes read whole batches (``_batches``), so the batch of
+step N is the same whatever their numbers. Validation reads each process's contiguous shard
+once, padded to the same number of full batches on every process (``mask`` 0 on padding).
 
 Batches are uint8 images (B, S, S, 3), int32 labels, and ``damaged``: 1 where the slot's own
 file is unreadable (so a batch's sum counts each damaged file it met once). An unreadable file
@@ -91,13 +92,22 @@ def auto_workers(cores: int, gil_share: float = TRAIN_GIL_SHARE) -> tuple[int, i
 def _batches(
     positions: range, load: Callable[[int], dict], per_process: int, threads: int, workers: int
 ) -> Iterator[Batch]:
-    """grain: ``load`` every position on ``threads`` threads (in ``workers`` processes, if any),
-    in order, stacked into batches of ``per_process``."""
+    """grain: batch b is ``load`` of positions [b * per_process, (b + 1) * per_process), stacked,
+    yielded in order; ``threads`` threads (in each of ``workers`` processes, if any) each read
+    whole batches.
+
+    Batches are formed before the work is split: grain's worker processes take whole elements
+    of the dataset in turn, so with single images as elements (batched after the split) which
+    images shared a batch depended on the worker count and the start step. Here an element is
+    a batch, so its images are a function of the positions only, whatever the workers and
+    threads."""
     import grain
 
     ds = grain.MapDataset.range(positions.start, positions.stop).map(load)
-    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * per_process)
-    it = ds.to_iter_dataset(options).batch(per_process, drop_remainder=True)
+    ds = ds.batch(per_process, drop_remainder=True)
+    # One batch per thread in flight, two at least (the next one while a step runs).
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads))
+    it = ds.to_iter_dataset(options)
     if workers > 0:
         from absl import flags
 
@@ -105,7 +115,24 @@ def _batches(
             flags.FLAGS.mark_as_parsed()
         options = grain.MultiprocessingOptions(num_workers=workers)
         it = it.mp_prefetch(options, worker_init_fn=_end_with_the_trainer)
+        it = it.map(_release_shared_names)
     return iter(it)
+
+
+def _release_shared_names(batch: Batch) -> Batch:
+    """``batch`` with the names of its shared memory unlinked as it arrives from a worker.
+
+    grain unlinks them when the arrays are freed, in a thread pool that the interpreter's exit
+    cuts short: the batches still held then (the transfers in flight, those of a failed step)
+    were "There appear to be N leaked shared_memory objects" at every exit, from the resource
+    tracker the workers registered them with. Unlinked here (which unregisters them), the
+    memory stays mapped while the arrays live and goes with them, or with the process.
+    """
+    for array in batch.values():
+        if getattr(array, "_unlink_on_del", False):  # grain's SharedMemoryArray, its owner
+            array._unlink_on_del = False
+            array.shm.unlink()
+    return batch
 
 
 def _end_with_the_trainer(index: int, count: int) -> None:
@@ -143,10 +170,7 @@ def _read(records: sources.FolderRecords | sources.TfdsRecords, index: int, tran
     try:
         return transform(data), label
     except transforms.DECODE_ERRORS as e:
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
-        if isinstance(e, transforms.UnidentifiedImageError):  # its message is a BytesIO repr
-            reason = "not an image, or a format PIL does not know" if len(data) else "empty file"
-        raise DataError(f"{name}: not a decodable image ({reason})") from None
+        raise DataError(f"{name}: {transforms.decode_problem(e, data)}") from None
 
 
 _SKIP_HINT = "; --config.skip_damaged_images=True skips such files"

@@ -5,10 +5,11 @@
   prepared once from the manual tars by ``python -m eca_flax.data prepare`` (``prepare``, which
   needs TensorFlow: TFDS's own builder), which also converts a TFRecord preparation in place.
 * ``folder:PATH``: the original repository's layout, ``PATH/train/<class>/*.JPEG`` and
-  ``PATH/val/<class>/*.JPEG`` (jpg/jpeg/png, any case), classes in sorted folder order as
-  torchvision's ImageFolder; files are read directly, no conversion step. Directory symlinks
-  are followed to folders outside the tree only, each once (a loop or a second path to the
-  same images is refused: it would train them again, under another label).
+  ``PATH/val/<class>/*.JPEG`` (torchvision's IMG_EXTENSIONS, any case: jpg, jpeg, png, ppm,
+  bmp, pgm, tif, tiff, webp), classes in sorted folder order as torchvision's ImageFolder;
+  files are read directly, no conversion step. Directory symlinks are followed to folders
+  outside the tree only, each once (a loop or a second path to the same images is refused: it
+  would train them again, under another label).
 * ``digits:SIZE``: scikit-learn's handwritten digits at SIZE px as a folder in the user's cache,
   written on first use (the quick start's data), with progress lines when that takes long.
 """
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET = "imagenet2012"
 DATASET_CHOICES = (IMAGENET, "folder:PATH", "digits:SIZE")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# torchvision's IMG_EXTENSIONS (datasets/folder.py): the files its ImageFolder reads.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 ARRAY_RECORD = "array_record"

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from eca_flax.data import randaugment as ra
 from eca_flax.weights.description import default_resize_size
@@ -36,15 +37,48 @@ DECODE_ERRORS = (
 )
 
 
-def decode(data: bytes) -> Image.Image:
-    """An encoded image (JPEG, PNG, ...; grayscale, CMYK, palette) as an RGB PIL image.
+def decode_problem(error: BaseException, data: bytes) -> str:
+    """What one of DECODE_ERRORS says of an image, for the one line naming its file."""
+    if isinstance(error, Image.DecompressionBombError):
+        sizes = re.findall(r"\d+", str(error))
+        pixels = f"{int(sizes[0]):,} pixels, " if len(sizes) >= 2 else ""
+        limit = f" of {int(sizes[1]):,}" if len(sizes) >= 2 else ""
+        return f"too large ({pixels}over PIL's limit{limit} against decompression bombs)"
+    if isinstance(error, UnidentifiedImageError):  # its message is a BytesIO repr
+        reason = "not an image, or a format PIL does not know" if len(data) else "empty file"
+    else:
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+    return f"not a decodable image ({reason})"
 
+
+def decode(data: bytes, exif_orientation: bool = False) -> Image.Image:
+    """An encoded image (JPEG, PNG, ...; grayscale, CMYK, palette, 16-bit) as an RGB PIL image.
+
+    ``exif_orientation``: turned as its EXIF Orientation tag says (a phone's "rotate 90"), as
+    photo viewers and transformers' image loading show it; predict does. The datasets keep the
+    stored pixels, as torchvision's ImageFolder loader reads them (the original's training).
     Raises one of DECODE_ERRORS for data PIL cannot decode completely.
     """
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # decode now: a truncated file raises here, not later
+        if exif_orientation:
+            image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):
+            image = to_8_bits(image)
+        elif image.mode == "P" and "transparency" in image.info:
+            # The same RGB as convert("RGB"), without PIL's warning that such palette images
+            # "should be converted to RGBA images" on stderr.
+            image = image.convert("RGBA")
         # convert() of an RGB image is a full copy (PIL's): RGB JPEGs are returned as decoded.
         return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PIL's "I;16*" modes, or "I" as PIL reads some 16-bit PNGs and
+    TIFFs) as 8-bit "L", scaled by 255/65535 (0 -> 0, 65535 -> 255): PIL's convert() clips the
+    values at 255 instead, which turned such images almost white."""
+    x = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.round(np.clip(x, 0, 65535) / 257).astype(np.uint8), "L")
 
 
 def interpolation_filter(name: str) -> int:
@@ -79,12 +113,14 @@ def eval_transform(
     image_size: int,
     resize_size: int | None = None,
     interpolation: str = "bilinear",
+    exif_orientation: bool = False,
 ) -> np.ndarray:
-    """Decode, Resize(resize_size) + CenterCrop(image_size): uint8 (S, S, 3), exactly PIL's."""
+    """Decode (``decode``: ``exif_orientation`` turns the image as its EXIF tag says),
+    Resize(resize_size) + CenterCrop(image_size): uint8 (S, S, 3), exactly PIL's."""
     resize_size = default_resize_size(image_size) if resize_size is None else resize_size
     if resize_size < image_size:
         raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}")
-    resized = resize_shorter(decode(data), resize_size, interpolation)
+    resized = resize_shorter(decode(data, exif_orientation), resize_size, interpolation)
     return np.asarray(center_crop(resized, image_size))
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from eca_flax.models import cpu_kernels
@@ -213,6 +214,55 @@ class SE(nnx.Module):
         y = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # (B, C)
         gate = jax.nn.sigmoid(self.fc2(nnx.relu(self.fc1(y))).astype(jnp.float32))
         return x * gate.astype(x.dtype)[:, None, None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: a misuse is a TypeError / ValueError naming the argument and what it takes,
+# raised before JAX sees the value (whose errors name neither).
+
+
+def check_count(name: str, value: Any, minimum: int, note: str = "") -> int:
+    """``value`` as an int >= ``minimum``: TypeError for a bool, float or anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int >= {minimum}{note}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{note}, got {value!r}")
+    return int(value)
+
+
+def check_float_dtype(name: str, dtype: Any) -> None:
+    """TypeError unless ``dtype`` is a floating-point dtype (jnp.float32, jnp.bfloat16, ...)."""
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise TypeError(
+            f"{name} must be a floating-point dtype such as jnp.float32 or jnp.bfloat16, "
+            f"got {dtype!r}"
+        )
+
+
+def check_images(x: Any) -> None:
+    """TypeError / ValueError naming the input unless it is an array (numpy, jax, a tracer) of
+    NHWC RGB images, (N, H, W, 3): the networks' convolutions and pools take nothing else."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(
+            f"the input must be an array of images (N, H, W, 3), NHWC, such as a jax or numpy "
+            f"array; got a {type(x).__name__} (np.asarray(x) makes one)"
+        )
+    shape = tuple(x.shape)
+    if len(shape) == 4 and shape[-1] == 3:
+        return
+    if len(shape) == 4 and shape[1] == 3:
+        hint = ": NCHW? x.transpose(0, 2, 3, 1) makes it NHWC"
+    elif len(shape) == 4:
+        hint = f": {shape[-1]} channels, the networks take RGB (3)"
+    elif len(shape) == 3:
+        hint = ": one image? x[None] makes a batch of one"
+    else:
+        hint = ""
+    raise ValueError(f"the input must be images (N, H, W, 3), NHWC; got shape {shape}{hint}")
 
 
 # --------------------------------------------------------------------------------------------

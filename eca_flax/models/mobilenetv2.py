@@ -14,7 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.models.layers import Sequential, attention_choice, batch_norm, conv2d, make_attention
+from eca_flax.models.layers import (
+    Sequential,
+    attention_choice,
+    batch_norm,
+    check_count,
+    check_float_dtype,
+    check_images,
+    conv2d,
+    make_attention,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -122,6 +131,9 @@ class ECAMobileNetV2(nnx.Module):
     ):
         if len(k_size) != NUM_BLOCKS:
             raise ValueError(f"need {NUM_BLOCKS} per-block kernel sizes, got {len(k_size)}")
+        check_count("num_classes", num_classes, 1)
+        check_float_dtype("dtype", dtype)
+        check_float_dtype("param_dtype", param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.k_size = tuple(int(k) for k in k_size)
@@ -159,6 +171,7 @@ class ECAMobileNetV2(nnx.Module):
 
     def stage_features(self, x: Array) -> tuple[Array, Array, Array, Array]:
         """Outputs of features[3], [6], [13], [18]: strides 4, 8, 16, 32 (24, 32, 96, 1280 ch)."""
+        check_images(x)
         x = x.astype(self.dtype)
         outs = []
         for i, layer in enumerate(self.features):

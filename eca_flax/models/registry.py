@@ -18,10 +18,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from eca_flax.models import byob, mobilenetv2, nfnet, pruned, resnet, vovnet
-from eca_flax.models.layers import adaptive_kernel_size, attention_choice, timm_kernel_size
+from eca_flax.models.layers import (
+    adaptive_kernel_size,
+    attention_choice,
+    check_count,
+    timm_kernel_size,
+)
 
 KSize = None | str | int | Sequence[int]
 # Compute dtypes by config name (parameters stay float32).
@@ -310,10 +316,15 @@ def resolve_k_size(name: str, k_size: KSize = None) -> tuple[int, ...]:
                 f"k_size {k_size!r} is not 'adaptive', a digit string like '3557' or a list"
             )
         ks = tuple(int(c) for c in (k_size.split(",") if "," in k_size else k_size))
-    elif isinstance(k_size, int):
-        ks = (k_size,) * n
+    elif isinstance(k_size, int | np.integer) and not isinstance(k_size, bool):
+        ks = (int(k_size),) * n
+    elif isinstance(k_size, Sequence | np.ndarray):
+        ks = tuple(check_count("k_size", k, 1, " (each kernel size)") for k in k_size)
     else:
-        ks = tuple(int(k) for k in k_size)
+        raise TypeError(
+            f"k_size must be None, 'adaptive', a digit string like '3557', an int or a "
+            f"sequence of ints, got {k_size!r}"
+        )
     if info.family == "mobilenet_v2" and len(ks) == 2:
         ks = mobilenetv2.release_block_kernel_sizes(*ks)
     if len(ks) != n:
@@ -392,6 +403,8 @@ def arch_of(model: nnx.Module) -> str:
 
 def count_params(model: nnx.Module) -> int:
     """Learnable parameters (nnx.Param); BN running statistics are not counted."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"count_params takes an nnx.Module (a model), got {model!r}")
     return sum(int(v.size) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 

@@ -26,6 +26,9 @@ from eca_flax.models.layers import (
     attention_attribute,
     attention_choice,
     batch_norm,
+    check_count,
+    check_float_dtype,
+    check_images,
     conv2d,
     make_attention,
     max_pool_3x3_s2,
@@ -235,6 +238,9 @@ class ECAResNet(nnx.Module):
             raise ValueError(f"need 4 stages and 4 kernel sizes, got {layers} and {k_size}")
         if design.widths is not None and tuple(map(len, design.widths)) != tuple(layers):
             raise ValueError(f"widths for {tuple(map(len, design.widths))} blocks, not {layers}")
+        check_count("num_classes", num_classes, 0, " (0: a backbone without a classifier)")
+        check_float_dtype("dtype", dtype)
+        check_float_dtype("param_dtype", param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
         self.k_size = tuple(int(k) for k in k_size)
@@ -270,6 +276,7 @@ class ECAResNet(nnx.Module):
 
     def stem(self, x: Array) -> Array:
         """conv 7x7/2 (or the 3x3 stem) - BN - ReLU - max-pool 3x3/2: stride 4 output."""
+        check_images(x)
         x = x.astype(self.dtype)
         return max_pool_3x3_s2(nnx.relu(self.bn1(self.conv1(x))))
 

@@ -87,6 +87,7 @@ def model_meta(
         "dataset": config.dataset,
         "image_size": config.image_size,
         "batch_size": config.batch_size,
+        "seed": config.seed,
         **(schedule_settings(config, plan) if plan is not None else {}),
     }
 
@@ -131,6 +132,7 @@ class Checkpoints:
         )
         self.manager = ocp.CheckpointManager(self.root, options=options)
         self.pending: int | None = None  # the step of the save in flight
+        self.abandoned = False  # abandon(): close() leaves a save in flight as it is
 
     def last_good(self) -> str:
         return last_good(self.root)
@@ -185,7 +187,7 @@ class Checkpoints:
 
         def restore(step: int, step_dir: str) -> dict:
             saved = read_meta(step_dir)
-            check_resume(step_dir, saved, meta)
+            check_resume(step_dir, step, saved, meta)
             try:
                 return self._restore(step, like, saved.get("checksums", {}))
             except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
@@ -230,9 +232,19 @@ class Checkpoints:
         )
         self.manager.reload()
 
+    def abandon(self) -> str:
+        """A second Ctrl-C: the save in flight, if any, is not waited for (its temporary
+        directory is never a good checkpoint; the next start removes what is left of it);
+        returns the last good checkpoint, as the line names it."""
+        self.abandoned = True
+        return self.last_good()
+
     def close(self) -> None:
         """Waits for a pending save and closes the manager; errors were reported by ``wait``. A
-        checkpoints/ this run created and saved nothing into (a failed start) is removed."""
+        checkpoints/ this run created and saved nothing into (a failed start) is removed.
+        After ``abandon``: nothing waited for (Orbax's threads end with the process)."""
+        if self.abandoned:
+            return
         with contextlib.suppress(Exception):
             self.manager.wait_until_finished()
         with contextlib.suppress(Exception):
@@ -242,10 +254,11 @@ class Checkpoints:
                 os.rmdir(self.root)
 
 
-def check_resume(step_dir: str, saved: dict, meta: dict) -> None:
+def check_resume(step_dir: str, step: int, saved: dict, meta: dict) -> None:
     """A workdir's checkpoints must be of this model, data layout and learning-rate schedule
     (RESUME_KEYS): ConfigError naming each value that differs, the checkpoint's and the
-    config's."""
+    config's. The ``seed`` may change only at an epoch boundary: mid-epoch, another seed's
+    permutation would train some of the epoch's images twice and skip others."""
     # Older checkpoints lack some keys; None: a field this run's schedule kind ignores.
     keys = [k for k in RESUME_KEYS if saved.get(k) is not None and meta.get(k) is not None]
     if diff := description.differences(saved, meta, keys):
@@ -256,6 +269,15 @@ def check_resume(step_dir: str, saved: dict, meta: dict) -> None:
             "num_epochs (num_train_steps may change: it only stops the run early) and its "
             "optimizer state fits only its optimizer settings. Use another --workdir, or the "
             "checkpoint's values"
+        )
+    per_epoch, seed = saved.get("steps_per_epoch"), saved.get("seed")
+    if None not in (per_epoch, seed) and seed != meta.get("seed") and step % per_epoch:
+        raise ConfigError(
+            f"{step_dir} was trained with seed {seed} (checkpoint) vs {meta.get('seed')} "
+            f"(config), and step {step} is inside epoch {step // per_epoch + 1} ({per_epoch} "
+            "steps each): another seed orders the epoch's images otherwise, so some would be "
+            f"trained twice and others skipped. Resume with --config.seed={seed} (another seed "
+            "may take over at an epoch boundary), or use another --workdir"
         )
 
 

@@ -268,6 +268,11 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     for name in POSITIVE_FIELDS:
         if c[name] <= 0:
             raise ConfigError(f"{name} must be positive, got {c[name]}")
+    if c.num_train_steps <= 0 and c.num_train_steps != -1:
+        raise ConfigError(
+            f"num_train_steps must be positive (the step the run stops at) or -1 (no cap: "
+            f"num_epochs' schedule), got {c.num_train_steps}"
+        )
     for name in RANGES:
         _check_range(name, c[name])
     if c.k_size:

@@ -166,18 +166,19 @@ def _best_top1(path: str, weights: str) -> float:
     return float(meta.get("top1", -1)) if meta.get("weights", "raw") == weights else -1.0
 
 
-def _exported_line(workdir: str, evals: Evaluation) -> str:
-    """The last line of a run with an EMA: which directory holds which weights, which is better."""
+def _exported_line(workdir: str, evals: Evaluation) -> str | None:
+    """The last line of a run: where its weights are and how to use them (with an EMA, which
+    weights evaluate better); None where nothing was exported (several processes)."""
+    raw_dir, ema_dir = (export_dir(workdir, PRETRAINED, w) for w in ("raw", "ema"))
+    use = "python -m eca_flax.predict --weights DIR IMAGE, or eca_flax.load_pretrained(DIR)"
+    exported = jax.process_count() == 1
+    if evals.ema is None:
+        return f"final: the trained weights are in {raw_dir} ({use})" if exported else None
     raw, ema = 100 * evals.raw.top1, 100 * evals.ema.top1
     better = "the raw weights evaluate better" if raw > ema else "the EMA evaluates better"
     if raw == ema:
         better = "both evaluate the same"
-    where = ""
-    if jax.process_count() == 1:
-        where = (
-            f"; the raw weights are in {export_dir(workdir, PRETRAINED, 'raw')}, "
-            f"the EMA in {export_dir(workdir, PRETRAINED, 'ema')}"
-        )
+    where = f"; the raw weights are in {raw_dir}, the EMA in {ema_dir} ({use})" if exported else ""
     return f"final: {better} (top-1 {raw:.2f}% raw, {ema:.2f}% EMA){where}"
 
 
@@ -280,7 +281,7 @@ def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunRes
     """The training loop, in a locked workdir: step, log, save, evaluate; then export."""
     model, source = start.build_model(config, plan.num_classes)  # before anything is written
     ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
-    run, step, evals = None, 0, None
+    run, step, evals, batches = None, 0, None, None
     try:
         run, step, state = _Run.resume(config, workdir, plan, mesh, ckpt, model, source)
         batches = _train_batches(config, plan, step, mesh)
@@ -295,6 +296,10 @@ def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunRes
                 last = step == plan.total_steps
                 do_eval = last or (into_epoch == 0 and epoch % config.eval_every_epochs == 0)
                 do_save = last or into_epoch == 0 or step % config.checkpoint_every_steps == 0
+                # The step is done before asking: a signal that came during it is acted on
+                # at this step (Python runs a handler only once the main thread is back from
+                # JAX's wait; asked before, the step dispatched next was the one stopped at).
+                jax.block_until_ready(step_metrics)
                 stop = preemption.requested(step)
                 run.log(step, force=do_eval or do_save or stop, epoch_end=into_epoch == 0)
                 if do_save or stop:  # first: a failing evaluation cannot cost the epoch
@@ -309,15 +314,16 @@ def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunRes
         raise e.stopped(ckpt.last_good()) from None
     except Interrupted:
         raise
-    except KeyboardInterrupt:  # the second Ctrl-C
-        ckpt.close()
-        last_good = ckpt.last_good()
+    except KeyboardInterrupt:  # the second Ctrl-C: at once, a save in flight left unfinished
+        last_good = ckpt.abandon()
         raise Interrupted(
             f"stopped at step {step}; the last good checkpoint is {last_good}",
             step=step,
             last_good=last_good,
         ) from None
     finally:
+        if batches is not None:  # grain's workers end now, not at the interpreter's exit
+            batches.close()
         run.close() if run is not None else ckpt.close()
 
 
@@ -433,8 +439,8 @@ class _Run:
             path = export_dir(self.workdir, PRETRAINED, weights)
             export_pretrained(self.model, state, self.config, self.plan, path, evals, weights)
         evals.log(f"final step={step}")
-        if evals.ema is not None:
-            logger.info(_exported_line(self.workdir, evals))
+        if line := _exported_line(self.workdir, evals):
+            logger.info(line)
         return RunResult(step, evals.raw, history=self.history, eval_ema=evals.ema)
 
     def close(self) -> None:

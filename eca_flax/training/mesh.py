@@ -176,8 +176,13 @@ def prefetch_to_mesh(
         if batch is not None:
             queue.append(to_global(batch, mesh, global_batch))
 
-    for _ in range(size):
-        enqueue()
-    while queue:
-        yield queue.popleft()
-        enqueue()  # batch s + size, before step s + 1 is dispatched
+    try:
+        for _ in range(size):
+            enqueue()
+        while queue:
+            yield queue.popleft()
+            enqueue()  # batch s + size, before step s + 1 is dispatched
+    finally:  # closed, or failed: the source's threads and worker processes end now
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()

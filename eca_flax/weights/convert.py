@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eca_flax import files
 from eca_flax.errors import ConversionError
 from eca_flax.models import mobilenetv2
 from eca_flax.models.registry import (
@@ -356,6 +357,7 @@ def convert_file(
     """
     check_destination(dst, overwrite)  # fail before reading a large file
     checkpoint, config = hub.read_source(src, allow_unsafe_pickle=allow_unsafe_pickle)
+    files.check_apart(src, dst, ConversionError)  # a source that reads: not to be replaced
     detection = checkpoint.detection  # an mmdetection file: its backbone, num_classes 0
     spec = backbone_arch(checkpoint) if detection else infer_arch(checkpoint.state_dict)
     hub.confirm_config(spec, config, str(src))
@@ -442,6 +444,7 @@ def export_torch(
     """
     out = Path(out).expanduser()
     pth.check_output(out, overwrite)
+    files.check_apart(src, out, ConversionError)
     backbone = read_model_json(src).get("backbone") or {}
     prefix = backbone.get("prefix", "") if isinstance(backbone, dict) else ""
     tensors = state_dict(load_pretrained(src), prefix=prefix)

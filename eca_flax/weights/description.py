@@ -146,8 +146,21 @@ def host_array(x: Any) -> np.ndarray:
 
 
 def is_safetensors(path: Path_) -> bool:
-    """Whether ``path`` names a single .safetensors file rather than a pretrained directory."""
-    return Path(path).suffix.lower() == SAFETENSORS
+    """Whether ``path`` is a single safetensors file rather than a pretrained directory: named
+    *.safetensors, or a file that starts like one (a little-endian 8-byte header length, then
+    its JSON header) whatever its name: a converted model or --to-torch's output renamed."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == SAFETENSORS:
+        return True
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False  # the reader names the problem
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
 
 
 def parse_description(text: str, where: Path_) -> dict:

@@ -27,6 +27,7 @@ from eca_flax.models import resnet
 from eca_flax.models.registry import EVAL_MEAN_STD, TIMM, list_models, model_info
 from eca_flax.weights import pth
 from eca_flax.weights.arch import ArchSpec, eca_kernel, head_classes
+from eca_flax.weights.description import is_safetensors
 
 CONFIG = "config.json"
 SHARD_INDEX = "model.safetensors.index.json"  # sharded safetensors: {"weight_map": {key: file}}
@@ -58,6 +59,7 @@ def read_source(
         raise ConversionError(f"{config_file}: unreadable ({one_line(e)})") from None
     if not isinstance(config, dict):
         raise ConversionError(f"{config_file}: not a JSON object")
+    check_config(config, config_file)
     weights = next((path / w for w in HUB_WEIGHTS if (path / w).is_file()), None)
     if weights is None:
         raise ConversionError(f"{path}: no {' or '.join(HUB_WEIGHTS)} beside {CONFIG}")
@@ -93,23 +95,9 @@ def read_shards(index: Path) -> pth.Checkpoint:
     return pth.Checkpoint(index, "safetensors", state_dict)
 
 
-def is_safetensors_file(path: Path) -> bool:
-    """Whether ``path`` is named *.safetensors or starts like one (a little-endian 8-byte header
-    length, then its JSON header), whatever its name: --to-torch's output renamed, say."""
-    if path.suffix.lower() == ".safetensors":
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        size = path.stat().st_size
-    except OSError:
-        return False  # read_checkpoint names the problem
-    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
-
-
 def read_weights_file(path: Path, *, allow_unsafe_pickle: bool = False) -> pth.Checkpoint:
     """A state_dict from a safetensors file (numpy, no torch) or a torch.save file."""
-    if not is_safetensors_file(path):
+    if not is_safetensors(path):
         return pth.read_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
     from safetensors import safe_open
 
@@ -245,7 +233,46 @@ def _match(stem: str, counts: tuple[int, ...], groups: int, widths: tuple) -> st
 
 
 # --------------------------------------------------------------------------------------------
-# config.json: confirmation and eval preprocessing.
+# config.json: checks, confirmation and eval preprocessing.
+
+
+def check_config(config: Mapping, where: str | Path) -> None:
+    """ConversionError naming ``where``, the key and the value for a config.json value eca_flax
+    cannot use: num_classes, and pretrained_cfg's sizes, crop_pct (a crop of 0 divided by zero),
+    interpolation, mean and std; absent or null values take their defaults."""
+
+    def bad(key: str, rule: str, value: Any) -> ConversionError:
+        return ConversionError(f"{where}: {key} must be {rule}, got {json.dumps(value)}")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    classes = config.get("num_classes")
+    if classes is not None and not (number(classes) and classes == int(classes) >= 0):
+        raise bad("num_classes", "an integer >= 0", classes)
+    cfg = config.get("pretrained_cfg")
+    if cfg is None:
+        return
+    if not isinstance(cfg, Mapping):
+        raise bad("pretrained_cfg", "an object", cfg)
+    for key in ("input_size", "test_input_size"):
+        size = cfg.get(key)
+        last = size[-1] if isinstance(size, list) and size else size
+        if size is not None and not (number(last) and last == int(last) >= 1):
+            raise bad(f"pretrained_cfg.{key}", "a positive size or [3, H, W]", size)
+    for key in ("crop_pct", "test_crop_pct"):
+        crop = cfg.get(key)
+        if crop is not None and not (number(crop) and 0 < crop <= 1):
+            raise bad(f"pretrained_cfg.{key}", "a number in (0, 1]", crop)
+    interpolation = cfg.get("interpolation")
+    if interpolation is not None and interpolation not in ("bilinear", "bicubic"):
+        raise bad("pretrained_cfg.interpolation", "'bilinear' or 'bicubic'", interpolation)
+    for key in ("mean", "std"):
+        v = cfg.get(key)
+        ok = isinstance(v, list) and len(v) == 3 and all(number(x) for x in v)
+        if v is not None and not (ok and (key == "mean" or min(v) > 0)):
+            rule = "3 numbers" if key == "mean" else "3 numbers > 0"
+            raise bad(f"pretrained_cfg.{key}", rule, v)
 
 
 def confirm_config(spec: ArchSpec, config: Mapping | None, where: str) -> None:
