@@ -22,11 +22,34 @@ xla_flags.use_recommended()  # Tests run with the XLA:CPU flags train.py sets.
 sys.path.insert(0, os.path.dirname(__file__))  # tests import torch_reference and fixtures
 
 
+# The longest tests, longest first (--durations on 2 cores; each over a minute of one worker).
+# pytest-xdist hands tests out one at a time (--maxschedchunk=1, pyproject.toml) in the order
+# sorted below, so these start at once and the short ones fill the other worker around them:
+# no long test starts last and runs alone.
+LONGEST = (
+    "test_train.py::test_two_processes_train_like_one_and_resume_after_losing_one",
+    "test_train.py::test_quickstart_reaches_97_percent",
+    "test_timm.py::test_hub_folder_converts_and_matches_reference[ecaresnet269d]",
+    "test_timm.py::test_rsb_a3_config_trains_a_step",
+    "test_gpu_check.py::test_gpu_check_dry_run",
+    "test_train.py::test_eight_devices_train_like_one",
+    "test_train.py::test_sigterm_sigkill_resume_equals_uninterrupted",
+    "test_timm.py::test_hub_folder_converts_and_matches_reference[ecaresnet200d]",
+    "test_timm.py::test_hub_folder_converts_and_matches_reference[ecaresnet101d_pruned]",
+    "test_train.py::test_rsb_a3_resume_equals_uninterrupted",
+    "test_without_tensorflow.py::test_the_commands_run_without_tensorflow",
+)
+
+
 def pytest_collection_modifyitems(items: list) -> None:
-    """The slow tests (whole trainings, subprocesses: a minute or two each) first, in their
-    files' order, then the rest: pytest-xdist hands tests out in this order, so the long ones
-    start while the short ones can still fill the other workers (no lone long test at the end)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """LONGEST first, then the other slow tests (whole trainings, subprocesses) in their files'
+    order, then the rest."""
+
+    def rank(item) -> tuple[int, int]:
+        place = next((i for i, n in enumerate(LONGEST) if item.nodeid.endswith(n)), len(LONGEST))
+        return place, item.get_closest_marker("slow") is None
+
+    items.sort(key=rank)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
