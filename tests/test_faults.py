@@ -737,9 +737,10 @@ def test_ctrl_c_while_starting_is_one_line(tiny, tmp_path):
     proc = start(cli(tmp_path / "run", tiny, num_train_steps=6))
     maps = pathlib.Path(f"/proc/{proc.pid}/maps")
     end = time.monotonic() + 120
-    while "/jaxlib/" not in maps.read_text():
-        assert proc.poll() is None and time.monotonic() < end, proc.communicate()
+    while proc.poll() is None and "/jaxlib/" not in maps.read_text():
+        assert time.monotonic() < end, "train.py did not load jaxlib within 120 s"
         time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err

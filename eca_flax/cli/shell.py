@@ -74,8 +74,8 @@ def ctrl_c_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        _sigint.extend(came)  # by_ctrl_c: an error the block raised after it came is Ctrl-C's
     if came:
-        _sigint.extend(came)
         raise KeyboardInterrupt
 
 
