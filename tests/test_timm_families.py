@@ -10,7 +10,6 @@ default sizes and the other models are slow-marked.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.numpy import save_file
+from test_timm import one_line_error, run  # the converter in-process, as there
 
 import eca_flax
 from eca_flax.models import cpu_kernels, registry
@@ -28,9 +28,6 @@ from eca_flax.models import torch_reference as tr
 from eca_flax.weights import convert, pretrained
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("convert_cli", REPO / "convert_torch_weights.py")
-CLI = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(CLI)
 
 # The facts table: parameters (trainable), state_dict entries (BN counters included), depths.
 FACTS = {
@@ -72,20 +69,6 @@ BIG = {
 
 def slow_unless(name: str, fast=FAST) -> pytest.param:
     return pytest.param(name, marks=[] if name in fast else [pytest.mark.slow], id=name)
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    """convert_torch_weights.py in-process: exit status, stdout, stderr."""
-    rc = CLI.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(rc: int, err: str, *fragments: str) -> None:
-    lines = err.strip().splitlines()
-    assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def torch_forward(reference: torch.nn.Module, images: np.ndarray):
