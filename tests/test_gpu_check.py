@@ -26,14 +26,15 @@ def test_gpu_check_dry_run(tmp_path: pathlib.Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "error:" not in proc.stdout, proc.stdout
     summary = (tmp_path / "out" / "summary.md").read_text()
-    row = r"\| eca_resnet18 \| eca_flax \| 11,689,556 \|.*\| [\d.]+ \| [\d.]+ \|"
+    # The dry run benchmarks test_eca_resnet (the registry's test model), beside its PyTorch twin.
+    row = r"\| test_eca_resnet \| eca_flax \| 438,478 \|.*\| [\d.]+ \| [\d.]+ \|"
     assert re.search(row, summary)
-    assert re.search(r"\| eca_resnet18 \| PyTorch, channels_last, autocast bf16 \|", summary)
+    assert re.search(r"\| test_eca_resnet \| PyTorch, channels_last, autocast bf16 \|", summary)
     for kind in ("train", "eval"):
         row = rf"\| {kind} \| this revision \| [\d.]+ \| [\d.]+ \| 150,5\d\d \|"
         assert re.search(row, summary)

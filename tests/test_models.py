@@ -90,6 +90,7 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     "name,size",
     [
         ("eca_resnet18", 64),  # the fast tier: the basic block
+        ("test_eca_resnet", 64),  # the tests' narrow model (the GPU check's dry run uses it)
         pytest.param("eca_resnet34", 64, marks=pytest.mark.slow),
         pytest.param("eca_resnet50", 224, marks=pytest.mark.slow),
         # damped residual branches: tr.residual_scale

@@ -422,9 +422,6 @@ def write_digits_folder(path: str | os.PathLike[str], image_size: int = 32) -> s
     80/20 stratified split (random_state=0). Written to a temp dir and renamed into place, and
     skipped when PATH already holds the complete set. Returns PATH, for ``folder:PATH``.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     from eca_flax.files import deferred_interrupt, private_to_umask
 
     if not isinstance(image_size, int) or image_size <= 0:
@@ -437,6 +434,10 @@ def write_digits_folder(path: str | os.PathLike[str], image_size: int = 32) -> s
             f"{root} exists but is not a complete {image_size}x{image_size} digits folder; "
             "remove it or choose another path"
         )
+    # scikit-learn only to write the folder: its import takes seconds of every train.py start.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     index = np.arange(len(digits.target))
     train_idx, val_idx = train_test_split(

@@ -157,20 +157,33 @@ class ECABottleneck(_Block):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000, k_size=(3, 3, 3, 3), attention="eca"):
+    """The authors' ECA-ResNet; ``stem_width`` and ``stage_widths`` other than the paper's 64 and
+    64/128/256/512 only for test_eca_resnet (resnet.Design's fields of the same names)."""
+
+    def __init__(
+        self,
+        block,
+        layers,
+        num_classes=1000,
+        k_size=(3, 3, 3, 3),
+        attention="eca",
+        stem_width=64,
+        stage_widths=(64, 128, 256, 512),
+    ):
         super().__init__()
-        self.inplanes = 64
+        self.inplanes = stem_width
         self.attention = attention
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0], int(k_size[0]))
-        self.layer2 = self._make_layer(block, 128, layers[1], int(k_size[1]), stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], int(k_size[2]), stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], int(k_size[3]), stride=2)
+        w1, w2, w3, w4 = stage_widths
+        self.layer1 = self._make_layer(block, w1, layers[0], int(k_size[0]))
+        self.layer2 = self._make_layer(block, w2, layers[1], int(k_size[1]), stride=2)
+        self.layer3 = self._make_layer(block, w3, layers[2], int(k_size[2]), stride=2)
+        self.layer4 = self._make_layer(block, w4, layers[3], int(k_size[3]), stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(w4 * block.expansion, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -796,7 +809,8 @@ def build(
     if info.source == TIMM:
         return TimmResNet(layers, design, num_classes, ks, attention)
     torch_block = ECABottleneck if block.expansion == 4 else ECABasicBlock
-    return ResNet(torch_block, layers, num_classes, ks, attention)
+    widths = dict(stem_width=design.stem_width, stage_widths=design.stage_widths)
+    return ResNet(torch_block, layers, num_classes, ks, attention, **widths)
 
 
 def logits(name: str, state_dict: dict, images, **build_kwargs):
