@@ -85,8 +85,9 @@ def test_benchmark_against_torch_end_to_end():
     # elementwise work (BN, ReLU, ECA, pooling), well under 10% here.
     want = conv_macs("eca_resnet18", 32)
     assert want <= ours.flops / 2 <= 1.1 * want
-    table = out[out.index("| model | variant") :]
-    assert re.search(r"\| eca_resnet18 \| eca_flax \| 11,689,556 \| [\d.]+ \| [\d.]+M \|", table)
+    table = out[out.index("| model | size | variant") :]
+    row = r"\| eca_resnet18 \| 32 \| eca_flax \| 11,689,556 \| [\d.]+ \| [\d.]+M \|"
+    assert re.search(row, table)
     ratio = re.search(
         r"eca_flax / PyTorch throughput \(>1: faster\) \| ([\d.]+)x \| ([\d.]+)x \|", table
     )
@@ -141,4 +142,5 @@ def test_train_mode_and_the_train_step_need_no_tensorflow():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().endswith("tensorflow imported: False"), proc.stderr
-    assert re.search(r"\| eca_resnet18 \| eca_flax \| 11,689,556 \|.*\| [\d.]+ \|", proc.stdout)
+    row = r"\| eca_resnet18 \| 32 \| eca_flax \| 11,689,556 \|.*\| [\d.]+ \|"
+    assert re.search(row, proc.stdout)
