@@ -346,6 +346,23 @@ def test_attention_size_rules(tmp_path: Path) -> None:
     registry.check_input_size("eca_resnext26ts", 97)  # the others take any size
 
 
+def test_vovnet_minimum_size() -> None:
+    """Under 29 px a VoVNet stage max-pool gets a 1-pixel map (PyTorch: "Output size is too
+    small"; an empty map and NaN losses otherwise): one line at model call and config check."""
+    from eca_flax.training import config as cfg
+
+    registry.check_input_size("eca_vovnet39b", 29)
+    with pytest.raises(ValueError, match=r"at least 29x29 .*got 28x28$"):
+        registry.check_input_size("eca_vovnet39b", 28)
+    model = nnx.clone(registry.abstract_model("eca_vovnet39b", (), 10, "eca", "float32"))
+    with pytest.raises(ValueError, match="got 16x16"):
+        model(jnp.zeros((1, 16, 16, 3)))
+    c = cfg.default_config()
+    c.update(model="eca_vovnet39b", image_size=16)
+    with pytest.raises(cfg.ConfigError, match="image_size=16: .*at least 29x29"):
+        cfg.resolve_config(c)
+
+
 def test_byob_look_alikes(tmp_path: Path, capsys) -> None:
     """resnet33ts (no attention) and seresnext26ts (SE: attn.fc1): one line each."""
     f = np.float32
