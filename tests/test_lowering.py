@@ -84,3 +84,31 @@ def test_benchmark_lower_for_prints_counts_and_flops():
     assert "sgd_bfloat16 (train, eca_resnet18, tpu)" in text and "convolution 59" in text
     assert "(XLA cost analysis of the tpu lowering, unoptimized HLO)" in text
     assert text.count("flops: ") == len(lowering.CASES) and "0 problems" in text
+
+
+# timm's other families (issue 30): the bfloat16 train and eval steps for cuda, as the GPU runs
+# them. Conv layers (each one convolution per pass): eca_nfnet_l0 4 stem + 12 blocks x 4 + 4
+# downsamples + final_conv; eca_resnext26ts 3 stem + 8 x 3 + 4 shortcuts; eca_halonext26ts 3 +
+# 5 x 3 + 3 attention blocks x 4 (1x1 in, q, kv, 1x1 out) + 4; eca_vovnet39b 3 + 6 OSA blocks x 6.
+# The weights are zeros (lowering reads shapes only): ~1 s (eval) and ~3 s (train) each.
+FAMILIES = {"eca_nfnet_l0": 57, "eca_resnext26ts": 31, "eca_halonext26ts": 34, "eca_vovnet39b": 39}
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_timm_families_lower_for_cuda_in_bfloat16(model):
+    size = 256 if model == "eca_halonext26ts" else 64  # Halo: multiples of 256
+    for case in ("sgd_bfloat16", "eval_bfloat16"):
+        p = lowering.lower(case, "cuda", model=model, batch_size=2, image_size=size)
+        assert p.conv_layers == FAMILIES[model]
+        counts = p.op_counts()
+        assert counts["convolution"] == p.expected_convolutions()
+        assert {t for op in p.ops() if op.name == "convolution" for _, t in op.operands} == {"bf16"}
+        assert lowering.problems(p) == [], (case, lowering.problems(p))
+        if case == "sgd_bfloat16":  # a max-pool's gradient is select_and_scatter; NFNet has none
+            assert bool(counts["select_and_scatter"]) == (model != "eca_nfnet_l0")
+    if model == "eca_nfnet_l0":  # the misreports before: its average pools are no max-pools,
+        assert counts["reduce_window"] and not lowering._max_pools(p.text)
+        # and its weight-standardized convolutions are convolutions (bias gradients: float32)
+        assert p.batch_norms == 0 and p.expected_convolutions() == 57
+    if model == "eca_halonext26ts":  # attention's products (heads axis) are no conv products
+        assert counts["dot_general"] > 1

@@ -48,18 +48,18 @@ def _ratio(a: float, b: float) -> str:
     return "-" if not b or math.isnan(a / b) else f"{a / b:.2f}x"
 
 
-def format_table(results: Sequence[Result], *, image_size: int, peak: float) -> str:
+def format_table(results: Sequence[Result], *, peak: float) -> str:
     """The results as a Markdown table, then the ratios (``peak`` FLOP/s for MFU, or NaN)."""
     head = [
-        "model", "variant", "params", "GMACs", "MACs/2^30 (README)", "compile s (infer/train)",
-        "infer img/s", "train img/s", "XLA buffers MiB",
+        "model", "size", "variant", "params", "GMACs", "MACs/2^30 (README)",
+        "compile s (infer/train)", "infer img/s", "train img/s", "XLA buffers MiB",
     ]  # fmt: skip
     if not math.isnan(peak):
         head.append("train MFU")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         macs = r.flops / 2
-        readme = README_FIGURES.get(r.model, ("", ""))[1] if image_size == 224 else ""
+        readme = README_FIGURES.get(r.model, ("", ""))[1] if r.image_size == 224 else ""
         units = "-"
         if not math.isnan(macs):
             scaled = macs / 2**30
@@ -70,6 +70,7 @@ def format_table(results: Sequence[Result], *, image_size: int, peak: float) -> 
             compile_s = f"{_fmt(r.compile_infer_s, '.1f')} / {_fmt(r.compile_train_s, '.1f')}"
         row = [
             r.model,
+            str(r.image_size),
             r.variant,
             f"{r.params:,}" if r.params else "-",
             _fmt(macs / 1e9, ".3f"),
@@ -126,7 +127,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "weights are random: speed does not depend on them)",
     )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="square input size (default: each model's own, timm's default: 224 for the "
+        "ResNets, eca_nfnet_l0 and eca_vovnet39b, 256 for the byob models)",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--mode", choices=("infer", "train", "both"), default="both")
     parser.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
@@ -174,8 +180,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; choices: {', '.join(list_models())}")
     for name in ("batch_size", "image_size", "repeats"):
-        if getattr(args, name) < 1:
+        if (getattr(args, name) or 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    from eca_flax.models.registry import check_input_size
+
+    for m in args.models:  # BoT takes 256 only, Halo multiples of 256
+        try:
+            check_input_size(m, image_size(args, m))
+        except ValueError as e:
+            parser.error(f"--image-size {args.image_size}: {e}")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
     if args.se and (args.no_plain or any(model_info(m).family != "resnet" for m in args.models)):
@@ -183,6 +196,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "--se compares SE with the plain network of a ResNet: drop --no-plain and MobileNetV2"
         )
     return args
+
+
+def image_size(args: argparse.Namespace, model: str) -> int:
+    """--image-size, or the model's default input size."""
+    from eca_flax.models.registry import model_info
+
+    return args.image_size or model_info(model).default_size
+
+
+def _sizes(args: argparse.Namespace) -> str:
+    sizes = sorted({image_size(args, m) for m in args.models})
+    return "/".join(f"{s}x{s}" for s in sizes) + ("" if args.image_size else " (models' own)")
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Result]:
@@ -198,13 +223,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Re
         raise BenchmarkError(f"--torch supports cpu and gpu backends, not {jax.default_backend()}")
     log(f"machine: {machine_description()}")
     log(
-        f"batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.dtype}, mode "
+        f"batch {args.batch_size}, {_sizes(args)}, {args.dtype}, mode "
         f"{args.mode}, {args.repeats} samples after {args.warmup} warm-up calls, load average "
         f"{os.getloadavg()[0]:.2f} at start"
     )
     results: list[Result] = []
     for name in args.models:
-        images, labels = synthetic_batch(args.batch_size, args.image_size, 1000)
+        images, labels = synthetic_batch(args.batch_size, image_size(args, name), 1000)
         timers: list[Timer] = []
         rows = []
         variants = ["eca"] + ([] if args.no_plain else [None]) + (["se"] if args.se else [])
@@ -236,17 +261,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> list[Re
             f"torch {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
         )
     log("")
-    log(
-        format_table(
-            results, image_size=args.image_size, peak=peak_flops(args.dtype, args.peak_tflops)
-        )
-    )
+    log(format_table(results, peak=peak_flops(args.dtype, args.peak_tflops)))
     if args.dispatch:
         log("")
         log(f"dispatch overhead, {args.models[0]}, batch 1 (median wall time per call):")
         overhead = dispatch_overhead(
             args.models[0],
-            image_size=args.image_size,
+            image_size=image_size(args, args.models[0]),
             repeats=args.repeats,
             warmup=args.warmup,
             min_sample_s=args.min_sample_s,
@@ -264,7 +285,7 @@ def lower_for(args: argparse.Namespace, log: Callable[[str], None] = print) -> i
     log(f"machine: {machine_description()}; load average {os.getloadavg()[0]:.2f}")
     log(
         f"lowering for {args.lower_for} (jax.export, abstract shapes, nothing runs): batch "
-        f"{args.batch_size}, {args.image_size}x{args.image_size}, 1000 classes"
+        f"{args.batch_size}, {_sizes(args)}, 1000 classes"
     )
     found = 0
     for name in args.models:
@@ -274,7 +295,7 @@ def lower_for(args: argparse.Namespace, log: Callable[[str], None] = print) -> i
                 args.lower_for,
                 model=name,
                 batch_size=args.batch_size,
-                image_size=args.image_size,
+                image_size=image_size(args, name),
                 num_classes=1000,
             )
             for line in lowering.summary(program, compile_cpu=args.compile_cpu):

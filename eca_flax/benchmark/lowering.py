@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 PLATFORMS = ("cuda", "tpu")
@@ -45,6 +46,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 _TENSOR = re.compile(r"tensor<((?:[0-9?]+x)*)([a-z][a-z0-9]*)>")
 _OP = re.compile(r"(?:^|=)\s*\"?stablehlo\.([a-z_0-9]+)")
 _CALL = re.compile(r"\bcall @([\w.$-]+)")
+_REDUCE_WINDOW = re.compile(r"stablehlo\.reduce_window")
 _FUNC = re.compile(r"func\.func (?:public |private )?@([\w.$-]+)\(")
 
 
@@ -210,14 +212,24 @@ def case_config(case: str, model: str) -> tuple[str, ml_collections.ConfigDict]:
 
 @functools.lru_cache(maxsize=4)
 def _network(model: str, dtype: str, num_classes: int) -> nnx.Module:
-    """train.py's model for a config of ``model`` in ``dtype`` (built once: model init is the
-    slow part of lowering; the steps split it when they are made, so cases can share it)."""
+    """train.py's model for a config of ``model`` in ``dtype``, its weights zeros: lowering
+    needs their shapes only, and random initialisation (a compile per parameter shape, ~10 s
+    of CPU for eca_nfnet_l0) would be most of its time. Built once; the steps split it when
+    they are made, so cases can share it."""
     from eca_flax.training import start
 
     _, config = case_config("sgd_float32", model)
     with config.unlocked():
         config.dtype = dtype
-    return start.build_model(config, num_classes)[0]
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: start.build_model(config, num_classes)[0]))
+    return nnx.merge(graphdef, jax.tree.map(_zeros, state))
+
+
+def _zeros(leaf: Any) -> Any:
+    """An array of a ShapeDtypeStruct's shape: zeros, or PRNG keys (MobileNetV2's dropout)."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.random.split(jax.random.key(0), leaf.shape) if leaf.shape else jax.random.key(0)
+    return np.zeros(leaf.shape, leaf.dtype)
 
 
 def lower(
@@ -258,9 +270,7 @@ def lower(
     exported = jax.export.export(
         step, platforms=[platform], disabled_checks=[jax.export.DisabledSafetyCheck.platform()]
     )(*args)
-    convs = [
-        m for _, m in nnx.iter_graph(net) if isinstance(m, nnx.Conv) and len(m.kernel_size) == 2
-    ]
+    convs = conv_layers(net)
     return Program(
         case=case,
         kind=kind,
@@ -270,11 +280,26 @@ def lower(
         args=args,
         config=config,
         conv_layers=len(convs),
-        image_convs=sum(m.in_features == 3 for m in convs),
+        image_convs=sum(cin == 3 for cin in convs),
         batch_norms=sum(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(net)),
         num_state_args=len(jax.tree.leaves(args[:-1])),
         batch_shape=batch["image"].shape,
     )
+
+
+def conv_layers(net: nnx.Module) -> list[int]:
+    """The input channels of every 2-D convolution module of ``net``: ``nnx.Conv`` (the ResNets,
+    byob, VoVNet) and the NF networks' weight-standardized ``StdConv``, each one convolution in
+    the program (ECA's 1-D convolution is not one: it is lowered as products of shifted taps)."""
+    from eca_flax.models.nfnet import StdConv
+
+    out = []
+    for _, m in nnx.iter_graph(net):
+        if isinstance(m, nnx.Conv) and len(m.kernel_size) == 2:
+            out.append(m.in_features)
+        elif isinstance(m, StdConv):
+            out.append(m.kernel.shape[2] * m.groups)
+    return out
 
 
 def _abstract(tree: Any) -> Any:
@@ -300,14 +325,13 @@ def problems(program: Program) -> list[str]:
     wrong = sorted({t for op in convs for _, t in op.operands + op.results if t != want})
     if wrong:
         out.append(f"convolutions in {', '.join(wrong)} (expected {want} only)")
-    # The only dense layer is the classifier: (B, C) x (C, K). A dot_general over 4-D
-    # operands is a convolution recast as a product (cpu_kernels).
-    dots = [
-        op for op in ops if op.name == "dot_general" and any(len(s) != 2 for s, _ in op.operands)
-    ]
+    # cpu_kernels recasts convolutions as products of an NHWC map (4-D) with a matrix or with
+    # another map: operands of rank 4 at most, one of them 4-D. The classifier is (B, C) x
+    # (C, K); BoT's and Halo's attention products carry a heads axis (5-D and 7-D operands).
+    dots = [op for op in ops if op.name == "dot_general" and _conv_as_product(op)]
     if dots:
         out.append(f"{len(dots)} dot_general ops on feature maps (CPU formulations)")
-    if program.kind == "train" and counts["reduce_window"] and not counts["select_and_scatter"]:
+    if program.kind == "train" and _max_pools(program.text) and not counts["select_and_scatter"]:
         out.append("max-pool gradient without select_and_scatter (the CPU formulation)")
     targets = program.custom_call_targets()
     callbacks = [t for t in targets if "callback" in t.lower()]
@@ -329,6 +353,21 @@ def problems(program: Program) -> list[str]:
     return out
 
 
+def _max_pools(text: str) -> int:
+    """reduce_window ops taking a maximum (max-pools; the NF networks' average pools sum)."""
+    bodies = [
+        text[m.end() : text.find("stablehlo.return", m.end())]
+        for m in _REDUCE_WINDOW.finditer(text)
+    ]
+    return sum("stablehlo.maximum" in body for body in bodies)
+
+
+def _conv_as_product(op: Op) -> bool:
+    """Whether a dot_general has cpu_kernels' shape: a 4-D operand, none of higher rank."""
+    ranks = [len(shape) for shape, _ in op.operands]
+    return max(ranks) == 4
+
+
 def _float32_statistics(program: Program, ops: list[Op]) -> list[str]:
     """BatchNorm's batch statistics (reductions of (B, H, W, C) over B, H, W) and the loss
     (reductions of (B, K) logits over K) in float32."""
@@ -340,9 +379,9 @@ def _float32_statistics(program: Program, ops: list[Op]) -> list[str]:
     if program.kind == "train":
         low = [op.operands[0][1] for op in stats if op.operands[0][1] != "f32"]
         if low or sum(op.times for op in stats) < 2 * program.batch_norms:
-            out.append(
+            out.append(  # BatchNorm's statistics, and biases' gradients (the NF networks)
                 f"BatchNorm statistics: {sum(op.times for op in stats)} reductions over "
-                f"(B, H, W) for {program.batch_norms} BatchNorms, non-float32: {low}"
+                f"(B, H, W) for {program.batch_norms} BatchNorms, non-float32: {sorted(set(low))}"
             )
         loss = [
             op

@@ -75,6 +75,7 @@ class Result:
     infer: Timer | None = None
     train: Timer | None = None
     batch_size: int = 0
+    image_size: int = 0
     memory_bytes: float = math.nan  # train step (or forward) buffers
     train_flops: float = math.nan  # per step
 
@@ -105,7 +106,13 @@ def build_jax(
     )
     model = make()
     variant = "eca_flax" if attention == "eca" else f"eca_flax, attention={attention}"
-    result = Result(name, variant, eca_flax.count_params(model), batch_size=batch_size)
+    result = Result(
+        name,
+        variant,
+        eca_flax.count_params(model),
+        batch_size=batch_size,
+        image_size=images.shape[1],
+    )
     timers = []
     infer = mode in ("infer", "both")
     if infer or attention == "eca":  # The ECA model's forward also gives the FLOPs.
@@ -180,7 +187,7 @@ def build_torch(
     variant = "PyTorch" + (", channels_last" if channels_last else "")
     variant += ", autocast bf16" if bf16 else ""
     params = sum(p.numel() for p in model.parameters())
-    result = Result(name, variant, params, batch_size=len(images))
+    result = Result(name, variant, params, batch_size=len(images), image_size=images.shape[1])
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     optimizer = torch.optim.SGD(

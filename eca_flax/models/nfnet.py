@@ -118,7 +118,8 @@ class StdConv(nnx.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.groups,
         )
-        return y + self.bias[...].astype(self.dtype)
+        # The bias added in float32: its gradient, a sum over (B, H, W), then is one too.
+        return (y.astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class Downsample(nnx.Module):

@@ -337,9 +337,13 @@ def resolve_k_size(name: str, k_size: KSize = None) -> tuple[int, ...]:
 
 def check_input_size(name: str, height: int, width: int | None = None) -> None:
     """ValueError in one line naming the rule when ``name`` cannot take a height x width input
-    (eca_botnext26ts_256: 256 only; eca_halonext26ts: multiples of 256); others take any."""
+    (eca_botnext26ts_256: 256 only; eca_halonext26ts: multiples of 256; eca_vovnet39b: 29 px
+    or more); others take any."""
+    width = height if width is None else width
     if model_info(name).family == "byob":
-        byob.check_input_size(name, height, height if width is None else width)
+        byob.check_input_size(name, height, width)
+    elif model_info(name).family == "vovnet":
+        vovnet.check_input_size(name, height, width)
 
 
 def model_attention(name: str, attention: Any) -> str | None:

@@ -66,6 +66,32 @@ class OsaBlock(nnx.Module):
         return y + x if self.residual else y
 
 
+def _stage_pool_inputs(side: int) -> list[int]:
+    """The side of the map each stage max-pool (stages 1-3) receives from an input ``side``:
+    the stem's two 3x3 stride-2 convs (pad 1), then each 3x3/2 ceil-mode pool."""
+    n = (side - 1) // 2 + 1
+    n = (n - 1) // 2 + 1
+    sides = []
+    for _ in range(3):
+        sides.append(n)
+        n = -(-(n - 3) // 2) + 1
+    return sides
+
+
+MIN_INPUT_SIZE = next(s for s in range(1, 64) if min(_stage_pool_inputs(s)) >= 2)  # 29
+
+
+def check_input_size(name: str, height: int, width: int) -> None:
+    """ValueError in one line when a side is under ``MIN_INPUT_SIZE``: a stage's max-pool
+    would get a 1-pixel map (PyTorch's MaxPool2d(3, 2, ceil_mode=True): "Output size is too
+    small"; here an empty map, NaN losses)."""
+    if min(height, width) < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"{name} needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} (its stage "
+            f"max-pools, 3x3 stride 2, need maps of 2 pixels or more); got {height}x{width}"
+        )
+
+
 class OsaStage(nnx.Module):
     """MaxPool 3x3/2 ceil-mode (stages 1-3), then the stage's OSA ``blocks``."""
 
@@ -78,7 +104,8 @@ class OsaStage(nnx.Module):
 
 
 class VoVNet(nnx.Module):
-    """ECA-VoVNet-39b for NHWC images (ImageNet mean/std); float32 logits; any input size.
+    """ECA-VoVNet-39b for NHWC images (ImageNet mean/std); float32 logits; inputs of 29 px or
+    more (``check_input_size``).
 
     ``attention`` is "eca" (timm's), "eca_ns" or None (no attention layers); ``stages``: per
     stage (conv chs, out chs, blocks), eca_vovnet39b's by default (another: e.g. tests).
@@ -128,6 +155,7 @@ class VoVNet(nnx.Module):
 
     def stage_features(self, x: Array) -> tuple[Array, Array, Array, Array]:
         """The four stages' outputs, at strides 4, 8, 16, 32 (256, 512, 768, 1024 channels)."""
+        check_input_size(self.arch, x.shape[1], x.shape[2])
         x = self.stem(x.astype(self.dtype))
         features = []
         for stage in self.stages:
