@@ -187,6 +187,21 @@ def test_sharded_and_bin_repos(hub, files, tmp_path) -> None:
     np.testing.assert_array_equal(logits_of(model), files["local_logits"])
 
 
+def test_other_timm_family_by_tag(hub, tmp_path) -> None:
+    """A model of timm's other ECA families (eca_resnext26ts, a ByobNet) by its name alone: its
+    default tag's repo (ch_in1k) is fetched and converted; the logits are its reference's."""
+    reference = tr.random_reference("eca_resnext26ts", seed=4, num_classes=10)
+    tr.save_hub_folder("eca_resnext26ts", reference, tmp_path / "repo")
+    repo = {p.name: p.read_bytes() for p in sorted((tmp_path / "repo").iterdir())}
+    hub.add_repo(model_info("eca_resnext26ts").hub_repo("ch_in1k"), repo)
+    model = eca_flax.create_model("eca_resnext26ts", pretrained=True)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(IMAGES.transpose(0, 3, 1, 2).copy())).numpy()
+    # float32 through ~30 layers of well-conditioned random weights: ~1e-6 relative, as the
+    # family's parity tests (test_timm_families.py) measure; 1e-4 leaves room.
+    np.testing.assert_allclose(logits_of(model), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_eca_flax_repo_needs_no_conversion(hub, files, tmp_path) -> None:
     """A repo holding save_pretrained's model.safetensors loads as it is."""
     model = eca_flax.load_pretrained("hf-hub:someone/ecaflax")
