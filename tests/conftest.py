@@ -8,6 +8,11 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One thread for PyTorch (the reference) and OpenMP/BLAS, in the workers and what they start:
+# pytest-xdist already runs a test per core, and OpenMP threads that find the other core busy
+# spin at their barriers (a forward of ecaresnet101d beside a busy core: 5.3 CPU-s on 2
+# threads, 1.0 on one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # One persistent compilation cache for the whole run: every pytest-xdist worker (their parent is
 # the controller) and every train.py they start. Most of the suite's time is XLA compiling, and
 # many tests compile the same programs (the quick-start model's steps); removed at the end.
@@ -50,6 +55,13 @@ def pytest_collection_modifyitems(items: list) -> None:
         return place, item.get_closest_marker("slow") is None
 
     items.sort(key=rank)
+
+
+def pytest_runtest_setup(item) -> None:
+    """PyTorch back to one thread before each test (the benchmark sets its own: all cores)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -21,7 +21,6 @@ from eca_flax.models import mobilenetv2
 from eca_flax.models import torch_reference as tr
 from eca_flax.weights import convert
 
-torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parent.parent
 
 # torchvision's plain ResNet / MobileNetV2 counts: the attention=None baselines.

@@ -85,21 +85,13 @@ def _forward(model, x):
     return model.head(feats[-1]), feats
 
 
-# XLA:CPU's backend optimizations off for the one call each compiled forward serves: a third
-# less compile time (eca_nfnet_l3 at 33 px: 4.7 s instead of 6.9 s), the same float32 ops.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
 def jax_forward(model, images: np.ndarray):
     """(logits, stage features) of an eca_flax model: one jit with lax's convolutions (cheaper
-    than eager op-by-op here, where nearly every layer has its own shape: ~2.5 s on 2 cores),
-    compiled for compile speed (``FAST_COMPILE``)."""
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, x: _forward(nnx.merge(graphdef, state), x))
-    x = jnp.asarray(images)
+    than eager op-by-op here, where nearly every layer has its own shape: ~2.5 s on 2 cores).
+    XLA's default options, as users run them (parity tests never trade them for compile speed).
+    """
     with cpu_kernels.switch(False):
-        compiled = forward.lower(state, x).compile(compiler_options=FAST_COMPILE)
-        logits, feats = compiled(state, x)
+        logits, feats = nnx.jit(_forward)(model, jnp.asarray(images))
         return np.asarray(logits), [np.asarray(f) for f in feats]
 
 
