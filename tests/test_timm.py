@@ -12,13 +12,15 @@ import importlib.util
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from faults import trainer_env
 from flax import nnx
 from PIL import Image
 from safetensors.numpy import save_file
@@ -51,9 +53,9 @@ FACTS = {
     "ecaresnext50t_32x4d": ((3, 4, 6, 3), "tiered", 25_045_686),
 }
 PRUNED = ("ecaresnet50d_pruned", "ecaresnet101d_pruned")
-# The deepest two take half a minute each just to trace their construction (nnx.eval_shape);
-# converting and running the 45M+ parameter models and the pruned ones (every block its own
-# shapes: eager compiles each) takes minutes on 2 cores.
+# The deepest two: their parameter count traces 66 / 89 blocks' construction (nnx.eval_shape,
+# seconds); converting and running the 45M+ parameter models and the pruned ones (every block
+# its own shapes: eager compiles each) takes minutes on 2 cores.
 SLOW = {"ecaresnet200d", "ecaresnet269d"}
 SLOW_PARITY = set(FACTS)  # each converts a full network and runs both (seconds each)
 STEM_WIDTHS = {"deep": (32, 32, 64), "tiered": (24, 32, 64)}
@@ -539,15 +541,13 @@ def test_rsb_a3_config_resolves() -> None:
 
 
 @pytest.mark.slow
-def test_rsb_a3_config_trains_a_step(tmp_path: Path, monkeypatch) -> None:
-    """Two steps of the A3 config's model and recipe on the digits at 32 px, then evaluation
-    and the exported model (bicubic recorded)."""
-    from eca_flax.training import loop
-    from eca_flax.training.mesh import make_mesh
+def test_rsb_a3_config_trains_a_step(tmp_path: Path) -> None:
+    """``train.py --config configs/ecaresnet50t_rsb_a3.py``: two steps of the A3 model and recipe
+    on the digits at 32 px, then evaluation and the exported model (bicubic recorded).
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    c = load_config("ecaresnet50t_rsb_a3")
-    c.update(
+    One device (the config is the subject; test_train.py checks device counts), XLA compiling
+    for compile speed (faults.FAST_COMPILE): the full ecaresnet50t train step is compiled."""
+    fields = dict(
         dataset="digits:32",
         image_size=32,
         eval_image_size=32,
@@ -557,10 +557,26 @@ def test_rsb_a3_config_trains_a_step(tmp_path: Path, monkeypatch) -> None:
         num_train_steps=2,
         log_every_steps=1,
     )
-    # One device: the config is the subject (test_train.py checks device counts); an 8-device
-    # program of ecaresnet50t took minutes to compile here.
-    result = loop.train_and_evaluate(c, str(tmp_path / "run"), mesh=make_mesh(jax.devices()[:1]))
-    assert [h["step"] for h in result.history] == [1, 2]
-    assert all(np.isfinite(h["loss"]) for h in result.history)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/ecaresnet50t_rsb_a3.py",
+            "--workdir",
+            str(tmp_path / "run"),
+            *(f"--config.{k}={v}" for k, v in fields.items()),
+        ],
+        cwd=REPO,
+        env=trainer_env(1, XDG_CACHE_HOME=str(tmp_path / "xdg")),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    losses = re.findall(r"step (\d+)/2 .* loss ([0-9.]+) ", proc.stdout)
+    assert [int(step) for step, _ in losses] == [1, 2], proc.stdout
+    assert all(math.isfinite(float(loss)) for _, loss in losses)
+    assert re.search(r"final step=2 top1=[0-9.]+ top5=[0-9.]+ images=360", proc.stdout)
     meta = pretrained.read_model_json(tmp_path / "run" / "pretrained")
     assert meta["arch"] == "ecaresnet50t" and meta["preprocessing"]["interpolation"] == "bicubic"
