@@ -144,3 +144,49 @@ def load_detector(path: str | os.PathLike[str], *, settings: TestSettings | None
         description.get("attention", "eca"),
         settings,
     )
+
+
+def convert_detector(
+    checkpoint: Any, spec: Any, dst: str | os.PathLike[str], *, verify: bool, log: Any
+) -> Any:
+    """The whole v1 detector of ``checkpoint`` (pth.Checkpoint of an mmdetection file, its
+    backbone read as ``spec``) to ``dst``; returns the Detector. Nothing is written on error."""
+    from eca_flax.models.registry import count_params
+
+    detection = checkpoint.detection
+    whole = checkpoint.whole
+    kind = detector_kind(checkpoint.path, whole, detection.meta)
+    try:
+        detector = detector_from_state_dict(whole, kind, spec.arch, spec.k_size, spec.attention)
+    except ConversionError as e:
+        raise ConversionError(
+            f"{checkpoint.path}: {e} (read as a v1 {kind} on {spec.describe()})"
+        ) from None
+    version = detection.meta.get("mmdet_version")
+    parts = [
+        f"{kind} on {spec.arch}",
+        f"k={','.join(map(str, spec.k_size))}",
+        f"{count_params(detector):,} params",
+    ]
+    if checkpoint.epoch is not None:
+        parts.append(f"epoch {checkpoint.epoch}")
+    if version:
+        parts.append(f"mmdet {version}")
+    log(", ".join(parts))
+    if verify:
+        from eca_flax.weights.verify import verification_images, verify_backbone_with_torch
+
+        images, what = verification_images(224)
+        result = verify_backbone_with_torch(detector.backbone, spec, checkpoint.state_dict, images)
+        log(f"verify backbone ({what}): {result.describe()}")
+        if not result.ok:
+            raise ConversionError(f"verification failed: {result.describe()}; nothing written")
+    source = {"file": checkpoint.path.name, "sha256": checkpoint.sha256()}
+    description = describe(kind, spec, detector.settings, source, detection.meta)
+    tensors = {
+        k: np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
+        for k, v in whole.items()
+    }
+    save_detector(tensors, dst, description)
+    log(f"wrote {dst}")
+    return detector
