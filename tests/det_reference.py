@@ -93,14 +93,12 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, thr: float) -> torch.Tensor:
     """Greedy by decreasing score; suppress IoU > thr; kept indices ascending."""
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
     ious = iou(boxes, boxes)
-    alive = [True] * len(scores)
+    alive = torch.ones(len(scores), dtype=torch.bool)
     keep = []
     for i in order:
         if alive[i]:
             keep.append(i)
-            for j in range(len(scores)):
-                if ious[i, j] > thr:
-                    alive[j] = False
+            alive &= ~(ious[i] > thr)
     return torch.tensor(sorted(keep), dtype=torch.long)
 
 
@@ -264,7 +262,7 @@ class V1Detector:
         props, pscores = torch.cat(props), torch.cat(pscores)
         top = pscores.topk(min(1000, len(pscores))).indices
         props = props[top]
-        roi = roi_align(feats[:4], (4, 8, 16, 32), props, 7)
+        roi = roi_align([f[0] for f in feats[:4]], (4, 8, 16, 32), props, 7)
         x = roi.reshape(len(roi), -1)
         x = F.relu(
             F.linear(x, sd["bbox_head.shared_fcs.0.weight"], sd["bbox_head.shared_fcs.0.bias"])
@@ -284,7 +282,7 @@ class V1Detector:
 
     def _masks(self, feats, rois, labels, s, ori):
         sd = self.sd
-        x = roi_align(feats[:4], (4, 8, 16, 32), rois, 14)
+        x = roi_align([f[0] for f in feats[:4]], (4, 8, 16, 32), rois, 14)
         for i in range(4):
             x = F.relu(_conv(sd, f"mask_head.convs.{i}.conv", x))
         x = F.relu(F.conv_transpose2d(x, sd["mask_head.upsample.weight"],
@@ -313,14 +311,19 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
     sd = {f"backbone.{k}": v for k, v in ref.state_dict().items() if not k.startswith("fc.")}
     g = torch.Generator().manual_seed(seed + 100)
 
-    def conv(name, out, inp, k, gain=1.0, bias=0.0):
-        sd[f"{name}.weight"] = (
-            torch.randn(out, inp, k, k, generator=g) * gain / math.sqrt(inp * k * k)
-        )
+    def centred(w, centre):
+        # A score layer reads ReLU outputs (all >= 0): rows of zero mean make its logits vary
+        # with the input rather than be one constant per class (one class everywhere).
+        return w - w.flatten(1).mean(1).view(-1, *[1] * (w.dim() - 1)) if centre else w
+
+    def conv(name, out, inp, k, gain=1.0, bias=0.0, centre=False):
+        w = torch.randn(out, inp, k, k, generator=g) * gain / math.sqrt(inp * k * k)
+        sd[f"{name}.weight"] = centred(w, centre)
         sd[f"{name}.bias"] = 0.1 * torch.randn(out, generator=g) + bias
 
-    def linear(name, out, inp, gain=1.0):
-        sd[f"{name}.weight"] = torch.randn(out, inp, generator=g) * gain / math.sqrt(inp)
+    def linear(name, out, inp, gain=1.0, centre=False):
+        w = torch.randn(out, inp, generator=g) * gain / math.sqrt(inp)
+        sd[f"{name}.weight"] = centred(w, centre)
         sd[f"{name}.bias"] = 0.1 * torch.randn(out, generator=g)
 
     widths = (256, 512, 1024, 2048)
@@ -334,7 +337,7 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
         for branch in ("cls_convs", "reg_convs"):
             for i in range(4):
                 conv(f"bbox_head.{branch}.{i}.conv", 256, 256, 3, gain=1.4)
-        conv("bbox_head.retina_cls", 720, 256, 3, gain=1.0, bias=-4.6)
+        conv("bbox_head.retina_cls", 720, 256, 3, gain=0.1, bias=-4.6, centre=True)
         bias = sd["bbox_head.retina_cls.bias"].view(9, 80)
         bias[:, list(HOT)] += 3.0
         conv("bbox_head.retina_reg", 36, 256, 3, gain=0.1)
@@ -344,7 +347,7 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
     conv("rpn_head.rpn_reg", 12, 256, 1, gain=0.1)
     linear("bbox_head.shared_fcs.0", 1024, 256 * 49, gain=1.4)
     linear("bbox_head.shared_fcs.1", 1024, 1024, gain=1.4)
-    linear("bbox_head.fc_cls", 81, 1024, gain=2.0)
+    linear("bbox_head.fc_cls", 81, 1024, gain=0.1, centre=True)
     sd["bbox_head.fc_cls.bias"][list(h + 1 for h in HOT)] += 3.0
     sd["bbox_head.fc_cls.bias"][0] -= 2.0
     linear("bbox_head.fc_reg", 324, 1024, gain=0.5)
@@ -353,5 +356,5 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
             conv(f"mask_head.convs.{i}.conv", 256, 256, 3, gain=1.4)
         sd["mask_head.upsample.weight"] = torch.randn(256, 256, 2, 2, generator=g) * 1.4 / 16
         sd["mask_head.upsample.bias"] = 0.1 * torch.randn(256, generator=g)
-        conv("mask_head.conv_logits", 81, 256, 1, gain=3.0)
+        conv("mask_head.conv_logits", 81, 256, 1, gain=3.0, centre=True)
     return sd

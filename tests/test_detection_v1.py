@@ -198,7 +198,8 @@ def check_kind(converted, kind, arch, k_size, names):
         else:
             assert got.masks is None
         if kind != "retinanet":
-            assert len(got.proposals) == len(want["proposals"])
+            # 1000 proposals, or as many as survive each level's NMS (an IoU at 0.7 may flip)
+            assert abs(len(got.proposals) - len(want["proposals"])) <= MAX_UNMATCHED
 
 
 @pytest.mark.slow
@@ -213,3 +214,134 @@ def test_r50_detectors_equal_v1_reference(converted, kind, k_size):
 @pytest.mark.slow
 def test_r101_detector_equals_v1_reference(converted):
     check_kind(converted, "mask_rcnn", "eca_resnet101", (3, 3, 5, 7), ("portrait",))
+
+
+# ---- the command line: predict --draw, evaluate (the same AP table as the reference's) -----
+
+
+def coco_stats(annotations: Path, entries: list[dict], kind: str) -> list[float]:
+    """COCOeval's 12 summary numbers of ``entries`` (quietly)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(annotations))
+        evaluator = COCOeval(coco, coco.loadRes(entries), kind)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [round(float(s), 3) for s in evaluator.stats]
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_commands(converted, tmp_path, capsys):
+    import cv2
+    from pycocotools import mask as mask_util
+
+    from eca_flax.detection import __main__ as cli
+    from eca_flax.detection.settings import CATEGORY_IDS
+
+    sd, dst = converted("mask_rcnn", "eca_resnet50", (3, 3, 7, 7))
+    # The tests' scale, recorded in model.json as a user would set it.
+    description = json.loads((dst / "model.json").read_text())
+    description["test"] = SETTINGS.to_json()
+    (dst / "model.json").write_text(json.dumps(description))
+    images = tmp_path / "images"
+    images.mkdir()
+    v1 = ref.V1Detector("mask_rcnn", "eca_resnet50", (3, 3, 7, 7), sd, img_scale=SCALE)
+    coco = {"images": [], "annotations": [], "categories": [{"id": c} for c in CATEGORY_IDS]}
+    reference = []
+    for image_id, (name, rgb) in enumerate(photos().items(), start=1):
+        cv2.imwrite(str(images / f"{name}.png"), rgb[:, :, ::-1])  # PNG: no decoder differences
+        coco["images"].append({"id": image_id, "file_name": f"{name}.png",
+                               "height": rgb.shape[0], "width": rgb.shape[1]})  # fmt: skip
+        want = v1.detect(rgb)
+        for k, (box, score, label, mask) in enumerate(
+            zip(want["boxes"], want["scores"], want["labels"], want["masks"])
+        ):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            bbox = [x1, y1, x2 - x1 + 1, y2 - y1 + 1]
+            rle = mask_util.encode(np.asfortranarray(mask[:, :, None].astype(np.uint8)))[0]
+            rle["counts"] = rle["counts"].decode("ascii")
+            entry = {"image_id": image_id, "bbox": bbox, "score": float(score),
+                     "category_id": CATEGORY_IDS[int(label)], "segmentation": rle}  # fmt: skip
+            reference.append(entry)
+            if k % 3 == 0:  # ground truth: every third reference detection, moved a little
+                gt = [bbox[0] + 3, bbox[1] - 2, bbox[2] * 1.1, bbox[3]]
+                coco["annotations"].append({
+                    "id": len(coco["annotations"]) + 1, "image_id": image_id, "bbox": gt,
+                    "area": gt[2] * gt[3], "iscrowd": 0, "category_id": entry["category_id"],
+                    "segmentation": rle,
+                })  # fmt: skip
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps(coco))
+
+    out = tmp_path / "eval"
+    args = ["evaluate", str(dst), "--images", str(images), "--annotations", str(annotations)]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all") == 2
+    for kind in ("bbox", "segm"):
+        ours = json.loads((out / f"results_{kind}.json").read_text())
+        want = [{k: v for k, v in e.items() if kind == "segm" or k != "segmentation"}
+                for e in reference]  # fmt: skip
+        assert coco_stats(annotations, ours, kind) == coco_stats(annotations, want, kind)
+        assert coco_stats(annotations, ours, kind)[0] > 0.1
+    # Stopped and continued: finished images are not run again.
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert "continuing: 3 of 3 images done" in capsys.readouterr().out
+
+    # predict --draw: json with v1's widths and a picture per image.
+    pictures = tmp_path / "predict"
+    files = [str(images / f"{n}.png") for n in ("china", "portrait")]
+    assert cli.main(["predict", str(dst), *files, "--out", str(pictures), "--draw"]) == 0
+    entries = json.loads((pictures / "detections.json").read_text())
+    assert {e["file_name"] for e in entries} == {"china.png", "portrait.png"}
+    drawn = cv2.imread(str(pictures / "china.png"))
+    assert drawn.shape == (427, 640, 3) and (drawn != cv2.imread(files[0])).mean() > 0.05
+    print(f"predict --draw picture: {pictures / 'china.png'}")
+
+
+def one_error(rc: int, err: str, *fragments: str) -> None:
+    assert rc == 1 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_bad_inputs(tmp_path, capsys):
+    import cv2
+
+    from eca_flax.detection import __main__ as cli
+    from eca_flax.detection.cocoio import read_image
+
+    # Images as v1's OpenCV loader reads them: grayscale, RGBA, 16-bit -> H x W x 3 uint8.
+    gray = tmp_path / "gray.png"
+    cv2.imwrite(str(gray), np.full((5, 7), 200, np.uint8))
+    rgba = tmp_path / "rgba.png"
+    cv2.imwrite(str(rgba), np.full((5, 7, 4), 100, np.uint8))
+    deep = tmp_path / "deep.png"
+    cv2.imwrite(str(deep), np.full((5, 7, 3), 65535, np.uint16))
+    for path in (gray, rgba, deep):
+        image = read_image(path)
+        assert image.shape == (5, 7, 3) and image.dtype == np.uint8, path
+    assert read_image(deep).max() == 255
+    # Extreme sizes rescale as v1 does (1 x 1 -> 800 x 800; 10000 x 300 -> 1333 x 40).
+    assert pipeline.rescale_size(1, 1, (1333, 800))[:2] == (800, 800)
+    assert pipeline.rescale_size(10000, 300, (1333, 800))[:2] == (1333, 40)
+    # Not an image; a missing annotation image: one line, before any work.
+    junk = tmp_path / "junk.png"
+    junk.write_text("not an image")
+    dst = tmp_path / "no_detector"
+    one_error(cli.main(["predict", str(dst), str(junk), "--out", str(tmp_path / "o")]),
+              capsys.readouterr().err, "junk.png: not an image")  # fmt: skip
+    assert not (tmp_path / "o").exists()
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "gone.jpg"}],
+                               "annotations": [], "categories": []}))  # fmt: skip
+    rc = cli.main(["evaluate", str(dst), "--images", str(tmp_path), "--annotations", str(ann)])
+    one_error(rc, capsys.readouterr().err, "1 images missing", "gone.jpg")

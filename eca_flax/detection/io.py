@@ -74,8 +74,9 @@ def detector_from_state_dict(
     from eca_flax.detection.detectors import Detector
     from eca_flax.weights.convert import load_state_dict
 
-    detector = Detector(
-        kind, arch, k_size, attention=attention, settings=settings, rngs=nnx.Rngs(0)
+    # no random initialisation: every variable is then set from the state_dict (strict)
+    detector = nnx.eval_shape(
+        lambda: Detector(kind, arch, k_size, attention=attention, settings=settings)
     )
     load_state_dict(detector, state_dict)
     detector.eval()
