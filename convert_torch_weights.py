@@ -108,6 +108,7 @@ def released_source(src: str) -> str:
 
 def convert(args: argparse.Namespace) -> None:
     """The conversion (or export) ``args`` ask for."""
+    from eca_flax.detection.io import convert_detector
     from eca_flax.weights.convert import convert_file, export_torch
 
     if args.to_torch:
@@ -127,7 +128,7 @@ def convert(args: argparse.Namespace) -> None:
         verify=args.verify,
         overwrite=args.overwrite,
         allow_unsafe_pickle=args.allow_unsafe_pickle,
-        backbone_only=args.backbone_only,
+        detector=None if args.backbone_only else convert_detector,
     )
 
 

@@ -345,3 +345,32 @@ def test_bad_inputs(tmp_path, capsys):
                                "annotations": [], "categories": []}))  # fmt: skip
     rc = cli.main(["evaluate", str(dst), "--images", str(tmp_path), "--annotations", str(ann)])
     one_error(rc, capsys.readouterr().err, "1 images missing", "gone.jpg")
+
+
+def test_converter_refuses_other_detectors(tmp_path, capsys):
+    """mmdetection 2.x/3.x files and v1 detectors with other heads: one line, nothing written;
+    --backbone-only still converts their backbone."""
+    from test_detection import detector_parts, shaped_zeros
+
+    backbone = {f"backbone.{k}": v for k, v in shaped_zeros("eca_resnet18").items()}
+    cascade = {k.replace("bbox_head.", "bbox_head.0."): v
+               for k, v in detector_parts("faster_rcnn_v1").items()}  # fmt: skip
+    cases = {
+        "mmdet2": (detector_parts("faster_rcnn_v1"), {"mmdet_version": "2.28.2"},
+                   "an mmdetection 2.x/3.x checkpoint (mmdet_version 2.28.2), not v1"),
+        "roi_head": (detector_parts("mask_rcnn"), META,
+                     "an mmdetection 2.x/3.x checkpoint (roi_head.* keys), not v1"),
+        "cascade": (cascade, META, "several bbox_head stages (Cascade R-CNN)"),
+        "semantic": (detector_parts("faster_rcnn_v1")
+                     | {"semantic_head.conv_logits.weight": torch.zeros(183, 256, 1, 1)}, META,
+                     "parts this converter does not know (semantic_head)"),
+    }  # fmt: skip
+    dst = tmp_path / "out"
+    for name, (parts, meta, fragment) in cases.items():
+        src = tmp_path / f"{name}.pth"
+        torch.save({"meta": meta, "state_dict": backbone | parts}, src)
+        rc = CLI.main([str(src), str(dst)])
+        one_error(rc, capsys.readouterr().err, str(src), fragment, "supported: mmdetection v1.x")
+        assert not dst.exists()
+    assert CLI.main([str(src), str(dst), "--backbone-only"]) == 0
+    assert json.loads((dst / "model.json").read_text())["num_classes"] == 0

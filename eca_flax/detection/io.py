@@ -35,8 +35,9 @@ def detector_kind(path: Any, state_dict: Mapping[str, Any], meta: Mapping[str, A
     ConversionError saying what the file is and what is supported."""
     version = str(meta.get("mmdet_version", ""))
     major = re.match(r"(\d+)\.", version)
-    if any(k.startswith("roi_head.") for k in state_dict) or (major and int(major[1]) >= 2):
-        what = f"mmdet_version {version}" if version else "roi_head.* keys"
+    roi_head = any(k.startswith("roi_head.") for k in state_dict)
+    if roi_head or (major and int(major[1]) >= 2):
+        what = "roi_head.* keys" if roi_head else f"mmdet_version {version}"
         raise ConversionError(
             f"{path}: an mmdetection 2.x/3.x checkpoint ({what}), not v1; {SUPPORTED} "
             "(or convert its backbone with --backbone-only)"
