@@ -343,7 +343,7 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
         conv("bbox_head.retina_reg", 36, 256, 3, gain=0.1)
         return sd
     conv("rpn_head.rpn_conv", 256, 256, 3, gain=1.4)
-    conv("rpn_head.rpn_cls", 3, 256, 1)
+    conv("rpn_head.rpn_cls", 3, 256, 1, gain=0.5, centre=True)  # no saturated (tied) scores
     conv("rpn_head.rpn_reg", 12, 256, 1, gain=0.1)
     linear("bbox_head.shared_fcs.0", 1024, 256 * 49, gain=1.4)
     linear("bbox_head.shared_fcs.1", 1024, 1024, gain=1.4)
