@@ -125,9 +125,8 @@ def multiclass_nms(boxes, scores, score_thr=0.05, nms_thr=0.5, max_num=100):
 
 
 def bilinear(feat: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """v1's bilinear sample of feat (C, H, W) at points (P,) -> (P, C)."""
-    _, height, width = feat.shape
-    out = torch.zeros(len(y), feat.shape[0])
+    """v1's bilinear sample of feat (H, W, C) at points (P,) -> (P, C)."""
+    height, width, _ = feat.shape
     ok = ~((y < -1.0) | (y > height) | (x < -1.0) | (x > width))
     y, x = y.clamp(min=0), x.clamp(min=0)
     y0, x0 = y.floor().long(), x.floor().long()
@@ -140,9 +139,9 @@ def bilinear(feat: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tens
     x = torch.where(ex, x0.float(), x)
     ly, lx = y - y0, x - x0
     hy, hx = 1 - ly, 1 - lx
-    v = (hy * hx)[:, None] * feat[:, y0, x0].T + (hy * lx)[:, None] * feat[:, y0, x1].T
-    v = v + (ly * hx)[:, None] * feat[:, y1, x0].T + (ly * lx)[:, None] * feat[:, y1, x1].T
-    return torch.where(ok[:, None], v, out)
+    v = (hy * hx)[:, None] * feat[y0, x0] + (hy * lx)[:, None] * feat[y0, x1]
+    v = v + (ly * hx)[:, None] * feat[y1, x0] + (ly * lx)[:, None] * feat[y1, x1]
+    return torch.where(ok[:, None], v, 0.0)
 
 
 def roi_align(feats, strides, rois: torch.Tensor, out: int) -> torch.Tensor:
@@ -150,6 +149,7 @@ def roi_align(feats, strides, rois: torch.Tensor, out: int) -> torch.Tensor:
     scale = torch.sqrt((rois[:, 2] - rois[:, 0] + 1) * (rois[:, 3] - rois[:, 1] + 1))
     levels = torch.floor(torch.log2(scale / 56 + 1e-6)).clamp(0, len(feats) - 1).long()
     result = torch.zeros(len(rois), feats[0].shape[0], out, out)
+    feats = [f.permute(1, 2, 0).contiguous() for f in feats]  # (H, W, C): rows of channels
     for r, roi in enumerate(rois):
         lv = int(levels[r])
         sc = 1.0 / strides[lv]
@@ -213,6 +213,16 @@ class V1Detector:
         return outs
 
     def detect(self, rgb):
+        # One thread: the many small ops of the loops below are >10x slower when PyTorch's
+        # threads spin on a busy machine (pytest-xdist's other worker).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._detect(rgb)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _detect(self, rgb):
         x, ori, img_shape, s = preprocess(rgb, self.img_scale)
         feats = self.fpn(x)
         with torch.no_grad():
