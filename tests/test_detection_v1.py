@@ -374,3 +374,23 @@ def test_converter_refuses_other_detectors(tmp_path, capsys):
         assert not dst.exists()
     assert CLI.main([str(src), str(dst), "--backbone-only"]) == 0
     assert json.loads((dst / "model.json").read_text())["num_classes"] == 0
+
+
+def test_shape_buckets():
+    """COCO-like sizes fall into two buckets (one per orientation) at (1333, 800), one with
+    "square"; the padded image sits in the top-left corner, zero beyond."""
+    rng = np.random.default_rng(0)
+    default, square = Settings(), Settings(buckets="square")
+    shapes, pads = set(), set()
+    for _ in range(50):
+        h, w = (int(v) for v in rng.integers(100, 1000, 2))
+        shapes.add(pipeline.bucket_shape(pad := _pad(h, w), default))
+        pads.add(pad)
+        assert pipeline.bucket_shape(pad, square) == (1344, 1344)
+    assert shapes == {(800, 1344), (1344, 800)} and len(pads) > 20
+    assert pipeline.bucket_shape((800, 1216), Settings(buckets="exact")) == (800, 1216)
+
+
+def _pad(h: int, w: int) -> tuple[int, int]:
+    nh, nw, _ = pipeline.rescale_size(h, w, (1333, 800))
+    return -(-nh // 32) * 32, -(-nw // 32) * 32

@@ -222,3 +222,29 @@ def build_detector(
     """A detector with random weights (PyTorch's default init), in eval mode: for research
     or as the start of fine-tuning. ``k_size`` as ``create_model`` takes it."""
     return Detector(kind, arch, k_size, settings=settings, rngs=nnx.Rngs(seed))
+
+
+def export_stages(
+    detector: Detector, platform: str, bucket: tuple[int, int] = (800, 1344)
+) -> dict[str, Any]:
+    """The detector's jitted stages exported with ``jax.export`` for ``platform`` ("cuda",
+    "tpu", "cpu") from abstract shapes at ``bucket``: {"dense", "boxes"[, "masks"]}. Nothing
+    runs; ``detector`` may be abstract (``nnx.eval_shape``)."""
+    graphdef, state = nnx.split(detector)
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    image = jax.ShapeDtypeStruct((1, *bucket, 3), jnp.float32)
+    valid = jax.ShapeDtypeStruct((2,), jnp.int32)
+    export = functools.partial(jax.export.export, platforms=[platform])
+    dense = export(_dense)(graphdef, state, image, valid)
+    out = {"dense": dense}
+    if detector.kind == "retinanet":
+        return out
+    levels = dense.out_avals[: len(detector.neck.strides())]
+    rois = jax.ShapeDtypeStruct((detector.settings.rpn_max_num, 4), jnp.float32)
+    out["boxes"] = export(_boxes)(graphdef, state, levels, rois, valid)
+    if detector.kind == "mask_rcnn":
+        n = detector.settings.max_per_img
+        det_rois = jax.ShapeDtypeStruct((n, 4), jnp.float32)
+        labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+        out["masks"] = export(_mask_probs)(graphdef, state, levels, det_rois, labels, valid)
+    return out
