@@ -347,7 +347,7 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
         for branch in ("cls_convs", "reg_convs"):
             for i in range(4):
                 conv(f"bbox_head.{branch}.{i}.conv", 256, 256, 3, gain=1.4)
-        conv("bbox_head.retina_cls", 720, 256, 3, gain=0.1, bias=-4.6, centre=True)
+        conv("bbox_head.retina_cls", 720, 256, 3, gain=1.0, bias=-4.6, centre=True)
         bias = sd["bbox_head.retina_cls.bias"].view(9, 80)
         bias[:, list(HOT)] += 3.0
         conv("bbox_head.retina_reg", 36, 256, 3, gain=0.1)
