@@ -347,9 +347,10 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
         for branch in ("cls_convs", "reg_convs"):
             for i in range(4):
                 conv(f"bbox_head.{branch}.{i}.conv", 256, 256, 3, gain=1.4)
-        conv("bbox_head.retina_cls", 720, 256, 3, gain=1.0, bias=-4.6, centre=True)
+        conv("bbox_head.retina_cls", 720, 256, 3, gain=0.02, centre=True)
         bias = sd["bbox_head.retina_cls.bias"].view(9, 80)
-        bias[:, list(HOT)] += 3.0
+        bias.fill_(-4.6)  # no class favoured but by its input
+        bias[:, list(HOT)] = -1.6
         conv("bbox_head.retina_reg", 36, 256, 3, gain=0.1)
         return sd
     conv("rpn_head.rpn_conv", 256, 256, 3, gain=1.4)
@@ -357,7 +358,9 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
     conv("rpn_head.rpn_reg", 12, 256, 1, gain=0.1)
     linear("bbox_head.shared_fcs.0", 1024, 256 * 49, gain=1.4)
     linear("bbox_head.shared_fcs.1", 1024, 1024, gain=1.4)
-    linear("bbox_head.fc_cls", 81, 1024, gain=0.1, centre=True)
+    # ResNet-101's damped residual branches (torch_reference.residual_scale) give flatter RoI
+    # features: a larger gain keeps its scores apart
+    linear("bbox_head.fc_cls", 81, 1024, gain=0.3 if arch.endswith("101") else 0.1, centre=True)
     sd["bbox_head.fc_cls.bias"].zero_()  # no class favoured but by its input
     sd["bbox_head.fc_cls.bias"][list(h + 1 for h in HOT)] = 3.0
     sd["bbox_head.fc_cls.bias"][0] = -2.0

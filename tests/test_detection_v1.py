@@ -265,7 +265,7 @@ def test_predict_and_evaluate_commands(converted, tmp_path, capsys):
     images.mkdir()
     v1 = ref.V1Detector("mask_rcnn", "eca_resnet50", (3, 3, 7, 7), sd, img_scale=SCALE)
     coco = {"images": [], "annotations": [], "categories": [{"id": c} for c in CATEGORY_IDS]}
-    reference = []
+    ref_entries = []
     for image_id, (name, rgb) in enumerate(photos().items(), start=1):
         cv2.imwrite(str(images / f"{name}.png"), rgb[:, :, ::-1])  # PNG: no decoder differences
         coco["images"].append({"id": image_id, "file_name": f"{name}.png",
@@ -280,7 +280,7 @@ def test_predict_and_evaluate_commands(converted, tmp_path, capsys):
             rle["counts"] = rle["counts"].decode("ascii")
             entry = {"image_id": image_id, "bbox": bbox, "score": float(score),
                      "category_id": CATEGORY_IDS[int(label)], "segmentation": rle}  # fmt: skip
-            reference.append(entry)
+            ref_entries.append(entry)
             if k % 3 == 0:  # ground truth: every third reference detection, moved a little
                 gt = [bbox[0] + 3, bbox[1] - 2, bbox[2] * 1.1, bbox[3]]
                 coco["annotations"].append({
@@ -299,7 +299,7 @@ def test_predict_and_evaluate_commands(converted, tmp_path, capsys):
     for kind in ("bbox", "segm"):
         ours = json.loads((out / f"results_{kind}.json").read_text())
         want = [{k: v for k, v in e.items() if kind == "segm" or k != "segmentation"}
-                for e in reference]  # fmt: skip
+                for e in ref_entries]  # fmt: skip
         assert coco_stats(annotations, ours, kind) == coco_stats(annotations, want, kind)
         assert coco_stats(annotations, ours, kind)[0] > 0.1
     # Stopped and continued: finished images are not run again.
