@@ -183,7 +183,7 @@ def match(got, want, masks: bool) -> tuple[int, int, list[float]]:
     return int((~used).sum()), missing, ious
 
 
-def check_kind(converted, kind, arch, k_size, names):
+def check_kind(converted, kind, arch, k_size, names, min_classes=2):
     sd, dst = converted(kind, arch, k_size)
     description = json.loads((dst / "model.json").read_text())
     assert (description["kind"], description["arch"], description["k_size"]) == (
@@ -196,7 +196,7 @@ def check_kind(converted, kind, arch, k_size, names):
             continue
         got, want = det.detect(rgb), reference(v1, arch, name, rgb)
         n = len(want["scores"])
-        assert n >= 30 and len(set(want["labels"].tolist())) >= 2, (name, n)  # several classes
+        assert n >= 30 and len(set(want["labels"].tolist())) >= min_classes, (name, n)
         assert got.boxes.dtype == np.float32 and got.labels.min() >= 0 and got.labels.max() < 80
         extra, missing, ious = match(got, want, kind == "mask_rcnn")
         print(f"{kind} {arch} {name}: {n} detections, {extra} / {missing} unmatched")
@@ -225,7 +225,9 @@ def test_r50_detectors_equal_v1_reference(converted, kind, k_size):
 
 @pytest.mark.slow
 def test_r101_detector_equals_v1_reference(converted):
-    check_kind(converted, "mask_rcnn", "eca_resnet101", (3, 3, 5, 7), ("china",))
+    # R101's damped residual branches make flatter RoI features: one class may take all 100
+    # detections (the R50 tests cover several classes)
+    check_kind(converted, "mask_rcnn", "eca_resnet101", (3, 3, 5, 7), ("china",), min_classes=1)
 
 
 # ---- the command line: predict --draw, evaluate (the same AP table as the reference's) -----
