@@ -34,15 +34,18 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests import torch_reference an
 LONGEST = (
     "test_train.py::test_two_processes_train_like_one_and_resume_after_losing_one",
     "test_train.py::test_quickstart_reaches_97_percent",
-    "test_timm.py::test_hub_folder_converts_and_matches_reference[ecaresnet269d]",
-    "test_timm.py::test_rsb_a3_config_trains_a_step",
     "test_gpu_check.py::test_gpu_check_dry_run",
+    "test_timm.py::test_rsb_a3_config_trains_a_step",
     "test_train.py::test_eight_devices_train_like_one",
+    "test_faults.py::test_out_of_memory_is_one_line_and_leaves_the_workdir_as_it_was",
     "test_train.py::test_sigterm_sigkill_resume_equals_uninterrupted",
+    "test_timm.py::test_hub_folder_converts_and_matches_reference[ecaresnet269d]",
+    "test_detection_v1.py::test_r50_detectors_equal_v1_reference[mask_rcnn-k_size1]",
+    "test_eval.py::test_cli_errors_are_one_line",
+    "test_without_tensorflow.py::test_the_commands_run_without_tensorflow",
     "test_timm.py::test_hub_folder_converts_and_matches_reference[ecaresnet200d]",
     "test_timm.py::test_hub_folder_converts_and_matches_reference[ecaresnet101d_pruned]",
     "test_train.py::test_rsb_a3_resume_equals_uninterrupted",
-    "test_without_tensorflow.py::test_the_commands_run_without_tensorflow",
 )
 
 
