@@ -691,6 +691,15 @@ def interrupt_after(proc: subprocess.Popen, pattern: str, times: int = 1) -> tup
     return "".join(lines) + out, err
 
 
+def resumes_cleanly(tiny: pathlib.Path, workdir: pathlib.Path) -> None:
+    """The next run of ``workdir`` ends its 6 steps with nothing on stderr: no traceback, no
+    warning about a half-written step (what an interrupted save left is removed)."""
+    proc = start(cli(workdir, tiny, num_train_steps=6))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "final step=6" in out, out + err
+    assert err.strip() == "", err
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(reason="issue 31, finding 12: the second Ctrl-C is sometimes not seen")
 def test_two_ctrl_c_stop_at_once(tiny, tmp_path):
@@ -698,7 +707,7 @@ def test_two_ctrl_c_stop_at_once(tiny, tmp_path):
     unfinished), naming the last good checkpoint: none; the next run resumes cleanly (what the
     unfinished save left is removed). Two Ctrl-Cs during one step reached Python's handler once
     (it runs when the main thread is back from JAX), so the run saved. Not yet reliable: now
-    and then the second is still not seen and the run saves (2 of 5 runs here, unloaded), so
+    and then the second is still not seen and the run saves (3 of 6 runs here), so
     it is reported as an expected failure until issue 31's finding 12 is fixed."""
     workdir = tmp_path / "run"
     proc = start(cli(workdir, tiny, num_train_steps=6))
@@ -711,10 +720,7 @@ def test_two_ctrl_c_stop_at_once(tiny, tmp_path):
     ), err
     assert "Traceback" not in err
     assert checkpoints.finished_steps(str(workdir / "checkpoints")) == []
-    proc = start(cli(workdir, tiny, num_train_steps=6))
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "final step=6" in out, out + err
-    assert err.strip() == "", err  # no traceback, no warning about a half-written step
+    resumes_cleanly(tiny, workdir)
 
 
 @pytest.mark.slow
@@ -736,10 +742,7 @@ def test_ctrl_c_saves_and_says_what(tiny, tmp_path):
     assert saved[1] == "2" and "step 3/" not in out, out
     assert "Traceback" not in err and finished() == [2]
 
-    proc = start(cli(workdir, tiny, num_train_steps=6))
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "final step=6" in out, out + err
-    assert err.strip() == "", err  # no traceback, no warning about a half-written step
+    resumes_cleanly(tiny, workdir)
 
 
 @pytest.mark.slow
