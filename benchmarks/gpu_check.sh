@@ -36,7 +36,7 @@ if [ -n "$WHEELS" ]; then
   export PYTHONPATH="$WORK/site:$PYTHONPATH"
 fi
 if [ "$DRY" = 1 ]; then  # CPU-sized: every stage runs, nothing takes long (the tests' model)
-  MODEL=test_eca_resnet BATCH=2 SIZE=32 REPEATS=1 IMAGES=48 MEASURE_S=1 PBATCH=8
+  MODEL=test_eca_resnet BATCH=2 SIZE=32 REPEATS=1 IMAGES=48 MEASURE_S=0.25 PBATCH=8
   TRAIN_IMAGES=32 STEPS=4 TBATCH=8
 else
   MODEL=eca_resnet50 BATCH=256 SIZE=224 REPEATS=5 IMAGES=1024 MEASURE_S=5 PBATCH=256

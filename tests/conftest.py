@@ -14,6 +14,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 RUN = os.getppid() if "PYTEST_XDIST_WORKER" in os.environ else os.getpid()
 JAX_CACHE = os.path.join(tempfile.gettempdir(), f"eca_flax-tests-{RUN}", "jax_cache")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from eca_flax.cli import xla_flags  # noqa: E402
 

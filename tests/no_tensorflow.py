@@ -32,6 +32,10 @@ class _Uninstalled:
     def invalidate_caches(self):
         getattr(self._inner, "invalidate_caches", lambda: None)()
 
+    def find_distributions(self, *args, **kwargs):  # importlib.metadata: versions stay readable
+        find = getattr(self._inner, "find_distributions", None)
+        return find(*args, **kwargs) if find else iter(())
+
 sys.meta_path[:] = [_Uninstalled(f) for f in sys.meta_path]
 """
 

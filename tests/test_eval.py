@@ -6,6 +6,7 @@ checkpoints converted from the PyTorch reference, the PIL pipeline of the origin
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import subprocess
@@ -17,9 +18,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 import torch
+from test_config import load_config
 from test_data import pil_eval_reference
 
 import eca_flax
+from eca_flax.cli import shell
 from eca_flax.models import torch_reference
 from eca_flax.training import config as cfg
 from eca_flax.training import loop
@@ -134,59 +137,64 @@ def run_cli(*args: str, cwd=REPO, **env) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_cli_errors_are_one_line(converted, tmp_path) -> None:
-    """Bad configs: one 'error:' line naming the problem, exit 1, no traceback, no workdir."""
+def test_cli_errors_are_one_line(converted, tmp_path, capsys) -> None:
+    """Bad configs: one 'error:' line naming the problem, exit 1, no traceback, no workdir.
+
+    Four through train.py itself (a flag parsing error, the workdir lock, the distributed
+    start, a config check: the process's exit code and stderr); the other config checks
+    through train.py's own handler (``shell.run`` around the trainer) in this process, the
+    same line and exit code without starting JAX thirteen times."""
     path, _ = converted
     digits = "folder:" + imagenet_fixture.shared_digits_folder(32)
-    base = [
-        "--config",
-        "configs/eca_resnet18.py",
-        "--workdir",
-        str(tmp_path / "w"),
-        f"--config.dataset={digits}",
-        "--config.image_size=32",
-    ]
-    cases = {
-        "unknown model 'resnet50'; choices: eca_resnet18, ": ["--config.model=resnet50"],
-        "unknown dataset 'cifar10'; choose one of: imagenet2012, folder:PATH": [
-            "--config.dataset=cifar10"
-        ],
-        "batch_size=12 is not divisible by the 8 devices": ["--config.batch_size=12"],
-        "holds 'eca_resnet18' but the config's model is 'eca_resnet34'": [
-            "--config.model=eca_resnet34",
-            "--config.k_size=",
-            f"--config.init_from={path}",
-            "--config.eval_only=True",
-        ],
-        "eval_only: the checkpoint has 1000 classes but folder:": [
-            f"--config.init_from={path}",
-            "--config.eval_only=True",
-        ],
-        "no such directory": [f"--config.init_from={tmp_path / 'missing'}"],
-        "augment='pad_crop:x': choose 'inception_crop' or 'pad_crop:N'": [
-            "--config.augment=pad_crop:x"
-        ],
-        "min_crop_area must be in (0, 1], got 0.0": ["--config.min_crop_area=0"],
-        "eval_resize_size=16 is below eval_image_size=32": ["--config.eval_resize_size=16"],
-        "error: unknown config field 'batchsize' (did you mean 'batch_size'?); the fields are": [
-            "--config.batchsize=3"
-        ],
-        f"--workdir {tmp_path / 'file'} is a file, not a directory": [
-            f"--workdir={tmp_path / 'file'}"
-        ],
-        f"{tmp_path / 'w2' / 'checkpoints'} is a file": [f"--workdir={tmp_path / 'w2'}"],
-    }
+    work = tmp_path / "w"
+    base = ["--config", "configs/eca_resnet18.py", "--workdir", str(work)]
+    base += [f"--config.dataset={digits}", "--config.image_size=32"]
     (tmp_path / "file").write_text("")
     (tmp_path / "w2").mkdir()
     (tmp_path / "w2" / "checkpoints").write_text("")
-    procs = {want: run_cli(*base, *args) for want, args in cases.items()}
-    procs["JAX_NUM_PROCESSES='two' is not a whole number"] = run_cli(
-        *base, "--config.distributed=True", JAX_NUM_PROCESSES="two"
-    )
+    procs = {
+        "batch_size=12 is not divisible by the 8 devices": run_cli(*base, "--config.batch_size=12"),
+        "error: unknown config field 'batchsize' (did you mean 'batch_size'?); the fields are": (
+            run_cli(*base, "--config.batchsize=3")
+        ),
+        f"--workdir {tmp_path / 'file'} is a file, not a directory": run_cli(
+            *base, f"--workdir={tmp_path / 'file'}"
+        ),
+        "JAX_NUM_PROCESSES='two' is not a whole number": run_cli(
+            *base, "--config.distributed=True", JAX_NUM_PROCESSES="two"
+        ),
+    }
+    cases = {
+        "unknown model 'resnet50'; choices: eca_resnet18, ": dict(model="resnet50"),
+        "unknown dataset 'cifar10'; choose one of: imagenet2012, folder:PATH": dict(
+            dataset="cifar10"
+        ),
+        "holds 'eca_resnet18' but the config's model is 'eca_resnet34'": dict(
+            model="eca_resnet34", k_size="", init_from=path, eval_only=True
+        ),
+        "eval_only: the checkpoint has 1000 classes but folder:": dict(
+            init_from=path, eval_only=True
+        ),
+        "no such directory": dict(init_from=str(tmp_path / "missing")),
+        "augment='pad_crop:x': choose 'inception_crop' or 'pad_crop:N'": dict(augment="pad_crop:x"),
+        "min_crop_area must be in (0, 1], got 0.0": dict(min_crop_area=0.0),
+        "eval_resize_size=16 is below eval_image_size=32": dict(eval_resize_size=16),
+        f"{tmp_path / 'w2' / 'checkpoints'} is a file": dict(workdir=tmp_path / "w2"),
+    }
+    for want, fields in cases.items():
+        config = load_config("eca_resnet18")
+        config.update(dataset=digits, image_size=32)
+        workdir = str(fields.pop("workdir", work))
+        config.update(fields)
+        capsys.readouterr()
+        code = shell.run(functools.partial(loop.train_and_evaluate, config, workdir), where=workdir)
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1, f"{want}: {err}"
+        assert err.startswith("error: ") and want in err and "\\" not in err, err
     for want, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 1, f"{want}: {out}\n{err}"
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: ") and want in last, err
         assert "Traceback" not in err and "\\" not in last  # no escaped repr
-    assert not (tmp_path / "w").exists()
+    assert not work.exists()
