@@ -3,7 +3,6 @@ to finish its step, save and stop (``training.loop.StopRequests``)."""
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import os
 import signal
@@ -88,8 +87,11 @@ class Preemption:
             self.signal = "Ctrl-C"
             if self.multihost:  # JAX's preemption notice, which every process stops on
                 os.kill(os.getpid(), signal.SIGTERM)
-        elif self._ctrl_c == 2:  # the handler raises it in the main thread, at its next step
-            _thread.interrupt_main(signal.SIGINT)
+        elif self._ctrl_c == 2:  # the main thread's handler raises it: a real SIGINT to that
+            # thread, which also ends a wait it is blocked in (a save in flight: a lock), where
+            # _thread.interrupt_main only marks the signal for when the wait is over, the save
+            # done. (It comes back here as a third Ctrl-C, which does nothing.)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     def _handle(self, signum: int, frame: Any) -> None:
         """The main thread's handler: the watcher counts; the second Ctrl-C raises here."""
