@@ -29,6 +29,13 @@ NHWC = ("NHWC", "HWIO", "NHWC")
         (10, 32, 16, 3, 2, 1, jnp.bfloat16),
         (9, 16, 32, 1, 1, 1, jnp.bfloat16),
         (10, 16, 16, 3, 2, 16, jnp.bfloat16),
+        # At most 4 output pixels: one product over the taps that read pixels.
+        (2, 32, 48, 3, 1, 1, jnp.float32),  # 2x2: every tap reads some pixel
+        (1, 32, 16, 3, 1, 1, jnp.float32),  # 1x1: only the centre tap reads a pixel
+        (4, 32, 16, 3, 2, 1, jnp.float32),  # strided, 4x4 -> 2x2
+        (3, 16, 24, 3, 2, 1, jnp.float32),  # strided, odd size: 3x3 -> 2x2
+        (1, 16, 8, 7, 2, 1, jnp.float32),  # 7x7 stem kernel on one pixel
+        (2, 16, 32, 3, 2, 1, jnp.bfloat16),  # 2x2 -> 1x1
     ],
 )
 def test_cpu_conv_matches_lax_values_and_gradients(size, cin, cout, k, stride, groups, dtype):
@@ -54,13 +61,20 @@ def test_cpu_conv_matches_lax_values_and_gradients(size, cin, cout, k, stride, g
 
 def test_cpu_weight_gradients_are_matrix_products():
     """The point of the CPU path: no weight gradient is left to XLA:CPU's convolution, whose
-    window would be the whole feature map."""
+    window would be the whole feature map; on the smallest maps, no convolution at all."""
     x, w = jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 32))
     dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
     loss = lambda f: lambda w: f(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn).sum()
     window = lambda f: jax.jit(jax.grad(loss(f))).lower(w).compile().as_text()
     assert "size=16x16" in window(jax.lax.conv_general_dilated)  # what XLA does by itself
     assert "size=16x16" not in window(cpu_kernels.conv_general_dilated)
+    # On a map of at most 4 output pixels no convolution is left at all: forward, input and
+    # weight gradients.
+    small = lambda f: lambda x, w: jnp.sin(f(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))
+    hlo = lambda f: jax.jit(jax.grad(lambda *a: small(f)(*a).sum(), (0, 1)))
+    compiled = lambda f: hlo(f).lower(x[:, :2, :2], w).compile().as_text()
+    assert compiled(jax.lax.conv_general_dilated).count("convolution(") == 3
+    assert "convolution(" not in compiled(cpu_kernels.conv_general_dilated)
 
 
 def test_other_convolutions_fall_back_to_lax():
