@@ -347,12 +347,11 @@ def test_two_processes_train_like_one_and_resume_after_losing_one(
         time.sleep(1)
         assert tree and not [p for p in tree if running(*p)], tree
 
-    reference = start(whole, "whole")  # the uninterrupted run; meanwhile, in this process:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cli_cache / "xdg"))  # the same digits folder
-    config = quickstart_config(**{**fields, "num_train_steps": 3})
-    single = loop.train_and_evaluate(
-        config, str(tmp_path / "single"), mesh=make_mesh(jax.devices()[:4])
-    )
+    reference = start(whole, "whole")  # the uninterrupted run; beside it, one process:
+    three = {**fields, "num_train_steps": 3}
+    single = train_cli(tmp_path / "single", cli_env(cli_cache, devices=4), **three)
+    _, err = single.communicate(timeout=400)
+    assert single.returncode == 0, err
     kill_after(start(work, "a"), victim=1, step=5, tag="a")
     kill_after(start(work, "b"), victim=0, step=8, tag="b")
     # Ctrl-C to one train.py reaches its trainer, which passes it to JAX's preemption service
@@ -382,17 +381,19 @@ def test_two_processes_train_like_one_and_resume_after_losing_one(
     # Steps 1-3 against one process (the schedule is num_epochs', the same for a 3-step run);
     # the exact float32 losses, from TensorBoard (the log line rounds them to 4 decimals).
     assert_losses_agree(
-        tensorboard_scalars(whole, "train/loss")[:3], [h["loss"] for h in single.history]
+        tensorboard_scalars(whole, "train/loss")[:3],
+        tensorboard_scalars(tmp_path / "single", "train/loss"),
     )
     assert_same_updates(
         final_weights(whole / checkpoints.CHECKPOINT_DIR / "3"),
         final_weights(tmp_path / "single"),
-        initial_weights(config, 10),
+        initial_weights(quickstart_config(**three), 10),
     )
     # Its final weights evaluated by one process: every image once, the same predictions (the
     # same weights and per-device batches of 18; labels misassigned across the processes'
     # shards would drop top-1 to chance, ~36 of 360 below). One exact tie may fall otherwise.
     top1, _, images = SUMMARY.findall(out)[-1]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cli_cache / "xdg"))  # the same digits folder
     again = loop.evaluate_logits(
         quickstart_config(**fields, init_from=str(whole)),
         str(tmp_path / "eval"),

@@ -5,7 +5,9 @@ the whole feature map, after transposing both operands to its canonical layout: 
 ECA-ResNet-50 train step these took ~60% of the time (docs/benchmarks.md). Here, on CPU only,
 1x1 convolutions are matrix products, every weight gradient is a product over (batch, height,
 width), depthwise convolutions (10-100x slower as XLA:CPU grouped convolutions) are sums of
-shifted copies, and the max-pool gradient is nine comparisons instead of select-and-scatter.
+shifted copies, kxk convolutions with at most 4 output pixels (the last stages on small
+images, where XLA:CPU's kernels were 10-100x slower) are matrix products, and the max-pool
+gradient is nine comparisons instead of select-and-scatter.
 Values and gradients equal lax's to float32 rounding; other platforms always run lax.
 
 One switch turns all of it off: the environment variable ``ECA_FLAX_CPU_KERNELS=0`` or
