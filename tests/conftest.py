@@ -31,11 +31,11 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests import torch_reference an
 # no long test starts last and runs alone.
 LONGEST = (
     "test_train.py::test_two_processes_train_like_one_and_resume_after_losing_one",
-    "test_train.py::test_quickstart_reaches_97_percent",
     "test_gpu_check.py::test_gpu_check_dry_run",
-    "test_timm.py::test_rsb_a3_config_trains_a_step",
     "test_train.py::test_sigterm_sigkill_resume_equals_uninterrupted",
+    "test_train.py::test_quickstart_reaches_97_percent",
     "test_faults.py::test_out_of_memory_is_one_line_and_leaves_the_workdir_as_it_was",
+    "test_timm.py::test_rsb_a3_config_trains_a_step",
     "test_timm.py::test_hub_folder_converts_and_matches_reference[ecaresnet269d]",
     "test_train.py::test_eight_devices_train_like_one",
     "test_train.py::test_rsb_a3_resume_equals_uninterrupted",
