@@ -29,7 +29,7 @@ NHWC = ("NHWC", "HWIO", "NHWC")
         (10, 32, 16, 3, 2, 1, jnp.bfloat16),
         (9, 16, 32, 1, 1, 1, jnp.bfloat16),
         (10, 16, 16, 3, 2, 16, jnp.bfloat16),
-        # At most 4 output pixels: one product over the taps that read pixels.
+        # At most 4 output pixels: matrix products (cpu_kernels._small_map_conv).
         (2, 32, 48, 3, 1, 1, jnp.float32),  # 2x2: every tap reads some pixel
         (1, 32, 16, 3, 1, 1, jnp.float32),  # 1x1: only the centre tap reads a pixel
         (4, 32, 16, 3, 2, 1, jnp.float32),  # strided, 4x4 -> 2x2

@@ -135,7 +135,7 @@ def _conv_bwd(strides, padding, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-# At most this many output pixels, a kxk convolution is one matrix product over its taps.
+# At most this many output pixels, a kxk convolution is matrix products (_small_map_conv).
 _SMALL_MAP = 4
 
 
@@ -168,9 +168,9 @@ def _small_map_conv(x: Array, w: Array, strides: tuple[int, int], padding: Paddi
     """A kxk convolution with at most ``_SMALL_MAP`` output pixels as one matrix product per
     output pixel: the real pixels its taps read, side by side (N, taps*Cin), against those taps'
     weights (the multiply-adds of the convolution, no more). Its gradients come from one
-    product over all taps (``_tap_product``). XLA:CPU's convolution kernels are 10-100x slower
+    product over all taps (``_tap_product``). XLA:CPU's convolution kernels are 10-170x slower
     on such maps (ResNet's last stages on 16-64 px images: a 3x3 256->256 layer on a 2x2 map,
-    forward and gradients, 86 ms against 5.8; docs/benchmarks.md)."""
+    gradients 88 ms against 5.6; benchmarks/small_maps.py, docs/benchmarks.md)."""
     ho, wo = _output_hw(x, w, strides, padding)
     pixels = []
     for taps in _taps_by_pixel(x, w, strides, padding):
@@ -182,8 +182,8 @@ def _small_map_conv(x: Array, w: Array, strides: tuple[int, int], padding: Paddi
 def _tap_product(x: Array, w: Array, strides: tuple[int, int], padding: Padding2D) -> Array:
     """The same convolution as one product: the windows of the taps that read any real pixel,
     side by side (N, Ho, Wo, taps*Cin), against those taps' weights. It also multiplies the
-    padding's zeros, but its gradients (two products) are the fastest found: 2-3x the per-pixel
-    products' on strided layers."""
+    padding's zeros, but its gradients (two products) are the fastest found: as fast as the
+    per-pixel products' on most layers, 2.3x faster on a strided 4x4 512->512 one."""
     out_hw = _output_hw(x, w, strides, padding)
     live = sorted({t for taps in _taps_by_pixel(x, w, strides, padding) for t, _ in taps})
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
