@@ -26,6 +26,7 @@ from eca_flax.models.layers import (
     batch_norm,
     max_pool_3x3_s2,
     timm_eca,
+    truncated_normal_init,
 )
 
 Array = jax.Array
@@ -87,7 +88,7 @@ def _conv1x1(cin: int, cout: int, stride: int, std: float, **kw) -> nnx.Conv:
         strides=(stride, stride),
         padding=((0, 0), (0, 0)),
         use_bias=False,
-        kernel_init=nnx.initializers.truncated_normal(std),
+        kernel_init=truncated_normal_init(std),
         **kw,
     )
 
@@ -96,7 +97,7 @@ class PosEmbedRel(nnx.Module):
     """Relative position tables ``height_rel`` / ``width_rel`` (stored (dim_head, 2W - 1))."""
 
     def __init__(self, window: int, dim_head: int, *, param_dtype: Dtype, rngs: nnx.Rngs):
-        init = nnx.initializers.truncated_normal(0.25)
+        init = truncated_normal_init(0.25)
         shape = (dim_head, 2 * window - 1)
         self.height_rel = nnx.Param(init(rngs.params(), shape, param_dtype))
         self.width_rel = nnx.Param(init(rngs.params(), shape, param_dtype))

@@ -23,6 +23,7 @@ from eca_flax.models.layers import (
     check_images,
     conv2d,
     make_attention,
+    normal_init,
 )
 
 Array = jax.Array
@@ -162,7 +163,7 @@ class ECAMobileNetV2(nnx.Module):
                 nnx.Linear(
                     last_channel,
                     num_classes,
-                    kernel_init=nnx.initializers.normal(0.01),
+                    kernel_init=normal_init(0.01),
                     bias_init=nnx.initializers.zeros,
                     **kw,
                 ),

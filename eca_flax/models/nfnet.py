@@ -27,7 +27,9 @@ from eca_flax.models.layers import (
     Head,
     Sequential,
     attention_choice,
+    kaiming_normal_init,
     max_pool_3x3_s2,
+    normal_init,
     timm_eca,
 )
 
@@ -91,7 +93,7 @@ class StdConv(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")  # kaiming, linear
+        init = kaiming_normal_init(1.0, "fan_in")  # kaiming, linear
         shape = (kernel, kernel, cin // groups, cout)
         self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(jnp.zeros((cout,), param_dtype))
@@ -257,7 +259,7 @@ class NormFreeNet(nnx.Module):
         final = design.final_chs
         self.final_conv = StdConv(cin, final, 1, gamma=gamma, **kw) if final else None
         self.num_features = final or cin
-        fc_init = nnx.initializers.normal(0.01)
+        fc_init = normal_init(0.01)
         self.head = (
             Head(self.num_features, num_classes, fc_init=fc_init, **kw) if num_classes else None
         )
