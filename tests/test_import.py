@@ -153,6 +153,14 @@ def test_download_libraries_load_on_use():
     assert found == []
 
 
+def test_the_data_pipeline_imports_no_jax():
+    """eca_flax.data imports neither JAX nor Flax: grain's worker processes (spawned) import it
+    to run the transforms, and each would otherwise start JAX for nothing (1.9 CPU-s here)."""
+    code = "import sys, eca_flax.data; print(sorted({'jax', 'flax', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None

@@ -29,7 +29,6 @@ import numpy as np
 from eca_flax.data import randaugment as ra
 from eca_flax.data import sources, transforms
 from eca_flax.errors import DataError
-from eca_flax.weights.pretrained import read_model_json
 
 Batch = dict[str, np.ndarray]
 
@@ -370,7 +369,9 @@ def preprocess_for_eval(
     bilinear.
     """
     settings = transforms.ORIGINAL_EVAL
-    if weights is not None:
+    if weights is not None:  # imported here: eca_flax.data imports no JAX (grain's workers)
+        from eca_flax.weights.pretrained import read_model_json
+
         settings = transforms.eval_settings(read_model_json(weights))
     settings = transforms.override_eval(settings, image_size, resize_size, interpolation)
     _check_positive("image_size", settings["image_size"])

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from eca_flax.data import randaugment as ra
-from eca_flax.weights.description import default_resize_size
+from eca_flax.weights.eval_resize import default_resize_size
 
 MEAN_RGB: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD_RGB: tuple[float, float, float] = (0.229, 0.224, 0.225)

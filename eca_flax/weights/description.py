@@ -34,11 +34,6 @@ Path_ = str | os.PathLike[str]
 Flat = dict[tuple, Any]  # {('layer1', 0, 'conv1', 'kernel'): value}
 
 
-def default_resize_size(image_size: int) -> int:
-    """Eval resize of the shorter side: 256 for 224 (the original's ratio), rounded."""
-    return round(image_size * 256 / 224)
-
-
 def num_classes_of(model: nnx.Module) -> int:
     """The number of logits the model's classifier produces (0: a backbone without one)."""
     if isinstance(model, resnet.ECAResNet) and model.fc is None:

@@ -57,7 +57,6 @@ from eca_flax.weights.description import (
     Path_,
     abstract,
     checksum,
-    default_resize_size,
     describe,
     differences,
     flatten,
@@ -65,6 +64,7 @@ from eca_flax.weights.description import (
     is_safetensors,
     parse_description,
 )
+from eca_flax.weights.eval_resize import default_resize_size
 
 _CORE_KEYS = ("format", *MODEL_KEYS, "image_size", "resize_size", "params", "source", "checksum")
 _EXTRA_DEFAULTS = {"epoch": None, "best_prec1": None}
