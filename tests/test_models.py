@@ -262,7 +262,7 @@ def test_initialisers_give_flax_values():
         (layers.truncated_normal_init(0.25), nnx.initializers.truncated_normal(0.25)),
         (
             layers.torch_default_init(200),
-            lambda k, s, d: jax.random.uniform(k, s, d, -(200**-0.5), 200**-0.5),
+            lambda k, s, d: jax.random.uniform(k, s, d, -1 / math.sqrt(200), 1 / math.sqrt(200)),
         ),
     ]
     for i, (ours, flax_init) in enumerate(pairs):
