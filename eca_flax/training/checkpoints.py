@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
@@ -142,9 +143,11 @@ class Checkpoints:
         (this process's copy of the replicated state, as the checksums need it) and Orbax
         writes those: given device arrays, Orbax on CPU would split each among its replicas
         with an eager slice per device (8 devices: ~800 programs and 1.2 CPU-s per save of
-        test_eca_resnet) to copy what is already in host memory."""
+        test_eca_resnet) to copy what is already in host memory. Copies, not the views
+        ``np.asarray`` gives on CPU: a view held while Orbax writes would stop the next step
+        from donating (reusing) the state's buffers."""
         step = int(jax.device_get(state["step"]))
-        items = jax.tree.map(description.host_array, _items(state))
+        items = jax.tree.map(lambda x: np.array(description.host_array(x)), _items(state))
         sums = {k: description.checksum(v) for k, v in items.items()}
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
         self.wait()  # a failed previous save is reported as such, before this one starts
