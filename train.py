@@ -14,9 +14,11 @@ the published top-1 it targets. Problems are reported as one ``error:`` line and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 
 from eca_flax.cli import shell, supervise  # no JAX yet: hooks in place before JAX starts
 
@@ -24,23 +26,28 @@ BEFORE_START = "before the first training step, no checkpoint written"
 if supervise.is_child():  # a process of a multi-process run: JAX's C++ output to its log
     supervise.to_log()
 shell.install()
-try:
-    with shell.ctrl_c_deferred():  # Ctrl-C while Python loads JAX: acted on once it is loaded
-        from eca_flax.cli import xla_flags
 
-        xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); first
-        from absl import app, flags, logging
-        from ml_collections import config_flags
 
-        from eca_flax import errors
-        from eca_flax.cli import preemption
-        from eca_flax.training import checkpoints, loop, mesh, reporting
-        from eca_flax.training.config import load_config_file
-except BaseException as e:  # Ctrl-C while Python loads JAX: one line
-    if not shell.by_ctrl_c(e):
-        raise
-    shell.report(f"interrupted: {BEFORE_START}", e)
-    shell.exit_now(130)
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """Ctrl-C while Python loads modules (JAX's take seconds) is acted on once they are loaded,
+    as one line and exit 130."""
+    try:
+        with shell.ctrl_c_deferred():
+            yield
+    except BaseException as e:
+        if not shell.by_ctrl_c(e):
+            raise
+        shell.report(f"interrupted: {BEFORE_START}", e)
+        shell.exit_now(130)
+
+
+with loading():  # what reads the command line and the config file; none of it loads JAX
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    from eca_flax import errors
+    from eca_flax.training.config import load_config_file
 
 
 class ConfigFile(flags.ArgumentParser):
@@ -95,6 +102,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def last_good(workdir: str) -> str | None:
     """The workdir's last good checkpoint (None: none yet), for the line of a process that
     JAX's runtime ended."""
+    from eca_flax.training import checkpoints  # the supervisor's, only when a process is lost
+
     root = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
     return checkpoints.last_good(root) if checkpoints.finished_steps(root) else None
 
@@ -112,6 +121,12 @@ def main(argv: list[str]) -> int:
         return supervise.run(sys.orig_argv[1:], os.path.abspath(workdir), last_good)
     if supervise.is_child():
         supervise.dumps_to_log()  # absl's app.run enabled faulthandler on the terminal
+    with loading():  # a process that trains: JAX, Flax, Orbax (a supervisor needs none of them)
+        from eca_flax.cli import xla_flags
+
+        xla_flags.use_recommended()  # XLA:CPU flags measured faster (docs/benchmarks.md); first
+        from eca_flax.cli import preemption
+        from eca_flax.training import loop, mesh, reporting
 
     def train() -> None:
         reporting.setup_logging(all_processes=True)

@@ -43,8 +43,9 @@ class TrainingError(Error, RuntimeError):
 
 
 class OutOfMemory(Error, MemoryError):
-    """A train or eval step that asks for more memory than a device has (XLA's
-    RESOURCE_EXHAUSTED, compiling or running it): ``step`` ("train" or "eval"), ``batch_size``
+    """A train or eval step that asks for more memory than a device has (its compiled buffers
+    against the device's memory before the first train step, or XLA's RESOURCE_EXHAUSTED,
+    compiling or running it): ``step`` ("train" or "eval"), ``batch_size``
     (global, split over ``devices``), ``image_size``, ``asked`` (the bytes XLA asked for, on one
     device; None when it does not say). The message names the config fields to lower."""
 

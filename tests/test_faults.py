@@ -40,7 +40,7 @@ from eca_flax.models import registry
 from eca_flax.training import checkpoints, evaluation, loop, reporting, steps
 from eca_flax.training import config as cfg
 from eca_flax.training.lock import LOCK_FILE, WorkdirLock
-from eca_flax.training.mesh import make_mesh
+from eca_flax.training.mesh import make_mesh, replicated
 from eca_flax.training.start import build_model
 from eca_flax.weights import convert, description, pretrained
 
@@ -345,16 +345,17 @@ def test_failed_start_leaves_the_workdir_as_it_was(trained, tiny, tmp_path):
             assert (tree(workdir) if workdir.exists() else None) == before, (workdir, fields)
 
 
-def memory_and_swap() -> int | None:
-    """This machine's memory and swap in bytes, None where Linux would grant any malloc
-    (overcommit_memory 1) or cannot say: what a malloc over it is refused at once against."""
+def memory_and_swap(refused: bool = True) -> int | None:
+    """This machine's memory and swap in bytes (None where it cannot say); ``refused``: None
+    also where Linux would grant any malloc (overcommit_memory 1), so that the figure is what a
+    malloc over it is refused at once against."""
     try:
         mode = int(pathlib.Path("/proc/sys/vm/overcommit_memory").read_text())
         lines = pathlib.Path("/proc/meminfo").read_text().splitlines()
     except OSError:
         return None
     kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in lines)}
-    return None if mode == 1 else 1024 * (kib["MemTotal"] + kib["SwapTotal"])
+    return None if refused and mode == 1 else 1024 * (kib["MemTotal"] + kib["SwapTotal"])
 
 
 def write_checkpoint(c, workdir: pathlib.Path) -> None:
@@ -380,10 +381,10 @@ def write_checkpoint(c, workdir: pathlib.Path) -> None:
     reporting.save_config(str(workdir), c, plan, meta, source)
 
 
-# The case of issue 20: eca_resnet50 at 2048 px, batch 16, on CPU, a train step that asks for
-# 92.0 GiB (98815797520 bytes with train.py's XLA flags, jax 0.10.2). An out-of-memory test must
-# never really allocate: it runs only where memory and swap are under half of that, so that the
-# kernel refuses such a malloc at once.
+# The case of issue 20: eca_resnet50 at 2048 px, batch 16, on CPU, a train step whose buffers
+# take 92.4 GiB (99205635352 bytes with train.py's XLA flags, jax 0.10.2). Refused from the
+# compiled step before it runs, so nothing is allocated whatever the kernel's overcommit policy;
+# the test runs where memory and swap are under that.
 OUT_OF_MEMORY = dict(
     model="eca_resnet50",
     image_size=2048,
@@ -392,16 +393,18 @@ OUT_OF_MEMORY = dict(
     batch_size=16,
     base_batch_size=16,
 )
-REFUSES = memory_and_swap() is not None and memory_and_swap() < 46 * 2**30
+HOST = memory_and_swap(refused=False)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REFUSES, reason="this machine may grant a malloc of 46 GiB")
+@pytest.mark.skipif(HOST is None or HOST > 90 * 2**30, reason="this machine may have 92 GiB")
 def test_out_of_memory_is_one_line_and_leaves_the_workdir_as_it_was(tiny, tmp_path):
-    """train.py with a train step that asks for more memory than the machine has (refused at
-    once, nothing allocated): one line naming the batch, the image size and the bytes asked, and
-    what to lower, exit 1; a new workdir is not left behind, an existing one (resumed: its
-    config.json and checkpoint) is left exactly as it was."""
+    """train.py with a train step that asks for more memory than the machine has (its buffers,
+    92 GiB, over memory and swap: found from the compiled step before it runs, so also where
+    Linux grants any malloc, overcommit_memory 1, and would kill the process mid-step): one line
+    naming the batch, the image size and the bytes asked, and what to lower, exit 1; a new
+    workdir is not left behind, an existing one (resumed: its config.json and checkpoint) is
+    left exactly as it was."""
 
     def tree(root: pathlib.Path) -> dict:
         return {str(p.relative_to(root)): p.is_dir() or p.read_bytes() for p in root.rglob("*")}
@@ -432,7 +435,7 @@ def test_out_of_memory_is_one_line_and_leaves_the_workdir_as_it_was(tiny, tmp_pa
         found = line.fullmatch(proc.stderr.splitlines()[-1])
         assert found, proc.stderr
         gib, asked = found.group(1), int(found.group(2))
-        assert asked > memory_and_swap() and gib == f"{asked / 2**30:.1f}", found.group(0)
+        assert asked > HOST and gib == f"{asked / 2**30:.1f}", found.group(0)
         assert found.group(3) == last_good
     assert not (tmp_path / "new").exists()
     assert tree(resumed) == before
@@ -447,6 +450,26 @@ def greedy_eval_step(params, batch_stats, batch: dict) -> dict:
     ones = jnp.ones(batch["label"].shape, jnp.float32)
     total = jnp.sum(huge @ jnp.ones(params["w"].shape[-1])) * ones
     return {"top1": total, "top5": total, "count": total, "damaged": jnp.int32(0)}
+
+
+@pytest.mark.skipif(HOST is None, reason="this machine does not say its memory")
+def test_a_step_over_the_host_memory_is_refused_before_it_runs():
+    """check_memory compiles a step and compares its buffers with the memory a device has,
+    without running it: a program whose result takes a quarter of this host's memory and swap
+    passes on one CPU device and is refused on eight (CPU devices share the host's memory)."""
+    n = HOST // 16  # float32 elements: HOST / 4 bytes
+
+    for devices, fits in ((1, True), (8, False)):
+        mesh = make_mesh(jax.devices()[:devices])
+        repl = replicated(mesh)
+        grow = jax.jit(lambda x: jnp.broadcast_to(x, (n,)), in_shardings=repl, out_shardings=repl)
+        about = dict(step="train", batch_size=8, image_size=32, mesh=mesh)
+        if fits:
+            steps.check_memory(grow, (jnp.float32(1),), **about)
+            continue
+        with pytest.raises(errors.OutOfMemory) as e:
+            steps.check_memory(grow, (jnp.float32(1),), **about)
+        assert e.value.asked >= 4 * n and e.value.devices == 8, e.value
 
 
 @pytest.mark.skipif(

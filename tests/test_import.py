@@ -153,10 +153,13 @@ def test_download_libraries_load_on_use():
     assert found == []
 
 
-def test_the_data_pipeline_imports_no_jax():
+@pytest.mark.parametrize("module", ["eca_flax.data", "eca_flax.training.config"])
+def test_these_modules_import_no_jax(module: str):
     """eca_flax.data imports neither JAX nor Flax: grain's worker processes (spawned) import it
-    to run the transforms, and each would otherwise start JAX for nothing (1.9 CPU-s here)."""
-    code = "import sys, eca_flax.data; print(sorted({'jax', 'flax', 'torch'} & set(sys.modules)))"
+    to run the transforms, and each would otherwise start JAX for nothing (1.9 CPU-s here).
+    Nor does the config module: train.py's supervisor of a multi-process run reads the config
+    with it and starts nothing else."""
+    code = f"import sys, {module}; print(sorted({{'jax', 'flax', 'torch'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 

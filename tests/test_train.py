@@ -323,6 +323,8 @@ def test_two_processes_train_like_one_and_resume_after_losing_one(
         the survivor's one line, its exit time, and nothing left of the victim."""
         log = tmp_path / f"{tag}.0.out"
         wait_for(lambda: re.search(rf"step {step}/{steps} ", log.read_text()), pair[0][0])
+        for proc, _ in pair:  # what the user started supervises and never loads JAX's runtime
+            assert "/jaxlib/" not in pathlib.Path(f"/proc/{proc.pid}/maps").read_text()
         tree = process_tree(pair[victim][0].pid)  # its trainer (grain decodes in threads here)
         killed = time.monotonic()
         pair[victim][0].kill()

@@ -33,11 +33,11 @@ from eca_flax.benchmark.runs import (
 )
 from eca_flax.benchmark.timing import (
     Timer,
-    buffer_bytes,
     cost_flops,
     interleave,
     machine_description,
 )
+from eca_flax.training.memory import buffer_bytes
 
 __all__ = [
     "Result",

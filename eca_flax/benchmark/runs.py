@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from eca_flax.benchmark.timing import Timer, buffer_bytes, cost_flops, interleave
+from eca_flax.benchmark.timing import Timer, cost_flops, interleave
 from eca_flax.data.transforms import normalize
 from eca_flax.errors import BenchmarkError
+from eca_flax.training.memory import buffer_bytes
 
 LEARNING_RATE = 0.01  # Small enough that random labels never diverge during a benchmark.
 

@@ -25,23 +25,6 @@ def cost_flops(compiled: Any) -> float:
     return float((analysis or {}).get("flops", math.nan))
 
 
-def buffer_bytes(compiled: Any) -> float:
-    """Bytes of the buffers a compiled program uses: arguments, outputs and temporaries, less
-    outputs aliased to (donated) arguments. NaN where the backend has no memory analysis."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # Not implemented by every backend / jax version.
-        return math.nan
-    if m is None:
-        return math.nan
-    return float(
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        + m.temp_size_in_bytes
-        - m.alias_size_in_bytes
-    )
-
-
 @dataclasses.dataclass
 class Timer:
     """Wall time of ``fn()`` (which must wait for its result), several calls per sample."""

@@ -4,6 +4,9 @@
 overrides any field; ``load_config_file`` runs a file's ``get_config()``). ``resolve_config``
 checks every field before anything runs and applies the recipe; ``make_plan`` derives the sizes
 that need the dataset and the device count.
+
+Reading a config loads no JAX (the models and weights modules are imported where a config is
+checked): train.py's supervisor of a multi-process run reads the config and starts nothing else.
 """
 
 from __future__ import annotations
@@ -16,17 +19,17 @@ import os
 import re
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
 import ml_collections
 
 from eca_flax import data
 from eca_flax.data import pipeline, randaugment
 from eca_flax.data.transforms import eval_settings, override_eval
 from eca_flax.errors import ConfigError, PretrainedError
-from eca_flax.models import registry
-from eca_flax.weights import pretrained
+
+if TYPE_CHECKING:
+    import jax
 
 SCHEDULES = ("step", "cosine")
 OPTIMIZERS = ("sgd", "lamb")
@@ -252,6 +255,8 @@ class Plan:
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every field and applies the recipe preset; returns a new, locked config."""
+    from eca_flax.models import registry  # JAX: only where a run is checked (module docstring)
+
     c = ml_collections.ConfigDict(config.to_dict())
     unknown = sorted(set(c.keys()) - set(default_config().keys()))
     if unknown:
@@ -351,6 +356,8 @@ def _eval_from_init(c: ml_collections.ConfigDict) -> None:
     """eval_only: the eval fields left at their defaults take init_from's recorded eval
     preprocessing (a converter output of a timm model: test size, crop_pct, bicubic). The
     original's models, workdirs and checkpoints keep the config's."""
+    from eca_flax.weights import pretrained  # JAX: only where a run is checked
+
     path = os.path.expanduser(c.init_from)
     if not (pretrained.is_safetensors(path) or os.path.isfile(os.path.join(path, "model.json"))):
         return

@@ -40,6 +40,7 @@ from eca_flax.training.mesh import (
 )
 from eca_flax.training.reporting import logger
 from eca_flax.training.steps import (
+    check_memory,
     init_state,
     make_eval_step,
     make_optimizer,
@@ -285,11 +286,15 @@ def _train(config, workdir: str, plan: Plan, mesh, stop: StopRequests) -> RunRes
     try:
         run, step, state = _Run.resume(config, workdir, plan, mesh, ckpt, model, source)
         batches = _train_batches(config, plan, step, mesh)
-        memory = out_of_memory("train", plan.batch_size, config.image_size, mesh.devices.size)
+        memory_about = dict(step="train", batch_size=plan.batch_size, image_size=config.image_size)
+        memory = out_of_memory(**memory_about, devices=mesh.devices.size)
         with stop as preemption, memory:  # OutOfMemory at step 1: the workdir still as found
+            first = [next(batches)] if step < plan.total_steps else []
+            for batch in first:  # compiled now: a step larger than the devices is one line
+                check_memory(run.train_step, (state, batch), mesh=mesh, **memory_about)
             while step < plan.total_steps:
                 run.profiler.before_step(step + 1)
-                state, step_metrics = run.train_step(state, next(batches))
+                state, step_metrics = run.train_step(state, first.pop() if first else next(batches))
                 step += 1
                 run.after_step(step, step_metrics)
                 epoch, into_epoch = divmod(step, plan.steps_per_epoch)

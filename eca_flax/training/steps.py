@@ -26,6 +26,7 @@ from flax import nnx
 from eca_flax import errors
 from eca_flax.data.transforms import normalize
 from eca_flax.training.config import Plan
+from eca_flax.training.memory import buffer_bytes, device_memory
 from eca_flax.training.mesh import batch_sharded, put_replicated, replicated
 from eca_flax.training.mixing import Mixing, mix_batch
 
@@ -318,6 +319,29 @@ def make_eval_step(model: nnx.Module, mesh: jax.sharding.Mesh) -> Callable[[Any,
 
     repl = replicated(mesh)
     return jax.jit(eval_fn, in_shardings=(repl, repl, batch_sharded(mesh)), out_shardings=repl)
+
+
+def check_memory(
+    step_fn: Any, args: tuple, *, step: str, batch_size: int, image_size: int, mesh: Any
+) -> None:
+    """Compiles the jitted ``step_fn`` for ``args`` (the call that follows reuses it) and raises
+    ``errors.OutOfMemory`` when its buffers exceed what a device has (``device_memory``; the
+    CPU devices of a process share the host's). Otherwise the first call asks for them: XLA
+    refuses where the kernel refuses such a malloc, and where it grants any (overcommit_memory
+    1) the process is killed mid-step. A step that fits but leaves too little for the rest of
+    the process can still fail as it runs."""
+    needed = buffer_bytes(step_fn.lower(*args).compile())
+    device = mesh.devices.flat[0]
+    limit = device_memory(device)
+    sharing = len(mesh.local_devices) if device.platform == "cpu" else 1
+    if limit is not None and needed * sharing > limit:  # NaN (not known) never is
+        raise errors.OutOfMemory(
+            step,
+            batch_size=batch_size,
+            image_size=image_size,
+            asked=int(needed),
+            devices=mesh.devices.size,
+        )
 
 
 def asked_bytes(error: jax.errors.JaxRuntimeError) -> int | None:
