@@ -1,9 +1,12 @@
 """Test-wide settings, set before jax starts: 8 simulated CPU devices, train.py's XLA flags."""
 
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -51,6 +54,50 @@ def pytest_collection_modifyitems(items: list) -> None:
         return place, item.get_closest_marker("slow") is None
 
     items.sort(key=rank)
+
+
+@contextlib.contextmanager
+def _compiling_fast():
+    """XLA compiles for compile speed in this process (faults.FAST_COMPILE's options, through
+    jax_disable_most_optimizations); after, the in-memory compiled programs are dropped so that
+    no later test runs one of them (the persistent cache keys them apart)."""
+    import jax
+
+    if _FAST:  # the module's already
+        yield
+        return
+    jax.config.update("jax_disable_most_optimizations", True)
+    _FAST.append(True)
+    try:
+        yield
+    finally:
+        _FAST.clear()
+        jax.config.update("jax_disable_most_optimizations", False)
+        jax.clear_caches()
+
+
+_FAST: list[bool] = []  # set while _compiling_fast() is in effect
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile_module(request):
+    """``pytestmark = pytest.mark.fast_compile``: the module's fixtures and tests compile so."""
+    if request.node.get_closest_marker("fast_compile") is None:
+        yield
+        return
+    with _compiling_fast():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _fast_compile_test(request):
+    """``@pytest.mark.fast_compile`` on a test: the trainer's behaviour is its subject, not the
+    numbers of the network (the numeric parity tests keep XLA's defaults, as users run them)."""
+    if request.node.get_closest_marker("fast_compile") is None:
+        yield
+        return
+    with _compiling_fast():
+        yield
 
 
 def pytest_runtest_setup(item) -> None:

@@ -23,6 +23,8 @@ from eca_flax.training import config as cfg
 from eca_flax.training.mesh import make_mesh
 from eca_flax.weights import description, pretrained
 
+pytestmark = pytest.mark.fast_compile  # the EMA's behaviour, not the network's numbers
+
 DECAY = 0.9
 NUM_STEPS = 4
 EPS32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff u of float32, 2**-24

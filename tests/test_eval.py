@@ -57,6 +57,7 @@ def eval_config(init_from: str, **overrides):
     return c
 
 
+@pytest.mark.fast_compile
 @pytest.mark.slow
 def test_eval_counts_each_image_once_on_1_and_8_devices(converted, tmp_path) -> None:
     """7 validation images (odd): batch 2 on 1 device, batch 8 / 16 on 8 devices; each image

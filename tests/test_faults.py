@@ -44,6 +44,8 @@ from eca_flax.training.mesh import make_mesh, replicated
 from eca_flax.training.start import build_model
 from eca_flax.weights import convert, description, pretrained
 
+pytestmark = pytest.mark.fast_compile  # the trainer's behaviour under faults
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = dict(  # configs/quickstart.py (digits at 16 px) at batch 8: 2 steps per epoch here,
     model="test_eca_resnet",  # the trainer's behaviour is the subject: the smallest ECA-ResNet

@@ -465,6 +465,7 @@ def test_agc_option_clips_all_but_the_head() -> None:
     assert jax.tree.structure(off.init(params)) != jax.tree.structure(tx.init(params))
 
 
+@pytest.mark.fast_compile
 @pytest.mark.slow
 def test_nf_network_trains_with_agc() -> None:
     """Five steps of the trainer's jitted train step (steps.make_train_step, with an EMA) on a

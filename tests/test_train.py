@@ -203,6 +203,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
 # Data parallelism: 8 devices == 1 device; 2 processes == 1 process.
 
 
+@pytest.mark.fast_compile
 @pytest.mark.slow
 def test_eight_devices_train_like_one(tmp_path: pathlib.Path) -> None:
     """A few steps on the mini TFDS ImageNet: same losses and weights on 1 and 8 devices (TINY:
@@ -275,6 +276,7 @@ def test_prefetch_keeps_the_next_batch_in_flight_in_order() -> None:
 # Faults: SIGTERM, SIGKILL, resume; NaN.
 
 
+@pytest.mark.fast_compile
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_after_losing_one(
     tmp_path: pathlib.Path, cli_cache, monkeypatch
@@ -415,6 +417,7 @@ def test_two_processes_train_like_one_and_resume_after_losing_one(
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+@pytest.mark.fast_compile
 @pytest.mark.slow
 def test_sigterm_sigkill_resume_equals_uninterrupted(
     tmp_path: pathlib.Path, cli_cache, monkeypatch
