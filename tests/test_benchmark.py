@@ -68,7 +68,6 @@ TINY = (
 )
 
 
-@pytest.mark.fast_compile  # the tool's table and counts, not its figures
 @pytest.mark.slow
 def test_benchmark_against_torch_end_to_end():
     """The real tool with --torch on a tiny batch: train.py's step and PyTorch's, interleaved;
@@ -97,7 +96,6 @@ def test_benchmark_against_torch_end_to_end():
     assert float(ratio.group(2)) == pytest.approx(want_ratio, abs=0.006)
 
 
-@pytest.mark.fast_compile  # the tool's table and counts, not its figures
 @pytest.mark.slow
 def test_benchmark_eca_and_se_overhead_rows():
     results, out = run_tool(*TINY, "--mode", "infer", "--se")
