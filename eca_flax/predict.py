@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 from PIL.Image import DecompressionBombError
 
 from eca_flax.cli import shell, xla_flags
@@ -86,10 +85,14 @@ def top_k(model: nnx.Module, images: np.ndarray, k: int = 5) -> list[list[tuple[
 
 
 def load_image(
-    name: str, image_size: int, resize_size: int | None, interpolation: str = "bilinear"
+    name: str,
+    image_size: int,
+    resize_size: int | None,
+    interpolation: str = "bilinear",
+    allow_large: bool = False,
 ) -> np.ndarray:
     """One image through the eval preprocessing (uint8); a missing, unreadable or undecodable
-    file is a one-line DataError naming it."""
+    file is a one-line DataError naming it (``allow_large``: over PIL's pixel limit read too)."""
     path = Path(name)
     if problem := not_a_file(path):
         raise DataError(f"{name}: {problem}")
@@ -99,7 +102,8 @@ def load_image(
         raise DataError(f"{name}: cannot be read ({e.strerror or e})") from None
     try:
         # Turned as its EXIF orientation says: a phone photo as its owner sees it.
-        return eval_transform(data, image_size, resize_size, interpolation, exif_orientation=True)
+        oriented = dict(exif_orientation=True, allow_large=allow_large)
+        return eval_transform(data, image_size, resize_size, interpolation, **oriented)
     except DECODE_ERRORS as e:  # not an image, truncated or corrupt, too large
         hint = "; --allow-large-images reads it" if isinstance(e, DecompressionBombError) else ""
         raise DataError(f"{name}: {decode_problem(e, data)}{hint}") from None
@@ -176,8 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="read images over PIL's limit against decompression bombs (178,956,970 pixels)",
     )
     args = parser.parse_args(argv)
-    if args.allow_large_images:  # PIL's limit is process-wide: the command line's to lift
-        Image.MAX_IMAGE_PIXELS = None
     if args.top < 1 or (args.image_size is not None and args.image_size < 1):
         parser.error("--top and --image-size must be positive")
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -203,7 +205,7 @@ def predict(args: argparse.Namespace) -> int:
     names, images = [], []
     for name in args.images:
         try:
-            images.append(load_image(name, *size))
+            images.append(load_image(name, *size, allow_large=args.allow_large_images))
             names.append(name)
         except DataError as e:  # reported, and the others still classified
             shell.report(shell.error_line(e), e)

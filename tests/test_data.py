@@ -731,6 +731,37 @@ def test_damaged_images_skipped_and_counted(tmp_path: pathlib.Path) -> None:
     assert (epoch["image"].reshape(9, -1).max(1) > 0).all()  # every slot holds a real image
 
 
+def test_too_large_images_say_so_and_a_flag_reads_them(tmp_path: pathlib.Path, monkeypatch):
+    """Issue 31, finding 13, in training and evaluation: an image over PIL's limit against
+    decompression bombs stops the run with a line saying it is too large and naming the flag
+    that reads it; ``allow_large_images`` reads it, PIL's process-wide limit left as it was.
+    The limit is lowered here (threads only: the worker processes would not see it) so that
+    the dataset's 480-pixel images are over it."""
+    root = write_folder(tmp_path / "ds", {"train": {"a": 2}, "val": {"a": 1}})
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # PIL refuses over twice the limit
+    args = dict(image_size=8, process_index=0, process_count=1, threads=2)
+    train = lambda **more: next(
+        data.train_iterator(f"folder:{root}", None, global_batch_size=2, seed=0, **args, **more)
+    )
+    val = lambda **more: collect(
+        data.eval_iterator(f"folder:{root}", None, global_batch_size=1, **args, **more)
+    )
+    for read, split in ((train, "train"), (val, "val")):
+        with pytest.raises(errors.DataError) as error:
+            read()
+        assert re.fullmatch(
+            rf"{root / split}/a/img[01]\.\w+: too large \(480 pixels, over PIL's limit of 400 "
+            r"against decompression bombs\); --config.allow_large_images=True reads it; "
+            r"--config.skip_damaged_images=True skips such files",
+            str(error.value),
+        ), str(error.value)
+    batch = train(allow_large_images=True)
+    assert batch["image"].shape == (2, 8, 8, 3) and not batch["damaged"].any()
+    (batch,) = val(allow_large_images=True)
+    assert batch["mask"].tolist() == [1.0] and batch["image"].any()
+    assert Image.MAX_IMAGE_PIXELS == 200
+
+
 @pytest.mark.slow
 def test_digits_cli_full_disk_bad_size_and_umask(tmp_path: pathlib.Path) -> None:
     """``python -m eca_flax.data digits``: a full disk and a bad size are one error line with

@@ -251,7 +251,7 @@ def test_files_that_are_no_images_say_what_they_are(converted, tmp_path, capsys)
     assert err.splitlines() == [f"error: {name}: {line}" for name, line in want.items()]
 
 
-def test_too_large_images_say_so_and_a_flag_reads_them(converted, tmp_path, capsys, monkeypatch):
+def test_too_large_images_say_so_and_a_flag_reads_them(converted, tmp_path, capsys):
     """Issue 31, finding 13: an image over PIL's limit against decompression bombs (178,956,970
     pixels) was "not a decodable image"; the line says it is too large and names the flag that
     lifts the limit. Here a PNG of 20000 x 10000 (1-bit) cut after its header: with the flag
@@ -261,7 +261,7 @@ def test_too_large_images_say_so_and_a_flag_reads_them(converted, tmp_path, caps
     path = tmp_path / "huge.png"
     Image.new("1", (20000, 10000)).save(path)
     path.write_bytes(path.read_bytes()[:200])
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the flag sets it
+    limit = Image.MAX_IMAGE_PIXELS
     rc, _, err = run(capsys, "--weights", converted[0], path)
     assert rc == 1 and err.splitlines() == [
         f"error: {path}: too large (200,000,000 pixels, over PIL's limit of 178,956,970 against "
@@ -271,3 +271,4 @@ def test_too_large_images_say_so_and_a_flag_reads_them(converted, tmp_path, caps
     assert rc == 1 and err.splitlines() == [
         f"error: {path}: not a decodable image (image file is truncated)"
     ]
+    assert limit == Image.MAX_IMAGE_PIXELS  # lifted for that image only, not for the process

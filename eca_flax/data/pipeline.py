@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
+from PIL import Image
 
 from eca_flax.data import randaugment as ra
 from eca_flax.data import sources, transforms
@@ -160,6 +161,9 @@ def _end_with_the_trainer(index: int, count: int) -> None:
     threading.Thread(target=wait_then_exit, name="end-with-the-trainer", daemon=True).start()
 
 
+_LARGE_HINT = "; --config.allow_large_images=True reads it"
+
+
 def _read(records: sources.FolderRecords | sources.TfdsRecords, index: int, transform: Callable):
     """(transform(encoded image), label) of record ``index``; DataError naming the file."""
     try:
@@ -169,7 +173,8 @@ def _read(records: sources.FolderRecords | sources.TfdsRecords, index: int, tran
     try:
         return transform(data), label
     except transforms.DECODE_ERRORS as e:
-        raise DataError(f"{name}: {transforms.decode_problem(e, data)}") from None
+        large = _LARGE_HINT if isinstance(e, Image.DecompressionBombError) else ""
+        raise DataError(f"{name}: {transforms.decode_problem(e, data)}{large}") from None
 
 
 _SKIP_HINT = "; --config.skip_damaged_images=True skips such files"
@@ -274,6 +279,7 @@ def train_iterator(
     hflip: bool = True,
     randaugment: str = "",
     skip_damaged: bool = False,
+    allow_large_images: bool = False,
     threads: int | None = None,
     workers: int = 0,
 ) -> Iterator[Batch]:
@@ -282,6 +288,8 @@ def train_iterator(
     Epoch e is a permutation seeded by (seed, e), cut to whole global batches; starting at
     ``start_step`` gives exactly the batches an uninterrupted run sees from that step.
     ``randaugment``: a timm-style spec such as "rand-m6-mstd0.5-inc1" ("" for none).
+    ``allow_large_images``: images over PIL's limit against decompression bombs (178,956,970
+    pixels) are read, not refused as too large.
     """
     index, count, per_process = _process_layout(global_batch_size, process_index, process_count)
     _check_positive("image_size", image_size)
@@ -302,6 +310,7 @@ def train_iterator(
         augment=augment,
         hflip=hflip,
         randaugment=ra.parse(randaugment),
+        allow_large=allow_large_images,
     )
     forever = range(2**40 * per_process)
     if threads is None:  # every core: split among the workers, if any
@@ -320,9 +329,11 @@ def eval_iterator(
     resize_size: int | None = None,
     interpolation: str = "bilinear",
     skip_damaged: bool = False,
+    allow_large_images: bool = False,
     threads: int | None = None,
 ) -> Iterator[Batch]:
-    """One pass over the validation split: {'image' uint8, 'label', 'mask', 'damaged'} batches.
+    """One pass over the validation split: {'image' uint8, 'label', 'mask', 'damaged'} batches
+    (``allow_large_images`` as in ``train_iterator``).
 
     Each process reads a contiguous shard, so every image appears exactly once overall. The
     last batch is padded (mask 0.0, label 0, zero image) and processes with shorter shards add
@@ -345,6 +356,7 @@ def eval_iterator(
         image_size=image_size,
         resize_size=resize_size,
         interpolation=interpolation,
+        allow_large=allow_large_images,
     )
     return _batches(
         range(num_batches * per_process), load, per_process, threads or default_threads(), workers=0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,15 +52,16 @@ def decode_problem(error: BaseException, data: bytes) -> str:
     return f"not a decodable image ({reason})"
 
 
-def decode(data: bytes, exif_orientation: bool = False) -> Image.Image:
+def decode(data: bytes, exif_orientation: bool = False, allow_large: bool = False) -> Image.Image:
     """An encoded image (JPEG, PNG, ...; grayscale, CMYK, palette, 16-bit) as an RGB PIL image.
 
     ``exif_orientation``: turned as its EXIF Orientation tag says (a phone's "rotate 90"), as
     photo viewers and transformers' image loading show it; predict does. The datasets keep the
     stored pixels, as torchvision's ImageFolder loader reads them (the original's training).
-    Raises one of DECODE_ERRORS for data PIL cannot decode completely.
+    ``allow_large``: images over PIL's limit against decompression bombs are read too.
+    Raises one of DECODE_ERRORS for data PIL cannot decode completely (or too large).
     """
-    with Image.open(io.BytesIO(data)) as image:
+    with _open(data, allow_large) as image:
         image.load()  # decode now: a truncated file raises here, not later
         if exif_orientation:
             image = ImageOps.exif_transpose(image)
@@ -71,6 +73,25 @@ def decode(data: bytes, exif_orientation: bool = False) -> Image.Image:
             image = image.convert("RGBA")
         # convert() of an RGB image is a full copy (PIL's): RGB JPEGs are returned as decoded.
         return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# PIL checks its limit against decompression bombs (Image.MAX_IMAGE_PIXELS, process-wide) when
+# it opens a file; ``_open`` lifts it for one image without changing it for anyone else: every
+# open in eca_flax holds this lock, so no other thread opens while the limit is lifted.
+_OPENING = threading.Lock()
+
+
+def _open(data: bytes, allow_large: bool) -> Image.Image:
+    """Image.open of ``data``, over PIL's pixel limit too if ``allow_large`` (the limit as it
+    was afterwards)."""
+    with _OPENING:
+        if not allow_large:
+            return Image.open(io.BytesIO(data))
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def to_8_bits(image: Image.Image) -> Image.Image:
@@ -114,13 +135,16 @@ def eval_transform(
     resize_size: int | None = None,
     interpolation: str = "bilinear",
     exif_orientation: bool = False,
+    allow_large: bool = False,
 ) -> np.ndarray:
-    """Decode (``decode``: ``exif_orientation`` turns the image as its EXIF tag says),
-    Resize(resize_size) + CenterCrop(image_size): uint8 (S, S, 3), exactly PIL's."""
+    """Decode (``decode``: ``exif_orientation`` turns the image as its EXIF tag says,
+    ``allow_large`` reads images over PIL's pixel limit), Resize(resize_size) +
+    CenterCrop(image_size): uint8 (S, S, 3), exactly PIL's."""
     resize_size = default_resize_size(image_size) if resize_size is None else resize_size
     if resize_size < image_size:
         raise ValueError(f"resize_size={resize_size} must be >= image_size={image_size}")
-    resized = resize_shorter(decode(data, exif_orientation), resize_size, interpolation)
+    image = decode(data, exif_orientation, allow_large)
+    resized = resize_shorter(image, resize_size, interpolation)
     return np.asarray(center_crop(resized, image_size))
 
 
@@ -237,8 +261,10 @@ def train_transform(
     augment: str = "inception_crop",
     hflip: bool = True,
     randaugment: ra.RandAugment | None = None,
+    allow_large: bool = False,
 ) -> np.ndarray:
-    """Train augmentation of one encoded image: uint8 (S, S, 3).
+    """Train augmentation of one encoded image (``decode``; ``allow_large`` as there): uint8
+    (S, S, 3).
 
     "inception_crop": RandomResizedCrop(image_size, scale=area_range) bilinear; "pad_crop:N":
     fit to image_size as eval does (no zoom), then a random shift of up to N px (zero fill),
@@ -246,7 +272,7 @@ def train_transform(
     ``randaugment`` (data/randaugment.py) if given, as in timm's train transform.
     """
     pad = parse_augment(augment)
-    image = decode(data)
+    image = decode(data, allow_large=allow_large)
     if pad is None:
         top, left, h, w = random_resized_crop_box(*image.size, rng, area_range)
         image = image.resize(

@@ -152,6 +152,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.mixup_switch_prob = 0.5  # Both on: the chance a batch takes CutMix instead of Mixup.
     c.mixup_prob = 1.0  # The chance a batch is mixed at all.
     c.skip_damaged_images = False  # Skip unreadable images (counted per epoch) instead of stopping.
+    # Read images over PIL's limit against decompression bombs (178,956,970 pixels), refused
+    # as too large by default.
+    c.allow_large_images = False
     c.data_threads = 0  # Decoding threads per process; 0: one per core.
     # grain worker processes (each with data_threads; 0: threads only). "auto": threads while
     # the GIL lets them scale, else one worker per core (data.pipeline.auto_workers).

@@ -78,6 +78,7 @@ def evaluate(
         resize_size=config.eval_resize_size if config.eval_resize_size > 0 else None,
         interpolation=config.eval_interpolation,
         skip_damaged=config.skip_damaged_images,
+        allow_large_images=config.allow_large_images,
         threads=config.data_threads or None,
     )
     totals, kept = None, []

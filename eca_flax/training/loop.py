@@ -199,6 +199,7 @@ def _train_batches(
         hflip=config.hflip,
         randaugment=config.randaugment,
         skip_damaged=config.skip_damaged_images,
+        allow_large_images=config.allow_large_images,
         threads=config.data_threads or None,
         workers=config.data_workers,
     )
