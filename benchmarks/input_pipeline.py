@@ -377,13 +377,13 @@ def main() -> None:
             f"{args.num_images} JPEGs ~500x375 q90, batch {args.batch_size}, {cores} CPU cores, "
             f"load average {os.getloadavg()[0]:.2f}"
         )
-        if not args.gil_only:
-            revisions_table(root, cores, args, tmp)
-        gil_report(root, cores, args)
+        measured = {} if args.gil_only else revisions_table(root, cores, args, tmp)
+        gil_report(root, cores, args, measured)
 
 
-def revisions_table(root: pathlib.Path, cores: int, args, tmp: str) -> None:
-    """Per core and all cores, train and eval, this revision (and --compare-with)."""
+def revisions_table(root: pathlib.Path, cores: int, args, tmp: str) -> dict[int, dict]:
+    """Per core and all cores, train and eval, this revision (and --compare-with). Returns
+    this revision's train runs by core count: the threads table's first runs (not made twice)."""
     revisions = {"this revision": REPO}
     if args.compare_with:
         revisions[args.compare_with] = checkout(args.compare_with, pathlib.Path(tmp, "rev"))
@@ -396,17 +396,21 @@ def revisions_table(root: pathlib.Path, cores: int, args, tmp: str) -> None:
         for name, path in revisions.items():  # alternating: load hits both alike
             one = run_child(path, kind, 1, root, args)
             every = run_child(path, kind, cores, root, args)
+            if (kind, name) == ("train", "this revision"):
+                train = {1: one, cores: every}
             print(
                 f"| {kind} | {name} | {one['images_per_s']:.1f} | "
                 f"{every['images_per_s']:.1f} | {one['bytes_per_image']:,.0f} | "
                 f"{math.ceil(args.target / one['images_per_s'])} |"
             )
     print(f"load average at end {os.getloadavg()[0]:.2f}")
+    return train
 
 
-def gil_report(root: pathlib.Path, cores: int, args) -> None:
+def gil_report(root: pathlib.Path, cores: int, args, measured: dict[int, dict]) -> None:
     """The GIL share of the train transform, the thread ceiling it implies, threads against
-    grain workers at each core count, the decoders, and what data_workers="auto" picks."""
+    grain workers at each core count, the decoders, and what data_workers="auto" picks.
+    ``measured``: train runs with threads already made, by core count (used as first runs)."""
     from eca_flax.data import pipeline
 
     print(f"\nGIL profile of the train transform (one thread, CPU time; load {_load()}):")
@@ -443,7 +447,7 @@ def gil_report(root: pathlib.Path, cores: int, args) -> None:
         for n in sorted({1, min(2, cores), cores}):
             t = w = 0.0
             for _ in range(args.repeats):  # alternating, the best of each: the quietest moment
-                a = run_child(REPO, "train", n, root, args)
+                a = measured.pop(n, None) or run_child(REPO, "train", n, root, args)
                 b = run_child(REPO, "train", n, root, args, workers=n)
                 t, w = max(t, a["images_per_s"]), max(w, b["images_per_s"])
                 for key, r in (((n, "t"), a), ((n, "w"), b)):
