@@ -79,13 +79,16 @@ def _compiling_fast():
 _FAST: list[bool] = []  # set while _compiling_fast() is in effect
 
 
+def _compiling_fast_if_marked(node):
+    """``_compiling_fast()`` where ``node`` (a module or a test) has the fast_compile marker."""
+    marked = node.get_closest_marker("fast_compile") is not None
+    return _compiling_fast() if marked else contextlib.nullcontext()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compile_module(request):
     """``pytestmark = pytest.mark.fast_compile``: the module's fixtures and tests compile so."""
-    if request.node.get_closest_marker("fast_compile") is None:
-        yield
-        return
-    with _compiling_fast():
+    with _compiling_fast_if_marked(request.node):
         yield
 
 
@@ -93,10 +96,7 @@ def _fast_compile_module(request):
 def _fast_compile_test(request):
     """``@pytest.mark.fast_compile`` on a test: the trainer's behaviour is its subject, not the
     numbers of the network (the numeric parity tests keep XLA's defaults, as users run them)."""
-    if request.node.get_closest_marker("fast_compile") is None:
-        yield
-        return
-    with _compiling_fast():
+    with _compiling_fast_if_marked(request.node):
         yield
 
 
