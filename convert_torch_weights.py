@@ -17,10 +17,12 @@ name ending in .safetensors, one safetensors file (model.json in its metadata), 
 --to-torch writes DST's weights as a state_dict the original PyTorch model loads strictly
 (torch.load, or safetensors.torch.load_file for OUT.safetensors).
 
-SRC may also be an mmdetection detector (the COCO releases: Faster/Mask R-CNN, RetinaNet):
-its ECA-ResNet under 'backbone.' becomes a backbone without classifier (stage_features gives
-C2-C5); the neck and heads are reported and left out, and --to-torch writes the backbone back
-under 'backbone.' for a detector to load with strict=False.
+SRC may also be an mmdetection v1 detector (the COCO releases: Faster/Mask R-CNN, RetinaNet):
+it converts whole (kind, depth and ECA kernel sizes from the tensors; DST holds model.json and
+weights.safetensors for eca_flax.detection.load_detector). With --backbone-only its ECA-ResNet
+under 'backbone.' alone becomes a backbone without classifier (stage_features gives C2-C5);
+the neck and heads are reported and left out, and --to-torch writes the backbone back under
+'backbone.' for a detector to load with strict=False.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="compare logits with the PyTorch reference on real and random images before "
         "writing (needs torch, tensorflow, scikit-learn); fails above 1e-4 relative",
     )
+    parser.add_argument(
+        "--backbone-only",
+        action="store_true",
+        help="of a detector (mmdetection checkpoint), convert only its ECA-ResNet backbone",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument(
         "--allow-unsafe-pickle",
@@ -74,7 +81,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.to_torch:
-        used = [f for f in ("arch", "k_size", "verify", "allow_unsafe_pickle") if getattr(args, f)]
+        flags = ("arch", "k_size", "verify", "allow_unsafe_pickle", "backbone_only")
+        used = [f for f in flags if getattr(args, f)]
         if used:
             parser.error(f"--to-torch does not take --{used[0].replace('_', '-')}")
     return args
@@ -100,6 +108,7 @@ def released_source(src: str) -> str:
 
 def convert(args: argparse.Namespace) -> None:
     """The conversion (or export) ``args`` ask for."""
+    from eca_flax.detection.io import convert_detector
     from eca_flax.weights.convert import convert_file, export_torch
 
     if args.to_torch:
@@ -119,6 +128,7 @@ def convert(args: argparse.Namespace) -> None:
         verify=args.verify,
         overwrite=args.overwrite,
         allow_unsafe_pickle=args.allow_unsafe_pickle,
+        detector=None if args.backbone_only else convert_detector,
     )
 
 

@@ -203,7 +203,7 @@ def test_released_detector_backbone(name, k_size, kind, tmp_path, capsys):
     src = save_detector(tmp_path / f"{kind}_{name}.pth", backbone_of(ref), kind)
     parts = detector_parts(kind)
     dst = tmp_path / "backbone"
-    rc, out, err = run(capsys, src, dst)
+    rc, out, err = run(capsys, src, dst, "--backbone-only")
     assert rc == 0, err
     params = sum(p.numel() for k, p in ref.named_parameters() if not k.startswith("fc."))
     tops = list(dict.fromkeys(k.split(".")[0] for k in parts))
@@ -259,14 +259,14 @@ def test_faster_rcnn_k5_and_plain_resnet_backbones(tmp_path, capsys):
     state = {f"backbone.{k}": v for k, v in shaped_zeros("eca_resnet50", k_size=5).items()}
     meta = {"mmdet_version": "1.1.0", "config": "", "CLASSES": None}  # meta without an epoch
     torch.save({"meta": meta, "state_dict": state | detector_parts("faster_rcnn_v1")}, k5)
-    rc, out, err = run(capsys, k5, tmp_path / "k5")
+    rc, out, err = run(capsys, k5, tmp_path / "k5", "--backbone-only")
     assert rc == 0, err
     assert out.startswith("eca_resnet50, k=5,5,5,5, backbone (no classifier), ")
     assert "params, from a detector (mmdet 1.1.0); neck, rpn_head, bbox_head: " in out
 
     ref = tr.random_reference("eca_resnet18", seed=5, attention=None)
     src = save_detector(tmp_path / "retinanet_r18.pth", backbone_of(ref), "retinanet")
-    rc, out, err = run(capsys, src, tmp_path / "r18")
+    rc, out, err = run(capsys, src, tmp_path / "r18", "--backbone-only")
     assert rc == 0, err
     assert out.startswith("eca_resnet18 without ECA layers (attention=None, the plain baseline)")
     assert "note: no ECA layers" in out
@@ -286,7 +286,7 @@ def r18(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
     root = tmp_path_factory.mktemp("r18")
     ref = tr.random_reference("eca_resnet18", seed=9)
     src = save_detector(root / "faster_rcnn_r18.pth", backbone_of(ref), "faster_rcnn_v2")
-    assert CLI.main([str(src), str(root / "converted")]) == 0
+    assert CLI.main([str(src), str(root / "converted"), "--backbone-only"]) == 0
     return ref, src, root / "converted"
 
 
@@ -349,7 +349,7 @@ def test_exported_backbone_converts_again(r18, tmp_path, capsys):
 @pytest.mark.slow
 def test_verify_compares_features(r18, tmp_path, capsys):
     _, src, _ = r18
-    rc, out, err = run(capsys, src, tmp_path / "verified", "--verify")
+    rc, out, err = run(capsys, src, tmp_path / "verified", "--verify", "--backbone-only")
     assert rc == 0, err
     line = next(x for x in out.splitlines() if x.startswith("verify"))
     assert "C2 " in line and "C5 " in line and line.endswith(": OK")
@@ -393,7 +393,7 @@ def test_backbones_that_are_not_eca_resnets(tmp_path, capsys):
     }  # fmt: skip
     for what, (backbone, fragment) in cases.items():
         src = save_detector(tmp_path / f"{what}.pth", backbone, "faster_rcnn_v2")
-        line = one_error(*run(capsys, src, dst)[::2], str(src), fragment)
+        line = one_error(*run(capsys, src, dst, "--backbone-only")[::2], str(src), fragment)
         assert "the detector's backbone is not an ECA-ResNet" in line, line
         assert not dst.exists()
 
@@ -433,7 +433,7 @@ def test_readme_detection_commands(tmp_path, monkeypatch, capsys):
     example = next(b for b in re.findall(r"```python\n(.*?)```", section, re.S) if "FPN" in b)
     monkeypatch.chdir(tmp_path)
     ref = tr.random_reference("eca_resnet50", seed=4, k_size=(3, 3, 7, 7))
-    _, _, src, dst = shlex.split(command)
+    _, _, src, dst, *_ = shlex.split(command)
     save_detector(tmp_path / src, backbone_of(ref), "mask_rcnn")
     rc, out, err = run(capsys, *shlex.split(command)[2:])
     assert rc == 0, err

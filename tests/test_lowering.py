@@ -112,3 +112,25 @@ def test_timm_families_lower_for_cuda_in_bfloat16(model):
         assert p.batch_norms == 0 and p.expected_convolutions() == 57
     if model == "eca_halonext26ts":  # attention's products (heads axis) are no conv products
         assert counts["dot_general"] > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["faster_rcnn", "mask_rcnn", "retinanet"])
+def test_detectors_lower_for_cuda(kind):
+    """The v1 detectors' jitted stages (eca_flax.detection) export for cuda from abstract
+    shapes at the (1333, 800) landscape bucket, with lax's convolutions (no CPU formulation)."""
+    from flax import nnx
+
+    from eca_flax.detection.detectors import Detector, export_stages
+
+    detector = nnx.eval_shape(lambda: Detector(kind, "eca_resnet50", (3, 3, 7, 7)))
+    stages = export_stages(detector, "cuda")
+    assert set(stages) == {"dense", "boxes", "masks"} - (
+        {"masks"} if kind == "faster_rcnn" else set()
+    ) - ({"boxes", "masks"} if kind == "retinanet" else set())
+    for exported in stages.values():
+        assert exported.platforms == ("cuda",)
+        text = exported.mlir_module()
+        assert "stablehlo.convolution" in text or "dot_general" in text
+    stride = 8 if kind == "retinanet" else 4  # the finest FPN level: P3 or P2
+    assert stages["dense"].out_avals[0].shape == (1, 800 // stride, 1344 // stride, 256)

@@ -227,10 +227,12 @@ class ECA(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, pooled: Array | None = None) -> Array:
+        """``pooled``: the (B, C) float32 mean over H, W when the caller computed it (a
+        detector's masked mean over the image's area); by default the mean of ``x``."""
         k, p = self.k_size, (self.k_size - 1) // 2
         # Pool and gate in float32: a mean over H*W and a sigmoid are cheap and precision-sensitive.
-        y = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # (B, C)
+        y = jnp.mean(x.astype(jnp.float32), axis=(1, 2)) if pooled is None else pooled  # (B, C)
         w = self.conv.kernel[...].astype(jnp.float32)[:, 0, :]  # (k, 1) shared or (k, C) non-shared
         ypad = jnp.pad(y, ((0, 0), (p, p)))
         c = y.shape[-1]

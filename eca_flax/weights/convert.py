@@ -345,11 +345,15 @@ def convert_file(
     verify: bool = False,
     overwrite: bool = False,
     allow_unsafe_pickle: bool = False,
+    detector: Callable[..., nnx.Module] | None = None,
     log: Callable[[str], None] = say,
 ) -> nnx.Module:
     """Convert a PyTorch ECA-Net checkpoint to a pretrained directory (a single file for a
     ``dst`` ending in .safetensors: ``save_pretrained``); returns the model.
 
+    An mmdetection detector (the COCO releases) converts whole through ``detector``
+    (``eca_flax.detection.io.convert_detector``, the command line's default), or with None
+    keeps its ECA-ResNet under ``backbone.`` alone.
     Everything is inferred from the tensors; ``arch`` / ``k_size`` only confirm. With
     ``verify``, the PyTorch reference and the converted model must agree (``LogitComparison``)
     before anything is written. On any error nothing is written (ConversionError or
@@ -362,6 +366,8 @@ def convert_file(
     spec = backbone_arch(checkpoint) if detection else infer_arch(checkpoint.state_dict)
     hub.confirm_config(spec, config, str(src))
     confirm_arch(spec, arch=arch, k_size=k_size)
+    if detection and detection.left_out and detector is not None:
+        return detector(checkpoint, spec, dst, verify=verify, log=log)
     model = empty_model(
         spec.arch, k_size=spec.k_size, num_classes=spec.num_classes, attention=spec.attention
     )

@@ -58,6 +58,7 @@ class Checkpoint:
     best_prec1: float | None = None
     arch_field: str | None = None  # the file's own 'arch' entry: informative only, never trusted
     detection: Detection | None = None  # a detector's file: state_dict is its backbone's
+    whole: dict[str, np.ndarray] | None = None  # a detector's file: all its tensors
 
     def sha256(self) -> str:
         """The hex SHA-256 of the file (recorded in model.json)."""
@@ -205,7 +206,8 @@ def read_checkpoint(
                 f"{path}: {key} is a {tensor.dtype} {tensor.layout} tensor, not a plain one"
             ) from None
     arch = meta.get("arch")
-    state_dict, detection = split_detector(path, meta, strip_prefix(arrays))
+    whole = strip_prefix(arrays)
+    state_dict, detection = split_detector(path, meta, whole)
     epoch = meta.get("epoch", detection.meta.get("epoch") if detection else None)
     return Checkpoint(
         path=path,
@@ -215,6 +217,7 @@ def read_checkpoint(
         best_prec1=_as_number(meta.get("best_prec1"), float),
         arch_field=arch if isinstance(arch, str) else None,
         detection=detection,
+        whole=whole if detection else None,
     )
 
 
