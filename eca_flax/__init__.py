@@ -16,6 +16,8 @@ import.
 from __future__ import annotations
 
 import importlib
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from eca_flax.errors import Error
@@ -51,13 +53,21 @@ if TYPE_CHECKING:
     from eca_flax.weights.pretrained import save_pretrained
 
 
-def __getattr__(name: str) -> Any:
-    """The public names, imported from their module on first use."""
-    if name not in _HOMES:
-        raise AttributeError(f"module 'eca_flax' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value
-    return value
+def _lazy_getattr(package: str, homes: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for ``package`` that imports each of ``homes``' names from its
+    module on first use (here and in eca_flax.detection)."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in homes:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(homes[name]), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__
+
+
+__getattr__ = _lazy_getattr(__name__, _HOMES)
 
 
 def __dir__() -> list[str]:

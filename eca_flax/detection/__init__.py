@@ -12,8 +12,7 @@ Names load on first use: importing this package imports neither OpenCV nor pycoc
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from eca_flax import _lazy_getattr
 
 _HOMES = {
     "Detector": "eca_flax.detection.detectors",
@@ -27,10 +26,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """The public names, imported from their module on first use."""
-    if name not in _HOMES:
-        raise AttributeError(f"module 'eca_flax.detection' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = _lazy_getattr(__name__, _HOMES)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.detection.layers import ConvModule, conv, valid_mask
+from eca_flax.detection.layers import ConvModule, valid_mask
+from eca_flax.models.layers import conv2d
 
 Array = jax.Array
 INVALID = -1.0  # score of anchors beyond the padded image (sigmoid scores are >= 0)
@@ -34,9 +35,9 @@ class RPNHead(nnx.Module):
 
     def __init__(self, channels: int = 256, anchors: int = 3, *, rngs: nnx.Rngs):
         self.anchors = anchors
-        self.rpn_conv = conv(channels, channels, 3, rngs=rngs)
-        self.rpn_cls = conv(channels, anchors, 1, rngs=rngs)
-        self.rpn_reg = conv(channels, anchors * 4, 1, rngs=rngs)
+        self.rpn_conv = conv2d(channels, channels, 3, bias=True, rngs=rngs)
+        self.rpn_cls = conv2d(channels, anchors, 1, bias=True, rngs=rngs)
+        self.rpn_reg = conv2d(channels, anchors * 4, 1, bias=True, rngs=rngs)
 
     def __call__(self, x: Array) -> tuple[Array, Array]:
         """(cls logits (1, H, W, A), deltas (1, H, W, 4A)) of a masked level."""
@@ -65,8 +66,8 @@ class RetinaHead(nnx.Module):
         self.classes = classes
         self.cls_convs = nnx.List([ConvModule(channels, channels, 3, rngs=rngs) for _ in range(4)])
         self.reg_convs = nnx.List([ConvModule(channels, channels, 3, rngs=rngs) for _ in range(4)])
-        self.retina_cls = conv(channels, anchors * classes, 3, rngs=rngs)
-        self.retina_reg = conv(channels, anchors * 4, 3, rngs=rngs)
+        self.retina_cls = conv2d(channels, anchors * classes, 3, bias=True, rngs=rngs)
+        self.retina_reg = conv2d(channels, anchors * 4, 3, bias=True, rngs=rngs)
 
     def __call__(self, x: Array, mask: Array) -> tuple[Array, Array]:
         """(cls logits (1, H, W, A*80), deltas (1, H, W, 4A)); ``mask``: the level's area."""

@@ -1,6 +1,6 @@
-"""The detector's building blocks: biased convolutions named as mmdetection names them
-(``ConvModule`` keeps its conv under ``conv``), the 2x2 stride-2 transposed convolution, and the
-valid-area mask of the shape buckets."""
+"""The detector's building blocks: mmdetection's ConvModule (a biased convolution kept under
+``conv``), the 2x2 stride-2 transposed convolution, and the valid-area mask of the shape
+buckets."""
 
 from __future__ import annotations
 
@@ -8,34 +8,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.models import cpu_kernels
-from eca_flax.models.layers import torch_default_init
+from eca_flax.models.layers import conv2d, torch_default_init
 
 Array = jax.Array
-
-
-def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, rngs: nnx.Rngs) -> nnx.Conv:
-    """A conv with bias and explicit symmetric padding (k - 1) // 2 (PyTorch's default init)."""
-    p = (kernel - 1) // 2
-    fan_in = in_ch * kernel * kernel
-    return nnx.Conv(
-        in_ch,
-        out_ch,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((p, p), (p, p)),
-        kernel_init=torch_default_init(fan_in),
-        bias_init=torch_default_init(fan_in),
-        conv_general_dilated=cpu_kernels.conv_general_dilated,
-        rngs=rngs,
-    )
 
 
 class ConvModule(nnx.Module):
     """mmdetection's ConvModule without norm: ``name.conv.weight`` / ``.bias``."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, rngs: nnx.Rngs):
-        self.conv = conv(in_ch, out_ch, kernel, stride=stride, rngs=rngs)
+        self.conv = conv2d(in_ch, out_ch, kernel, stride=stride, bias=True, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
         return self.conv(x)

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eca_flax.detection.layers import ConvModule, Upsample2x, conv
-from eca_flax.models.layers import torch_default_init
+from eca_flax.detection.layers import ConvModule, Upsample2x
+from eca_flax.models.layers import conv2d, torch_default_init
 
 Array = jax.Array
 
@@ -45,7 +45,7 @@ class MaskHead(nnx.Module):
     def __init__(self, channels: int = 256, classes: int = 81, *, rngs: nnx.Rngs):
         self.convs = nnx.List([ConvModule(channels, channels, 3, rngs=rngs) for _ in range(4)])
         self.upsample = Upsample2x(channels, channels, rngs=rngs)
-        self.conv_logits = conv(channels, classes, 1, rngs=rngs)
+        self.conv_logits = conv2d(channels, classes, 1, bias=True, rngs=rngs)
 
     def __call__(self, rois: Array, labels: Array) -> Array:
         """(R, 28, 28) probabilities of each RoI's class (``labels`` 0..79, channel label + 1)."""

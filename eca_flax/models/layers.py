@@ -129,10 +129,14 @@ def conv2d(
     groups: int = 1,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
+    bias: bool = False,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
-    """A bias-free 2-D convolution with explicit symmetric padding (default (k-1)//2)."""
+    """A 2-D convolution with explicit symmetric padding (default (k-1)//2): bias-free with
+    the ResNets' Kaiming init, or (``bias=True``, the detectors' necks and heads) with a bias
+    and PyTorch's default init of both."""
     p = (kernel - 1) // 2 if padding is None else padding
+    init = torch_default_init(in_ch // groups * kernel * kernel) if bias else None
     return nnx.Conv(
         in_ch,
         out_ch,
@@ -140,8 +144,9 @@ def conv2d(
         strides=(stride, stride),
         padding=((p, p), (p, p)),
         feature_group_count=groups,
-        use_bias=False,
-        kernel_init=conv_kernel_init,
+        use_bias=bias,
+        kernel_init=init or conv_kernel_init,
+        bias_init=init or nnx.initializers.zeros_init(),
         dtype=dtype,
         param_dtype=param_dtype,
         conv_general_dilated=cpu_kernels.conv_general_dilated,
