@@ -42,7 +42,9 @@ LONGEST = (
     "test_timm.py::test_hub_folder_converts_and_matches_reference[ecaresnet269d]",
     "test_train.py::test_eight_devices_train_like_one",
     "test_train.py::test_rsb_a3_resume_equals_uninterrupted",
+    "test_detection_v1.py::test_predict_and_evaluate_commands",
     "test_detection_v1.py::test_r50_detectors_equal_v1_reference[mask_rcnn-k_size1]",
+    "test_detection_v1.py::test_r101_detector_equals_v1_reference",
 )
 
 

@@ -333,11 +333,14 @@ class V1Detector:
 HOT = (0, 2, 15, 16, 41, 56, 62)  # classes whose scores are raised: person, car, cat, dog, cup, ...
 
 
-def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torch.Tensor]:
+def v1_state_dict(
+    kind: str, arch: str, k_size, seed: int = 0, standardize: bool = True
+) -> dict[str, torch.Tensor]:
     """A v1 detector's state_dict with random weights: the ECA-ResNet from torch_reference's
     random_reference (BN statistics randomized), heads drawn so that every image gives many
     detections over several classes (the score layer standardized, the HOT classes' biases
-    raised) and masks that are partly on."""
+    raised) and masks that are partly on. ``standardize=False`` leaves the score layers random
+    (a file whose detections do not matter, made without running the reference)."""
     with torch.random.fork_rng():  # the convolutions' initial weights come from torch's RNG
         torch.manual_seed(seed)
         ref = tr.random_reference(arch, seed=seed, k_size=k_size)
@@ -373,7 +376,8 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
         conv("bbox_head.retina_reg", 36, 256, 3, gain=0.005)  # deltas ~0.1: boxes near anchors
         bias = torch.full((9, 80), -4.6)  # sigmoid 0.01: below score_thr but by its input
         bias[:, list(HOT)] = -1.6  # 0.17
-        _standardize(sd, kind, arch, k_size, "bbox_head.retina_cls", bias.reshape(-1))
+        if standardize:
+            _standardize(sd, kind, arch, k_size, "bbox_head.retina_cls", bias.reshape(-1))
         return sd
     conv("rpn_head.rpn_conv", 256, 256, 3, gain=1.4)
     conv("rpn_head.rpn_cls", 3, 256, 1, gain=0.5, centre=True)  # no saturated (tied) scores
@@ -391,7 +395,8 @@ def v1_state_dict(kind: str, arch: str, k_size, seed: int = 0) -> dict[str, torc
     bias = torch.zeros(81)
     bias[[h + 1 for h in HOT]] = 3.0
     bias[0] = -2.0  # background (index 0) less likely than any class
-    _standardize(sd, kind, arch, k_size, "bbox_head.fc_cls", bias)
+    if standardize:
+        _standardize(sd, kind, arch, k_size, "bbox_head.fc_cls", bias)
     return sd
 
 

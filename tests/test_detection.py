@@ -452,6 +452,20 @@ def test_readme_detection_commands(tmp_path, monkeypatch, capsys):
     assert rows == RELEASES.strip().splitlines()
 
 
+def test_release_table_is_the_original_readmes():
+    """The library's table of the six releases (load_detector by name) says what the original
+    README says: file, backbone, kernel sizes, box and mask AP."""
+    from eca_flax.detection.settings import RELEASES as TABLE
+
+    names = {"faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN", "retinanet": "RetinaNet"}
+    rows = [
+        f"{names[r.kind]}|{r.published}|{r.arch}|{','.join(map(str, r.k_size))}|{r.box_ap}|"
+        + (str(r.mask_ap) if r.mask_ap else "–")
+        for r in TABLE.values()
+    ]
+    assert rows == RELEASES.strip().splitlines()
+
+
 RELEASES = """
 Faster R-CNN|faster_rcnn_ecanet50_k5_bs8_lr0.01|eca_resnet50|5,5,5,5|38.0|–
 Faster R-CNN|faster_rcnn_ecanet101_3357_bs8_lr0.01|eca_resnet101|3,3,5,7|40.3|–

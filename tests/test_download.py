@@ -254,6 +254,56 @@ def test_original_name_from_drive(hub, files, tmp_path, capsys) -> None:
     assert kept.read_bytes() == files["pth"].read_bytes() and len(hub.gets()) == 2
 
 
+@pytest.mark.slow
+def test_detector_by_name_from_drive(hub, files, tmp_path, monkeypatch) -> None:
+    """load_detector("mask_rcnn_ecanet50_k3377"): the authors' mmdetection file through gdown,
+    checked (a Mask R-CNN on ECA-ResNet-50 with kernel sizes 3,3,7,7), converted whole and
+    cached; loaded again with no request, offline too; the wrong file or an uncached one
+    offline is one line and leaves nothing."""
+    import det_reference
+
+    from eca_flax.detection import load_detector
+    from eca_flax.detection.settings import RELEASES
+    from eca_flax.models.registry import count_params
+
+    release = RELEASES["mask_rcnn_ecanet50_k3377"]
+    sd = det_reference.v1_state_dict("mask_rcnn", "eca_resnet50", (3, 3, 7, 7), standardize=False)
+    pth = tmp_path / "served.pth"
+    meta = {"mmdet_version": "1.0rc1+c2ba6e6", "config": "", "CLASSES": None, "epoch": 12}
+    torch.save({"meta": meta, "state_dict": sd}, pth)
+    hub.drive[release.drive_id] = pth.read_bytes()
+    hub.drive[RELEASES["RetinaNet_ecanet50_k3377"].drive_id] = files["pth_bytes"]  # a classifier
+
+    det = load_detector("mask_rcnn_ecanet50_k3377")
+    assert det.kind == "mask_rcnn" and count_params(det) == release.params
+    own = tmp_path / "hf" / "eca_flax"
+    kept = own / "drive" / release.checkpoint
+    assert kept.read_bytes() == pth.read_bytes()
+    converted = own / "converted" / "drive" / "mask_rcnn_ecanet50_k3377"
+    assert json.loads((converted / "model.json").read_text())["k_size"] == [3, 3, 7, 7]
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(converted / "weights.safetensors"))
+    assert weights.keys() == sd.keys()
+    for key in ("backbone.layer3.5.eca.conv.weight", "mask_head.conv_logits.weight"):
+        np.testing.assert_array_equal(weights[key], sd[key].numpy())
+    assert len(hub.gets()) == 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the second load: no request, no conversion
+    assert load_detector("mask_rcnn_ecanet50_k3377_bs8_lr0.01.pth").kind == "mask_rcnn"
+    assert len(hub.gets()) == 1
+    start = time.perf_counter()
+    with pytest.raises(DownloadError, match="not in the cache .* HF_HUB_OFFLINE is set; where"):
+        load_detector("faster_rcnn_ecanet50_k5")
+    assert time.perf_counter() - start < 2
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    wrong = r"_k3377_bs8_lr0.01.pth on Google Drive\): the downloaded file is not the release"
+    with pytest.raises(DownloadError, match=wrong + " .*nothing kept"):
+        load_detector("RetinaNet_ecanet50_k3377")
+    assert sorted(p.name for p in (own / "drive").rglob("*.pth")) == [release.checkpoint]
+    with pytest.raises(PretrainedError, match="a COCO detector, not a classifier"):
+        eca_flax.load_pretrained("mask_rcnn_ecanet50_k3377")
+
+
 def test_errors_are_one_line_and_leave_the_cache_clean(hub, tmp_path, monkeypatch, capsys) -> None:
     """Every failure: one line naming the problem, nothing but locks and markers in the cache."""
     cache = tmp_path / "hf"

@@ -4,7 +4,8 @@
     python -m eca_flax.detection evaluate DST --images DIR --annotations instances_val2017.json
         [--out DIR]
 
-Images are read as v1 read them (OpenCV imread in colour: EXIF orientation applied, grayscale
+DST is a converted detector directory or a release's name (``mask_rcnn_ecanet50_k3377``:
+downloaded, checked, converted and cached on first use). Images are read as v1 read them (OpenCV imread in colour: EXIF orientation applied, grayscale
 and 16-bit images converted, alpha dropped). predict writes DIR/detections.json (COCO results,
 v1's +1 widths, RLE masks, with a file_name per entry) and with --draw DIR/<name>.png.
 evaluate keeps finished images in DIR/partial.jsonl (a stopped run continues where it was),
@@ -27,13 +28,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eca_flax.detection", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="detect objects in image files")
-    p.add_argument("detector", metavar="DST", help="a converted detector directory")
+    p.add_argument(
+        "detector",
+        metavar="DST",
+        help="a converted detector directory, or a release's name (mask_rcnn_ecanet50_k3377)",
+    )
     p.add_argument("images", metavar="IMAGE", nargs="+")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--draw", action="store_true", help="write a PNG per image")
     p.add_argument("--score-thr", type=float, default=0.3, help="drawn detections (default 0.3)")
     e = sub.add_parser("evaluate", help="COCO evaluation with pycocotools")
-    e.add_argument("detector", metavar="DST")
+    e.add_argument("detector", metavar="DST", help="as for predict")
     e.add_argument("--images", required=True, metavar="DIR")
     e.add_argument("--annotations", required=True, metavar="JSON")
     e.add_argument("--out", default="coco_eval", metavar="DIR")

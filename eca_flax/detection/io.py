@@ -8,6 +8,7 @@ builds the Detector and copies the weights in by the converter's key rule.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -117,12 +118,34 @@ def describe(kind: str, spec: Any, settings: TestSettings, source: dict, meta: d
     }
 
 
-def load_detector(path: str | os.PathLike[str], *, settings: TestSettings | None = None):
-    """The Detector converted to ``path`` (``convert_torch_weights.py SRC DST``); ``settings``
+def load_detector(
+    path: str | os.PathLike[str],
+    *,
+    settings: TestSettings | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    force_download: bool = False,
+):
+    """The Detector converted to ``path`` (``convert_torch_weights.py SRC DST``), or one of the
+    six releases by name (``mask_rcnn_ecanet50_k3377``, ``python -m eca_flax.weights list``):
+    the authors' file downloaded from Google Drive, checked, converted and cached on first use
+    (``eca_flax.weights.download``; offline, a cached one loads with no request). ``settings``
     replaces the test settings of its model.json."""
     from safetensors.numpy import load_file
 
+    from eca_flax.detection.settings import RELEASES, release
+
     path = Path(path).expanduser()
+    if not path.exists() and release(os.fspath(path)):
+        from eca_flax.weights.download import resolve
+
+        path = resolve(os.fspath(path), cache_dir=cache_dir, force_download=force_download)
+    elif not path.exists():
+        close = difflib.get_close_matches(os.fspath(path), RELEASES, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConversionError(
+            f"{path}: no such converted detector and not a released one; {hint}python -m "
+            "eca_flax.weights list shows the six releases"
+        )
     meta_path = path / MODEL_JSON
     if not meta_path.is_file() or not (path / WEIGHTS).is_file():
         raise ConversionError(

@@ -30,6 +30,56 @@ CATEGORY_IDS = (
 assert len(CLASSES) == len(CATEGORY_IDS) == 80
 
 
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """One of the authors' six COCO detectors: its published file on Google Drive, what it is,
+    and its published COCO 2017 val AP (mask AP for Mask R-CNN only)."""
+
+    published: str  # the file name as published, without .pth
+    drive_id: str
+    kind: str
+    arch: str
+    k_size: tuple[int, int, int, int]
+    params: int  # count_params of the Detector (BN statistics included)
+    box_ap: float
+    mask_ap: float | None = None
+
+    @property
+    def name(self) -> str:
+        """What ``load_detector`` takes: the published name without ``_bs8_lr0.01``."""
+        return self.published.removesuffix("_bs8_lr0.01")
+
+    @property
+    def checkpoint(self) -> str:
+        return f"{self.published}.pth"
+
+
+RELEASES = {
+    r.name: r
+    for r in (
+        Release("faster_rcnn_ecanet50_k5_bs8_lr0.01", "1myjDQIHRiYdTXm7DJjlFe_oyALhHXkrS",
+                "faster_rcnn", "eca_resnet50", (5, 5, 5, 5), 41_757_236, 38.0),
+        Release("faster_rcnn_ecanet101_3357_bs8_lr0.01", "1otCeuTSs4DRLTBIO6cYjm7e-5dQK1dMX",
+                "faster_rcnn", "eca_resnet101", (3, 3, 5, 7), 60_749_441, 40.3),
+        Release("mask_rcnn_ecanet50_k3377_bs8_lr0.01", "1z5sAqOD6zZzoVOyAd2VmBztmMXUKy-Nv",
+                "mask_rcnn", "eca_resnet50", (3, 3, 7, 7), 44_400_777, 39.0, 35.6),
+        Release("mask_rcnn_ecanet101_k3357_bs8_lr0.01", "1Rv-VjdfWOt5mE45M0lihgv59fqnCAHQq",
+                "mask_rcnn", "eca_resnet101", (3, 3, 5, 7), 63_392_978, 41.3, 37.4),
+        Release("RetinaNet_ecanet50_k3377_bs8_lr0.01", "1Pp6gndZFiZZo2BdbVmzUKQUtQ1m4kIbW",
+                "retinanet", "eca_resnet50", (3, 3, 7, 7), 37_968_776, 37.3),
+        Release("RetinaNet_ecanet101_k3357_bs8_lr0.01", "1290duDtOGMpp3QrL47CRAq24oGPgbtct",
+                "retinanet", "eca_resnet101", (3, 3, 5, 7), 56_960_977, 39.1),
+    )
+}  # fmt: skip
+
+
+def release(name: str) -> Release | None:
+    """The release a name means (as in RELEASES, or the published file name with or without
+    .pth; any case), or None."""
+    key = name.removesuffix(".pth").removesuffix("_bs8_lr0.01").lower()
+    return next((r for n, r in RELEASES.items() if n.lower() == key), None)
+
+
 def category_ids() -> tuple[int, ...]:
     """COCO category id of each label 0..79 (v1's cat_ids = sorted getCatIds())."""
     return CATEGORY_IDS

@@ -6,7 +6,8 @@
                                                      offline: create_model(NAME, pretrained=True))
 
 NAME is a timm tag (ecaresnet50t.ra2_in1k, or ecaresnet50t for its first tag), an original model
-(eca_resnet50: the authors' file on Google Drive) or hf-hub:ORG/NAME[@REVISION].
+(eca_resnet50: the authors' file on Google Drive), a COCO detector (mask_rcnn_ecanet50_k3377:
+the authors' mmdetection file on Google Drive, converted whole) or hf-hub:ORG/NAME[@REVISION].
 ``--cache-dir ROOT`` uses ROOT/hub and ROOT/eca_flax instead of the Hugging Face cache.
 """
 
@@ -24,11 +25,11 @@ def show_list(cache_dir: str | None) -> None:
     """One row per released model, as a table."""
     from eca_flax.weights.download import Cache, releases
 
-    rows = [("name", "source", "params", "float32 MB", "top-1 (size)", "cached")]
+    rows = [("name", "source", "params", "float32 MB", "published", "cached")]
     for r in releases(cache_dir):
-        top1 = f"{r.top1:.2f} @{r.test_size}" if r.top1 is not None else "-"
         size = f"{r.params * 4 / 1e6:.0f}"
-        rows.append((r.name, r.where, f"{r.params:,}", size, top1, "yes" if r.cached else "no"))
+        cached = "yes" if r.cached else "no"
+        rows.append((r.name, r.where, f"{r.params:,}", size, r.published, cached))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -8,6 +8,8 @@
   (config.json + model.safetensors, sharded safetensors, or pytorch_model.bin), or one holding an
   eca_flax model file ``model.safetensors`` (``save_pretrained(model, "DIR/model.safetensors")``);
 * an original model name, ``eca_resnet50``: the authors' released file from Google Drive;
+  a COCO detector's name, ``mask_rcnn_ecanet50_k3377`` (``eca_flax.detection.load_detector``):
+  the authors' mmdetection v1 file from Google Drive, converted whole;
 * a local pretrained directory or .safetensors file, as ``pretrained.load_pretrained`` reads.
 
 Hub files come through ``huggingface_hub.hf_hub_download`` one at a time, into the Hugging Face
@@ -69,8 +71,9 @@ _logger = logging.getLogger("eca_flax.download")
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """What a name means: ``kind`` "hub" (``repo``, ``revision``), "drive" (``arch``) or "local"
-    (``path``); ``name`` is what the user wrote."""
+    """What a name means: ``kind`` "hub" (``repo``, ``revision``), "drive" (``arch``; a COCO
+    detector's release name in ``detector``) or "local" (``path``); ``name`` is what the user
+    wrote."""
 
     name: str
     kind: str
@@ -78,6 +81,15 @@ class Source:
     revision: str | None = None
     arch: str = ""
     path: Path | None = None
+    detector: str = ""
+
+    def drive_file(self) -> tuple[str, str]:
+        """(the released file's name, its Google Drive id) of a "drive" source."""
+        if self.detector:
+            release = detector_release(self.detector)
+            return release.checkpoint, release.drive_id
+        info = model_info(self.arch)
+        return info.checkpoint, info.drive_id
 
     def describe(self) -> str:
         """'ecaresnet26t: timm/ecaresnet26t.ra2_in1k on the Hugging Face Hub', 'eca_resnet50
@@ -87,13 +99,23 @@ class Source:
             shown = "" if self.name == f"{HUB_PREFIX}{self.repo}{at}" else f"{self.name}: "
             return f"{shown}{self.repo}{at} on the Hugging Face Hub"
         if self.kind == "drive":
-            return f"{self.name} ({model_info(self.arch).checkpoint} on Google Drive)"
+            return f"{self.name} ({self.drive_file()[0]} on Google Drive)"
         return str(self.path)
 
 
+def detector_release(name: str) -> Any:
+    """The COCO detector release (``detection.settings.Release``) ``name`` means, or None."""
+    from eca_flax.detection.settings import release
+
+    return release(name)
+
+
 def released_names() -> list[str]:
-    """Every name that downloads weights: the originals, each timm tag and its model alone."""
-    names = [n for n in list_models(ORIGINAL) if model_info(n).drive_id]
+    """Every name that downloads weights: the originals, each timm tag and its model alone, the
+    COCO detectors."""
+    from eca_flax.detection.settings import RELEASES
+
+    names = [n for n in list_models(ORIGINAL) if model_info(n).drive_id] + list(RELEASES)
     for arch in list_models(TIMM):
         tags = model_info(arch).tag_names
         names += [arch, *(f"{arch}.{t}" for t in tags)] if tags else []
@@ -128,6 +150,8 @@ def parse_source(name: str | os.PathLike[str]) -> Source:
             raise PretrainedError(f"{text}: {arch} has no tag {tag!r} (its tags: {tags})")
     if path.exists():
         return Source(text, "local", path=path)
+    if release := detector_release(text):
+        return Source(text, "drive", arch=release.arch, detector=release.name)
     close = difflib.get_close_matches(text, released_names(), n=4, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise PretrainedError(
@@ -180,15 +204,17 @@ class Cache:
 
     def converted(self, source: Source, commit: str | None = None) -> Path:
         """Where the converted model of ``source`` is (or goes)."""
+        if source.detector:  # a directory: model.json + weights.safetensors
+            return self.own / "converted" / "drive" / source.detector
         if source.kind == "drive":
             stem = model_info(source.arch).checkpoint.removesuffix(".pth.tar")
             return self.own / "converted" / "drive" / f"{stem}{SAFETENSORS}"
         folder = self.own / "converted" / "hub" / source.repo.replace("/", "--")
         return folder / f"{commit}{SAFETENSORS}"
 
-    def drive_file(self, arch: str) -> Path:
-        """Where the authors' released file of ``arch`` is kept."""
-        return self.own / "drive" / model_info(arch).checkpoint
+    def drive_file(self, source: Source) -> Path:
+        """Where the authors' released file of a "drive" source is kept."""
+        return self.own / "drive" / source.drive_file()[0]
 
 
 def _offline() -> bool:
@@ -458,7 +484,7 @@ def _lock(path: Path) -> Any:
 def _fetch_drive(source: Source, cache: Cache, *, force: bool) -> Path:
     """The authors' released file, from the cache (its sha256 checked) or Google Drive: kept only
     once it is a checkpoint of the expected network."""
-    final = cache.drive_file(source.arch)
+    final = cache.drive_file(source)
     if final.is_file() and not force:
         return _checked_drive_file(source, final)
     if _offline():
@@ -473,9 +499,9 @@ def _fetch_drive(source: Source, cache: Cache, *, force: bool) -> Path:
             "the authors' file is a PyTorch checkpoint: checking and converting it needs torch "
             "(pip install torch; CPU wheels suffice)",
         )
-    info = model_info(source.arch)
+    drive_id = source.drive_file()[1]
     template = os.environ.get(DRIVE_URL_ENV)
-    url = template.format(id=info.drive_id) if template else None
+    url = template.format(id=drive_id) if template else None
     if why := _unreachable(url or "https://drive.google.com"):
         raise _drive_error(
             source,
@@ -488,7 +514,7 @@ def _fetch_drive(source: Source, cache: Cache, *, force: bool) -> Path:
             return _checked_drive_file(source, final)
         incoming = final.parent / "incoming" / final.name
         incoming.parent.mkdir(parents=True, exist_ok=True)
-        _gdown(source, url, info.drive_id, incoming)
+        _gdown(source, url, drive_id, incoming)
         try:
             digest = _check_drive_download(source, incoming)
             write_file(_record(final), lambda tmp: Path(tmp).write_text(digest + "\n"), OSError)
@@ -533,7 +559,7 @@ def _gdown(source: Source, url: str | None, drive_id: str, output: Path) -> None
 
 def _check_drive_download(source: Source, path: Path) -> str:
     """The sha256 of a downloaded file that is a checkpoint of ``source.arch`` with its released
-    kernel sizes; an HTML page or another network is one line."""
+    kernel sizes (a detector: of its kind too); an HTML page or another network is one line."""
     from eca_flax.weights import convert, pth  # here: torch and the converter on a download only
 
     with open(path, "rb") as f:
@@ -546,20 +572,35 @@ def _check_drive_download(source: Source, path: Path) -> str:
             + (" (too many users have downloaded it recently: try again later)" if quota else "")
             + "; nothing kept",
         )
+    release = detector_release(source.detector) if source.detector else None
     try:
         checkpoint = pth.read_checkpoint(path)
-        spec = convert.infer_arch(checkpoint.state_dict)
+        if release:
+            from eca_flax.detection.io import detector_kind
+
+            if checkpoint.detection is None:
+                raise ConversionError("not an mmdetection checkpoint")
+            spec = convert.backbone_arch(checkpoint)
+            kind = detector_kind(path, checkpoint.whole, checkpoint.detection.meta)
+        else:
+            spec, kind = convert.infer_arch(checkpoint.state_dict), ""
     except ConversionError as e:
         problem = f"the downloaded file is not the release ({e}); nothing kept"
         raise _drive_error(source, problem) from None
-    want = registry.resolve_k_size(source.arch, None)
-    if spec.arch != source.arch or tuple(spec.k_size) != tuple(want):
+    want = release.k_size if release else registry.resolve_k_size(source.arch, None)
+    if spec.arch != source.arch or tuple(spec.k_size) != tuple(want) or kind != _kind(release):
+        what = f"a {kind} on {spec.describe()}" if kind else spec.describe()
+        wanted = f"a {release.kind} on {source.arch}" if release else source.arch
         raise _drive_error(
             source,
-            f"the downloaded file holds {spec.describe()}, not {source.arch} with the released "
-            f"kernel sizes {','.join(map(str, want))}; nothing kept",
+            f"the downloaded file holds {what}, not {wanted} with the released kernel sizes "
+            f"{','.join(map(str, want))}; nothing kept",
         )
     return file_sha256(path)
+
+
+def _kind(release: Any) -> str:
+    return release.kind if release else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,8 +650,9 @@ def resolve(
         if ready:
             return original / hub.HUB_WEIGHTS[0]
         converted = cache.converted(source, commit or original.name)
+    done = converted / "model.json" if source.detector else converted  # written last
     with _lock(converted):
-        if force_download or not converted.is_file():
+        if force_download or not done.is_file():
             _convert(source, original, converted, log)
     return converted
 
@@ -619,7 +661,8 @@ def _cached(source: Source, cache: Cache) -> Path | None:
     """The converted (or eca_flax) model of ``source`` when the cache has it; no request."""
     if source.kind == "drive":
         path = cache.converted(source)
-        return path if path.is_file() else None
+        done = path / "model.json" if source.detector else path
+        return path if done.is_file() else None
     commit = cache.commit(source.repo, source.revision)
     if commit is None:
         return None
@@ -637,8 +680,11 @@ def _convert(source: Source, original: Path, converted: Path, log: Callable[[str
     from eca_flax.weights.convert import convert_file
 
     log(f"converting {source.describe()} to {converted}")
+    detector = None
+    if source.detector:  # converted whole, as convert_torch_weights.py does by default
+        from eca_flax.detection.io import convert_detector as detector
     try:
-        convert_file(original, converted, overwrite=True, log=log)
+        convert_file(original, converted, overwrite=True, detector=detector, log=log)
     except ConversionError as e:
         raise DownloadError(
             f"{source.describe()}: the downloaded weights do not convert ({e})", source=source.name
@@ -667,6 +713,11 @@ def load_pretrained(
     ``pretrained.load_pretrained``."""
     from eca_flax.weights import pretrained
 
+    if detector := parse_source(source).detector:
+        raise PretrainedError(
+            f"{source}: a COCO detector, not a classifier; load it with "
+            f"eca_flax.detection.load_detector({detector!r})"
+        )
     path = resolve(source, cache_dir=cache_dir, force_download=force_download)
     try:
         return pretrained.load_pretrained(path, dtype=dtype, num_classes=num_classes, seed=seed)
@@ -716,24 +767,37 @@ class Release:
     name: str
     where: str  # "timm/ecaresnet26t.ra2_in1k" or "Google Drive: eca_resnet50_k3557.pth.tar"
     params: int
-    top1: float | None
-    test_size: int
+    published: str  # "83.29 top-1 @288", "box AP 39.0, mask AP 35.6"
     cached: bool
 
 
 def releases(cache_dir: str | os.PathLike[str] | None = None) -> Iterator[Release]:
-    """Every released model (the originals, each timm tag) and whether the cache holds it."""
+    """Every released model (the originals, each timm tag, the COCO detectors) and whether the
+    cache holds it."""
+    from eca_flax.detection.settings import RELEASES
+
+    def top1(value: float | None, size: int) -> str:
+        return "-" if value is None else f"{value:.2f} top-1 @{size}"
+
     cache = Cache.at(cache_dir)
     for name in list_models():
         info = model_info(name)
         if info.drive_id:
             source = Source(name, "drive", arch=name)
             where = f"Google Drive: {info.checkpoint}"
-            yield Release(name, where, info.params, info.top1, 224, bool(_cached(source, cache)))
+            cached = bool(_cached(source, cache))
+            yield Release(name, where, info.params, top1(info.top1, 224), cached)
         for tag in info.tags:
             source = Source(f"{name}.{tag.tag}", "hub", repo=info.hub_repo(tag.tag), arch=name)
             cached = bool(_cached(source, cache))
-            yield Release(source.name, source.repo, info.params, tag.top1, tag.test_size, cached)
+            yield Release(
+                source.name, source.repo, info.params, top1(tag.top1, tag.test_size), cached
+            )
+    for name, r in RELEASES.items():
+        source = Source(name, "drive", arch=r.arch, detector=name)
+        ap = f"box AP {r.box_ap}" + (f", mask AP {r.mask_ap}" if r.mask_ap else "")
+        cached = bool(_cached(source, cache))
+        yield Release(name, f"Google Drive: {r.checkpoint}", r.params, ap, cached)
 
 
 __all__ = [
