@@ -15,12 +15,10 @@ import.
 
 from __future__ import annotations
 
-import importlib
-import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from eca_flax.errors import Error
+from eca_flax.lazy import module_getattr
 from eca_flax.version import __version__
 
 _HOMES = {
@@ -53,21 +51,7 @@ if TYPE_CHECKING:
     from eca_flax.weights.pretrained import save_pretrained
 
 
-def _lazy_getattr(package: str, homes: dict[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``package`` that imports each of ``homes``' names from its
-    module on first use (here and in eca_flax.detection)."""
-
-    def __getattr__(name: str) -> Any:
-        if name not in homes:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(homes[name]), name)
-        setattr(sys.modules[package], name, value)
-        return value
-
-    return __getattr__
-
-
-__getattr__ = _lazy_getattr(__name__, _HOMES)
+__getattr__ = module_getattr(__name__, _HOMES)
 
 
 def __dir__() -> list[str]:

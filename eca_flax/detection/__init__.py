@@ -12,7 +12,7 @@ Names load on first use: importing this package imports neither OpenCV nor pycoc
 
 from __future__ import annotations
 
-from eca_flax import _lazy_getattr
+from eca_flax.lazy import module_getattr
 
 _HOMES = {
     "Detector": "eca_flax.detection.detectors",
@@ -26,4 +26,4 @@ _HOMES = {
 }
 
 
-__getattr__ = _lazy_getattr(__name__, _HOMES)
+__getattr__ = module_getattr(__name__, _HOMES)

@@ -5,8 +5,9 @@
         [--out DIR]
 
 DST is a converted detector directory or a release's name (``mask_rcnn_ecanet50_k3377``:
-downloaded, checked, converted and cached on first use). Images are read as v1 read them (OpenCV imread in colour: EXIF orientation applied, grayscale
-and 16-bit images converted, alpha dropped). predict writes DIR/detections.json (COCO results,
+downloaded, checked, converted and cached on first use). Images are read as v1 read them
+(OpenCV imread in colour: EXIF orientation applied, grayscale and 16-bit images converted,
+alpha dropped). predict writes DIR/detections.json (COCO results,
 v1's +1 widths, RLE masks, with a file_name per entry) and with --draw DIR/<name>.png.
 evaluate keeps finished images in DIR/partial.jsonl (a stopped run continues where it was),
 then writes DIR/results_bbox.json (and results_segm.json) and prints COCOeval's tables.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,45 +19,11 @@ import numpy as np
 
 from eca_flax.detection.settings import CLASSES, TestSettings
 from eca_flax.errors import ConversionError
+from eca_flax.weights.pth import detector_kind
 
 FORMAT = "eca_flax.detector/1"
 WEIGHTS = "weights.safetensors"
 MODEL_JSON = "model.json"
-SUPPORTED = (
-    "supported: mmdetection v1.x Faster R-CNN, Mask R-CNN and RetinaNet with FPN on an "
-    "ECA-ResNet (the six ECA-Net COCO releases)"
-)
-_KNOWN_TOPS = ("backbone", "neck", "rpn_head", "bbox_head", "mask_head")
-
-
-def detector_kind(path: Any, state_dict: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
-    """'faster_rcnn', 'mask_rcnn' or 'retinanet' from a v1 state_dict's keys, or a one-line
-    ConversionError saying what the file is and what is supported."""
-    version = str(meta.get("mmdet_version", ""))
-    major = re.match(r"(\d+)\.", version)
-    roi_head = any(k.startswith("roi_head.") for k in state_dict)
-    if roi_head or (major and int(major[1]) >= 2):
-        what = "roi_head.* keys" if roi_head else f"mmdet_version {version}"
-        raise ConversionError(
-            f"{path}: an mmdetection 2.x/3.x checkpoint ({what}), not v1; {SUPPORTED} "
-            "(or convert its backbone with --backbone-only)"
-        )
-    tops = sorted({k.split(".", 1)[0] for k in state_dict} - set(_KNOWN_TOPS))
-    cascade = [k for k in state_dict if re.match(r"(bbox|mask)_head\.\d+\.", k)]
-    if tops or cascade:
-        found = ", ".join(tops) if tops else "several bbox_head stages (Cascade R-CNN)"
-        raise ConversionError(
-            f"{path}: a v1 detector with parts this converter does not know ({found}); "
-            f"{SUPPORTED} (or convert its backbone with --backbone-only)"
-        )
-    if "bbox_head.retina_cls.weight" in state_dict:
-        return "retinanet"
-    if "rpn_head.rpn_conv.weight" in state_dict and "bbox_head.fc_cls.weight" in state_dict:
-        return "mask_rcnn" if "mask_head.conv_logits.weight" in state_dict else "faster_rcnn"
-    raise ConversionError(
-        f"{path}: a detector with neither RetinaNet's bbox_head.retina_cls nor the R-CNNs' "
-        f"rpn_head + bbox_head.fc_cls; {SUPPORTED} (or convert its backbone with --backbone-only)"
-    )
 
 
 def detector_from_state_dict(
@@ -138,7 +103,12 @@ def load_detector(
     if not path.exists() and release(os.fspath(path)):
         from eca_flax.weights.download import resolve
 
-        path = resolve(os.fspath(path), cache_dir=cache_dir, force_download=force_download)
+        path = resolve(
+            os.fspath(path),
+            cache_dir=cache_dir,
+            force_download=force_download,
+            detector=convert_detector,
+        )
     elif not path.exists():
         close = difflib.get_close_matches(os.fspath(path), RELEASES, n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""

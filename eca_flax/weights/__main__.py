@@ -39,10 +39,13 @@ def show_list(cache_dir: str | None) -> None:
 
 def download(names: Sequence[str], cache_dir: str | None, force: bool) -> None:
     """Fetch and convert each name into the cache, saying where it is."""
+    from eca_flax.detection.io import convert_detector
     from eca_flax.weights.download import resolve
 
     for name in names:
-        path = resolve(name, cache_dir=cache_dir, force_download=force, log=print)
+        path = resolve(
+            name, cache_dir=cache_dir, force_download=force, log=print, detector=convert_detector
+        )
         print(f"{name}: {path}", flush=True)
 
 

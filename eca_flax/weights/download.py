@@ -576,12 +576,10 @@ def _check_drive_download(source: Source, path: Path) -> str:
     try:
         checkpoint = pth.read_checkpoint(path)
         if release:
-            from eca_flax.detection.io import detector_kind
-
             if checkpoint.detection is None:
                 raise ConversionError("not an mmdetection checkpoint")
             spec = convert.backbone_arch(checkpoint)
-            kind = detector_kind(path, checkpoint.whole, checkpoint.detection.meta)
+            kind = pth.detector_kind(path, checkpoint.whole, checkpoint.detection.meta)
         else:
             spec, kind = convert.infer_arch(checkpoint.state_dict), ""
     except ConversionError as e:
@@ -631,11 +629,13 @@ def resolve(
     cache_dir: str | os.PathLike[str] | None = None,
     force_download: bool = False,
     log: Callable[[str], None] = _logger.info,
+    detector: Callable[..., Any] | None = None,
 ) -> Path:
     """A local eca_flax model (pretrained directory or .safetensors file) for ``name``: the path
     itself, or the converted model in the cache, downloaded and converted on first use. A cached
     one is returned with no request and no conversion (``force_download``: fetch and convert
-    again)."""
+    again). A COCO detector's name needs ``detector``, the converter of whole detectors
+    (``eca_flax.detection.io.convert_detector``): its cached conversion is a directory."""
     source = parse_source(name)
     if source.kind == "local":
         return source.path
@@ -653,7 +653,7 @@ def resolve(
     done = converted / "model.json" if source.detector else converted  # written last
     with _lock(converted):
         if force_download or not done.is_file():
-            _convert(source, original, converted, log)
+            _convert(source, original, converted, log, detector)
     return converted
 
 
@@ -675,14 +675,20 @@ def _cached(source: Source, cache: Cache) -> Path | None:
     return None
 
 
-def _convert(source: Source, original: Path, converted: Path, log: Callable[[str], None]) -> None:
-    """Convert the downloaded files to the cache's eca_flax file (written atomically)."""
+def _convert(
+    source: Source,
+    original: Path,
+    converted: Path,
+    log: Callable[[str], None],
+    detector: Callable[..., Any] | None,
+) -> None:
+    """Convert the downloaded files to the cache's eca_flax file (written atomically); a
+    detector whole, through ``detector``."""
     from eca_flax.weights.convert import convert_file
 
+    if source.detector and detector is None:
+        raise TypeError(f"{source.name}: a detector converts through resolve(..., detector=)")
     log(f"converting {source.describe()} to {converted}")
-    detector = None
-    if source.detector:  # converted whole, as convert_torch_weights.py does by default
-        from eca_flax.detection.io import convert_detector as detector
     try:
         convert_file(original, converted, overwrite=True, detector=detector, log=log)
     except ConversionError as e:

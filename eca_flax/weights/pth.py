@@ -32,6 +32,11 @@ DETECTOR_PARTS = (
     "neck", "rpn_head", "roi_head", "bbox_head", "mask_head", "semantic_head", "mask_iou_head",
     "shared_head", "bbox_roi_extractor", "mask_roi_extractor", "panoptic_head",
 )  # fmt: skip
+SUPPORTED_DETECTORS = (
+    "supported: mmdetection v1.x Faster R-CNN, Mask R-CNN and RetinaNet with FPN on an "
+    "ECA-ResNet (the six ECA-Net COCO releases)"
+)
+_V1_TOPS = ("backbone", "neck", "rpn_head", "bbox_head", "mask_head")  # the keys of v1's detectors
 MAX_LISTED_KEYS = 10  # error messages list this many keys, then say how many more
 
 
@@ -132,6 +137,37 @@ def split_detector(
         k.removeprefix(BACKBONE): v for k, v in state_dict.items() if k.startswith(BACKBONE)
     }
     return backbone, detection
+
+
+def detector_kind(path: Any, state_dict: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """'faster_rcnn', 'mask_rcnn' or 'retinanet' from a v1 state_dict's keys, or a one-line
+    ConversionError saying what the file is and what is supported."""
+    version = str(meta.get("mmdet_version", ""))
+    major = re.match(r"(\d+)\.", version)
+    roi_head = any(k.startswith("roi_head.") for k in state_dict)
+    if roi_head or (major and int(major[1]) >= 2):
+        what = "roi_head.* keys" if roi_head else f"mmdet_version {version}"
+        raise ConversionError(
+            f"{path}: an mmdetection 2.x/3.x checkpoint ({what}), not v1; {SUPPORTED_DETECTORS} "
+            "(or convert its backbone with --backbone-only)"
+        )
+    tops = sorted({k.split(".", 1)[0] for k in state_dict} - set(_V1_TOPS))
+    cascade = [k for k in state_dict if re.match(r"(bbox|mask)_head\.\d+\.", k)]
+    if tops or cascade:
+        found = ", ".join(tops) if tops else "several bbox_head stages (Cascade R-CNN)"
+        raise ConversionError(
+            f"{path}: a v1 detector with parts this converter does not know ({found}); "
+            f"{SUPPORTED_DETECTORS} (or convert its backbone with --backbone-only)"
+        )
+    if "bbox_head.retina_cls.weight" in state_dict:
+        return "retinanet"
+    if "rpn_head.rpn_conv.weight" in state_dict and "bbox_head.fc_cls.weight" in state_dict:
+        return "mask_rcnn" if "mask_head.conv_logits.weight" in state_dict else "faster_rcnn"
+    raise ConversionError(
+        f"{path}: a detector with neither RetinaNet's bbox_head.retina_cls nor the R-CNNs' "
+        f"rpn_head + bbox_head.fc_cls; {SUPPORTED_DETECTORS} (or convert its backbone with "
+        "--backbone-only)"
+    )
 
 
 def _serialization(path: Path) -> str | None:
