@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 SAMPLES = 2
-CHUNK = 100  # RoIs pooled at once (bounds the gathered points in memory)
+CHUNK = 50  # RoIs of 7 x 7 bins pooled at once (bounds the gathered points in memory)
 
 
 def roi_levels(rois: Array, num_levels: int = 4) -> Array:
@@ -91,10 +91,14 @@ def roi_align(
         wy = (y_w.reshape(n, out, SAMPLES * 2)) / SAMPLES
         wx = (x_w.reshape(n, out, SAMPLES * 2)) / SAMPLES
         points = points.reshape(n, out, SAMPLES * 2, out, SAMPLES * 2, channels)
-        return jnp.einsum("nyi,nxj,nyixjc->nyxc", wy, wx, points)
+        # The bilinear weights as multiply-and-reduce, which XLA:CPU fuses with the gather (an
+        # einsum's dot_general copied the gathered points first): with CHUNK 50 (was 100) 1000
+        # RoIs at 7 x 7 pool in 0.35 s instead of 0.75-0.78, 100 at 14 x 14 in 0.16 s, not 0.36
+        cols = (points * wx[:, None, None, :, :, None]).sum(axis=4)  # (n, out, 2S, out, C)
+        return (cols * wy[:, :, :, None, None]).sum(axis=2)
 
     total = rois.shape[0]
-    chunk = min(CHUNK, total)
+    chunk = min(max(CHUNK * 49 // (out * out), 1), total)  # ~CHUNK x 7 x 7 bins at once
     pad = (-total) % chunk
     parts = (rois, scale, heights, widths, row_len, base)
     parts = tuple(jnp.pad(p, [(0, pad)] + [(0, 0)] * (p.ndim - 1)) for p in parts)
