@@ -255,7 +255,7 @@ def test_original_name_from_drive(hub, files, tmp_path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_detector_by_name_from_drive(hub, files, tmp_path, monkeypatch) -> None:
+def test_detector_by_name_from_drive(hub, files, tmp_path, monkeypatch, capsys) -> None:
     """load_detector("mask_rcnn_ecanet50_k3377"): the authors' mmdetection file through gdown,
     checked (a Mask R-CNN on ECA-ResNet-50 with kernel sizes 3,3,7,7), converted whole and
     cached; loaded again with no request, offline too; the wrong file or an uncached one
@@ -290,6 +290,13 @@ def test_detector_by_name_from_drive(hub, files, tmp_path, monkeypatch) -> None:
     assert len(hub.gets()) == 1
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the second load: no request, no conversion
     assert load_detector("mask_rcnn_ecanet50_k3377_bs8_lr0.01.pth").kind == "mask_rcnn"
+    capsys.readouterr()
+    assert weights_cli(["download", "mask_rcnn_ecanet50_k3377"]) == 0
+    assert weights_cli(["list"]) == 0
+    out = capsys.readouterr().out
+    assert f"mask_rcnn_ecanet50_k3377: {converted}" in out
+    listed = {line.split()[0]: line.split()[-1] for line in out.splitlines()[2:] if line}
+    assert listed["mask_rcnn_ecanet50_k3377"] == "yes" and listed["faster_rcnn_ecanet50_k5"] == "no"
     assert len(hub.gets()) == 1
     start = time.perf_counter()
     with pytest.raises(DownloadError, match="not in the cache .* HF_HUB_OFFLINE is set; where"):
