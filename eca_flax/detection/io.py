@@ -100,7 +100,14 @@ def load_detector(
     from eca_flax.detection.settings import RELEASES, release
 
     path = Path(path).expanduser()
-    if not path.exists() and release(os.fspath(path)):
+    if not path.exists():
+        if not release(os.fspath(path)):
+            close = difflib.get_close_matches(os.fspath(path), RELEASES, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ConversionError(
+                f"{path}: no such converted detector and not a released one; {hint}python -m "
+                "eca_flax.weights list shows the six releases"
+            )
         from eca_flax.weights.download import resolve
 
         path = resolve(
@@ -108,13 +115,6 @@ def load_detector(
             cache_dir=cache_dir,
             force_download=force_download,
             detector=convert_detector,
-        )
-    elif not path.exists():
-        close = difflib.get_close_matches(os.fspath(path), RELEASES, n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ConversionError(
-            f"{path}: no such converted detector and not a released one; {hint}python -m "
-            "eca_flax.weights list shows the six releases"
         )
     meta_path = path / MODEL_JSON
     if not meta_path.is_file() or not (path / WEIGHTS).is_file():

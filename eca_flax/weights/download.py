@@ -586,7 +586,8 @@ def _check_drive_download(source: Source, path: Path) -> str:
         problem = f"the downloaded file is not the release ({e}); nothing kept"
         raise _drive_error(source, problem) from None
     want = release.k_size if release else registry.resolve_k_size(source.arch, None)
-    if spec.arch != source.arch or tuple(spec.k_size) != tuple(want) or kind != _kind(release):
+    want_kind = release.kind if release else ""
+    if spec.arch != source.arch or tuple(spec.k_size) != tuple(want) or kind != want_kind:
         what = f"a {kind} on {spec.describe()}" if kind else spec.describe()
         wanted = f"a {release.kind} on {source.arch}" if release else source.arch
         raise _drive_error(
@@ -595,10 +596,6 @@ def _check_drive_download(source: Source, path: Path) -> str:
             f"{','.join(map(str, want))}; nothing kept",
         )
     return file_sha256(path)
-
-
-def _kind(release: Any) -> str:
-    return release.kind if release else ""
 
 
 # --------------------------------------------------------------------------------------------
